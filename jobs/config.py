@@ -1,0 +1,171 @@
+"""Typed pipeline configuration: a profile YAML plus `section.key=value` overrides.
+
+One `PipelineConfig` holds every phase's section; a phase's `Config` (see `jobs.phases.base`) carries it
+together with the run id and the store. Profiles ship inside the package so a container needs no mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jobs.errors import InputError
+
+PROFILES = ("demo", "ci", "full")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    # -- the base model both teacher and student start from, as its Hub id
+    base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    backend: Literal["local"] = "local"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class IngestConfig(Section):
+    card: str = "builtin:beethoven"
+    prompts: str = "builtin:beethoven"
+    limit: int = Field(0, ge=0)  # 0: all prompts
+    shards: int = Field(2, ge=1, le=256)
+    min_words: int = Field(2, ge=1)
+    max_words: int = Field(80, ge=1)
+
+
+class SamplingConfig(Section):
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.2, ge=1.0, le=2.0)
+    batch_size: int = Field(16, ge=1, le=512)
+    seed: int = 0
+
+
+class AuditConfig(Section):
+    min_reply_words: int = Field(3, ge=1)
+    max_reply_tokens: int = Field(512, ge=1)
+    # a reply that names any of these is out of character
+    forbidden: tuple[str, ...] = ("as an ai", "language model", "smollm", "hugging face", "i am an assistant")
+
+
+class SplitConfig(Section):
+    eval_count: int = Field(40, ge=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-4, gt=0.0, lt=1.0)
+    lora_rank: int = Field(16, ge=1, le=256)
+    lora_alpha: int = Field(32, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    checkpoint_every: int = Field(20, ge=1)
+    val_every: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class PricesConfig(Section):
+    # -- dollars per million tokens, defaults are Tinker's listed price band for small models
+    input_per_mtok: float = Field(0.10, ge=0.0)
+    output_per_mtok: float = Field(0.30, ge=0.0)
+
+
+class EvaluateConfig(Section):
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0)
+    latency_requests: int = Field(6, ge=1)
+    prices: PricesConfig = PricesConfig()
+
+
+class ExportConfig(Section):
+    check_prompts: int = Field(3, ge=1)
+    logits_atol: float = Field(0.15, gt=0.0)
+
+
+class PublishConfig(Section):
+    repo_id: str = ""  # empty: dry run
+    private: bool = True
+
+
+class PipelineConfig(Section):
+    profile: str = "demo"
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+    teacher: SamplingConfig = SamplingConfig()
+    audit: AuditConfig = AuditConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.train.checkpoint_every > self.train.steps:
+            raise ValueError("train.checkpoint_every must not exceed train.steps")
+        return self
+
+    def section_hash(self, *names: str) -> str:
+        """A stable hash of the named sections, so a phase reruns only when its own settings change."""
+        return digest({name: getattr(self, name).model_dump(mode="json") for name in names})
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {dotted}: {key} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_pipeline_config(profile: str = "demo", config_file: str | None = None,
+                         overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The named profile, then a YAML file on top of it, then `a.b=value` overrides."""
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    tree = yaml.safe_load(resources.files("jobs.assets.profiles").joinpath(f"{profile}.yaml").read_text()) or {}
+    tree["profile"] = profile
+    if config_file:
+        path = Path(config_file)
+        try:
+            extra = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"{path}: cannot read config: {str(exc).splitlines()[0]}") from None
+        if not isinstance(extra, dict):
+            raise InputError(f"{path}: config must be a mapping")
+        _deep_update(tree, extra)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r}: expected section.key=value")
+        _set_path(tree, key.strip(), raw)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise InputError(f"config {where}: {first['msg']} (profile {profile}"
+                         f"{', ' + config_file if config_file else ''})") from None
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value

@@ -1,0 +1,57 @@
+"""What every phase shares: its typed config, and the skip-or-run logic around a unit of output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from jobs.config import PipelineConfig, digest
+from jobs.log import get_logger
+from jobs.store import ArtifactStore, StoreSettings, UnitWriter
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    run_id: str
+    pipeline: PipelineConfig
+    store_settings: StoreSettings
+    shard: int | None = None
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.store_settings, self.run_id)
+
+
+def run_unit(config: PhaseConfig, unit: str, sections: tuple[str, ...], inputs: tuple[str, ...],
+             body: Callable[[UnitWriter], None], extra_key: object = None) -> dict:
+    """Runs `body` unless the unit's manifest already matches this config and these inputs.
+
+    The fingerprint covers the named config sections, each input unit's own fingerprint and `extra_key`;
+    the code version is recorded in the manifest but not part of the key, so editing code does not
+    silently redo expensive phases (pass a new run id to force that).
+    """
+    store, log = config.store, get_logger().bind(unit=unit, run_id=config.run_id)
+    input_fingerprints = {name: store.require(name)["fingerprint"] for name in inputs}
+    fingerprint = digest({"unit": unit, "config": config.pipeline.section_hash(*sections),
+                          "inputs": input_fingerprints, "extra": extra_key})
+    done = store.complete(unit, fingerprint)
+    if done is not None:
+        log.info("skipped: outputs already match config and inputs", manifest=store.key(unit, "_SUCCESS.json"))
+        return done["metrics"]
+    log.info("started")
+    with store.writing(unit, fingerprint, input_fingerprints) as out:
+        body(out)
+    log.info("finished", **{k: v for k, v in out.metrics.items() if isinstance(v, int | float | str)})
+    return out.metrics
+
+
+def scratch_dir(config: PhaseConfig, name: str) -> Path:
+    """A local working folder for large intermediate files (an emptyDir in a pod)."""
+    import os
+    import tempfile
+
+    root = Path(os.environ.get("DISTILL_SCRATCH") or tempfile.gettempdir()) / "distill" / config.run_id / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root

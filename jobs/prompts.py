@@ -1,0 +1,85 @@
+"""Prompt sources: the shipped set, JSONL or Parquet on disk or in S3, or a `datasets` name.
+
+Every row needs a non-empty `prompt` string; `id` is optional. A bad row stops ingest with its file and
+line (JSONL) or row number (Parquet, datasets).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib import resources
+
+from jobs.errors import InputError
+from jobs.store import StoreSettings, fetch_source
+
+
+def source_bytes(source: str, settings: StoreSettings) -> bytes:
+    """The raw bytes behind a file source (used for the run id); `hf:` sources have none."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        path = resources.files("jobs.assets.prompts").joinpath(f"{name}.jsonl")
+        if not path.is_file():
+            raise InputError(f"prompts {source}: no built-in prompt set named {name!r}")
+        return path.read_bytes()
+    if source.startswith("hf:"):
+        return source.encode()
+    return fetch_source(settings, source)
+
+
+def _check_row(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object with a 'prompt' field")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"{where}: missing or empty 'prompt'")
+    return {"id": str(row.get("id") or ""), "prompt": prompt.strip()}
+
+
+def _jsonl_rows(data: bytes, where: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
+        rows.append(_check_row(row, f"{where}:{number}"))
+    return rows
+
+
+def _parquet_rows(data: bytes, where: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise InputError(f"{where}: not a readable Parquet file ({exc})") from None
+    return [_check_row(row, f"{where}: row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _dataset_rows(source: str) -> list[dict]:
+    """`hf:<name>[:<split>[:<column>]]` through `datasets` (needs the Hub: not reachable offline)."""
+    name, split, column = (source.removeprefix("hf:").split(":") + ["train", "prompt"])[:3]
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # network and missing-dataset errors come in many types
+        raise InputError(f"prompts {source}: cannot load dataset ({str(exc).splitlines()[0]})") from None
+    if column not in table.column_names:
+        raise InputError(f"prompts {source}: no column {column!r} (has {', '.join(table.column_names)})")
+    return [_check_row({"prompt": row[column]}, f"{source}: row {i}") for i, row in enumerate(table)]
+
+
+def load_prompts(source: str, settings: StoreSettings) -> list[dict]:
+    if source.startswith("hf:"):
+        rows = _dataset_rows(source)
+    elif source.endswith(".parquet"):
+        rows = _parquet_rows(source_bytes(source, settings), source)
+    else:
+        rows = _jsonl_rows(source_bytes(source, settings), source)
+    if not rows:
+        raise InputError(f"prompts {source}: no prompts found")
+    return rows

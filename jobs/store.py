@@ -1,0 +1,253 @@
+"""The artifact store: every S3 key is built here, outputs are written before their manifest.
+
+Layout: `runs/<run-id>/<unit>/<file>` where a unit is a phase (`split`) or a shard of one
+(`teacher/shard-00003`); `runs/<run-id>/<unit>/_SUCCESS.json` is written last and lists each output's
+sha256 and row count, the unit's fingerprint (config hash + input fingerprints + code version) and its
+metrics. Readers go through `read`, which refuses a unit without a manifest and checks the hash.
+Content-addressed caches shared across runs live under `cache/<kind>/<key>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs import CODE_VERSION
+from jobs.errors import InputError
+
+MANIFEST = "_SUCCESS.json"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where artifacts live. Credentials are never stored here: boto3 reads them from the environment."""
+
+    bucket: str = "distill"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls) -> StoreSettings:
+        return cls(bucket=os.environ.get("DISTILL_S3_BUCKET", "distill"),
+                   endpoint_url=os.environ.get("DISTILL_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None,
+                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket} at {self.endpoint_url or 'AWS'}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def jsonl_bytes(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+
+
+def parse_jsonl(data: bytes, where: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(data.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}:{number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class UnitWriter:
+    """Collects a unit's outputs; the manifest is written only when the `with` block ends cleanly."""
+
+    store: ArtifactStore
+    unit: str
+    fingerprint: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def write_bytes(self, name: str, data: bytes, rows: int | None = None) -> None:
+        self.store.put_bytes(self.store.key(self.unit, name), data)
+        self.outputs[name] = {"sha256": sha256_bytes(data), "bytes": len(data), "rows": rows}
+
+    def write_jsonl(self, name: str, rows: list[dict]) -> None:
+        self.write_bytes(name, jsonl_bytes(rows), rows=len(rows))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def upload_file(self, name: str, path: Path) -> None:
+        self.store.put_file(self.store.key(self.unit, name), path)
+        self.outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": None}
+
+
+class ArtifactStore:
+    def __init__(self, settings: StoreSettings, run_id: str):
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise InputError(f"run id {run_id!r} is not valid: use letters, digits, '-', '_'")
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.settings = settings
+        self.run_id = run_id
+        self._s3 = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
+                                config=BotoConfig(retries={"max_attempts": 4, "mode": "standard"},
+                                                  connect_timeout=5, read_timeout=120,
+                                                  request_checksum_calculation="when_required",
+                                                  response_checksum_validation="when_required"))
+
+    # -- keys: the only place they are built
+    def key(self, unit: str, name: str = "") -> str:
+        return f"runs/{self.run_id}/{unit}/{name}".rstrip("/")
+
+    @staticmethod
+    def cache_key(kind: str, key: str, name: str) -> str:
+        return f"cache/{kind}/{key}/{name}"
+
+    # -- raw objects
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        try:
+            return fn(Bucket=self.settings.bucket, **kwargs)
+        except NoCredentialsError:
+            raise InputError(f"S3 credentials missing for {self.settings.where}: "
+                             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+        except EndpointConnectionError:
+            raise InputError(f"S3 endpoint unreachable: {self.settings.where}") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(kwargs.get("Key", what)) from None
+            if code == "NoSuchBucket":
+                raise InputError(f"S3 bucket missing: {self.settings.where}") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise InputError(f"S3 access denied ({code}) for {what} in {self.settings.where}") from None
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, self._s3.put_object, Key=key, Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._call(key, lambda Bucket, Key: self._s3.upload_file(str(path), Bucket, Key), Key=key)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._call(key, self._s3.get_object, Key=key)["Body"].read()
+
+    def get_file(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._call(key, lambda Bucket, Key: self._s3.download_file(Bucket, Key, str(path)), Key=key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self._s3.head_object, Key=key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete(self, key: str) -> None:
+        self._call(key, self._s3.delete_object, Key=key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys, token = [], None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(prefix, self._s3.list_objects_v2, Prefix=prefix, **extra)
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            token = page["NextContinuationToken"]
+
+    def check_bucket(self) -> None:
+        self._call("bucket", self._s3.head_bucket)
+
+    # -- units and manifests
+    def manifest(self, unit: str) -> dict | None:
+        try:
+            return json.loads(self.get_bytes(self.key(unit, MANIFEST)))
+        except FileNotFoundError:
+            return None
+
+    def complete(self, unit: str, fingerprint: str) -> dict | None:
+        """The unit's manifest if it was written for exactly this fingerprint, else None."""
+        found = self.manifest(unit)
+        if found and found.get("fingerprint") == fingerprint:
+            return found
+        return None
+
+    def require(self, unit: str) -> dict:
+        found = self.manifest(unit)
+        if found is None:
+            raise InputError(f"input {self.key(unit)} has no {MANIFEST}: run its phase first")
+        return found
+
+    def read(self, unit: str, name: str) -> bytes:
+        entry = self.require(unit)["outputs"].get(name)
+        if entry is None:
+            raise InputError(f"{self.key(unit, name)} is not listed in its {MANIFEST}")
+        data = self.get_bytes(self.key(unit, name))
+        if sha256_bytes(data) != entry["sha256"]:
+            raise InputError(f"{self.key(unit, name)}: content does not match its {MANIFEST} (sha256)")
+        return data
+
+    def read_jsonl(self, unit: str, name: str) -> list[dict]:
+        return parse_jsonl(self.read(unit, name), self.key(unit, name))
+
+    def read_json(self, unit: str, name: str) -> Any:
+        return json.loads(self.read(unit, name))
+
+    def download(self, unit: str, name: str, path: Path) -> Path:
+        entry = self.require(unit)["outputs"].get(name)
+        if entry is None:
+            raise InputError(f"{self.key(unit, name)} is not listed in its {MANIFEST}")
+        self.get_file(self.key(unit, name), path)
+        if sha256_file(path) != entry["sha256"]:
+            raise InputError(f"{self.key(unit, name)}: content does not match its {MANIFEST} (sha256)")
+        return path
+
+    @contextmanager
+    def writing(self, unit: str, fingerprint: str, inputs: dict[str, str] | None = None) -> Iterator[UnitWriter]:
+        """Drop any stale manifest, let the caller write outputs, then write the manifest last."""
+        self.delete(self.key(unit, MANIFEST))
+        started = time.time()
+        writer = UnitWriter(self, unit, fingerprint)
+        yield writer
+        manifest = {"unit": unit, "run_id": self.run_id, "fingerprint": fingerprint, "inputs": inputs or {},
+                    "code_version": CODE_VERSION, "outputs": writer.outputs, "metrics": writer.metrics,
+                    "wall_s": round(time.time() - started, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                             time.gmtime())}
+        self.put_bytes(self.key(unit, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def fetch_source(settings: StoreSettings, uri: str) -> bytes:
+    """Bytes of a user-named input: a local path or `s3://bucket/key` on the configured endpoint."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        other = ArtifactStore(StoreSettings(bucket, settings.endpoint_url, settings.region), run_id="sources")
+        try:
+            return other.get_bytes(key)
+        except FileNotFoundError:
+            raise InputError(f"{uri}: no such object") from None
+    try:
+        return Path(uri).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot read ({exc.strerror})") from None

@@ -88,7 +88,7 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     check_prompts: int = Field(3, ge=1)
-    logits_atol: float = Field(0.15, gt=0.0)
+    logits_atol: float = Field(1e-3, gt=0.0)
 
 
 class PublishConfig(Section):

@@ -47,6 +47,9 @@ class TrainingClient(Protocol):
     def forward_backward(self, batch: list[Datum]) -> dict[str, float]:
         """Accumulates gradients of the weighted mean NLL; returns {'loss', 'tokens'}."""
 
+    def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """As SamplingClient's, with the current weights (Tinker: `forward`); used for validation loss."""
+
     def optim_step(self, learning_rate: float) -> None:
         """One AdamW step on the LoRA parameters, then clears gradients."""
 

@@ -167,3 +167,36 @@ class LocalEngine:
     def _ensure_optimizer(self) -> None:
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW([p for _, p in self._trainable()], lr=0.0, weight_decay=0.0)
+
+
+def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_texts: list[str]) -> dict:
+    """Merge the adapter into the base, save an HF folder, and compare it with base + adapter.
+
+    The check loads the saved folder the way a user would (`AutoModelForCausalLM.from_pretrained`) and
+    compares its next-token logits with the unmerged model's on the given prompts, then generates. Both
+    are float32: merging in bf16 moves logits by more than one unit, which would hide a real mistake.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _set_threads()
+    model = model.model_copy(update={"dtype": "float32"})
+    unmerged = LocalEngine.for_sampling(model, adapter_dir)
+    merged = PeftModel.from_pretrained(LocalEngine._load_base(model)[0], adapter_dir).merge_and_unload()
+    merged.save_pretrained(target)
+    unmerged.tokenizer.save_pretrained(target)
+    check_prompts = [unmerged.renderer.prompt(text) for text in check_texts]
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, model.dtype)).eval()
+    max_diff, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for prompt in check_prompts:
+            ids = torch.tensor([prompt])
+            a = unmerged.model(input_ids=ids).logits.float()
+            b = reloaded(input_ids=ids).logits.float()
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[1]
+        sample = reloaded.generate(input_ids=torch.tensor([check_prompts[0]]), max_new_tokens=24, do_sample=False,
+                                   pad_token_id=unmerged.pad_id, eos_token_id=unmerged.renderer.end_of_turn)
+    return {"logits_max_abs_diff": round(max_diff, 5), "argmax_agreement": round(agree / total, 5),
+            "positions_checked": total, "generated": unmerged.renderer.decode(sample[0, len(check_prompts[0]):].tolist())}

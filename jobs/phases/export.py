@@ -1,0 +1,66 @@
+"""Export (seed step 19): a merged HF model folder, the PEFT adapter, and a model card with the figures."""
+
+from __future__ import annotations
+
+from jobs.errors import InputError
+from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
+from jobs.store import UnitWriter
+
+MODEL_CARD = """---
+base_model: {base}
+library_name: transformers
+tags: [character-distillation, lora, peft]
+---
+# {name}, distilled
+
+A LoRA student of `{base}` that answers as **{name}** *without* the character card in its prompt. It was
+trained on replies the same base model gave with the card as its system prompt (run `{run_id}`, profile
+`{profile}`). `merged/` is the base with the adapter merged in; `adapter/` is the PEFT adapter alone.
+
+| figure | value |
+|---|---|
+| train loss, first → last step | {first_loss:.3f} → {last_loss:.3f} ({steps} steps) |
+| similarity to the teacher, student / base | {similarity_student:.3f} / {similarity_base:.3f} |
+| NLL of teacher replies: student / base / teacher | {nll_student:.3f} / {nll_base:.3f} / {nll_teacher:.3f} |
+| prompt tokens per request, with / without card | {prompt_tokens_with_card:.0f} / {prompt_tokens_without_card:.0f} ({token_reduction:.1%} fewer) |
+| cost per request, with card ÷ without | {cost_ratio:.2f}x |
+| latency per request, with card ÷ without | {latency_ratio:.2f}x |
+
+Measured on {eval_prompts} held-out prompts with the local engine. Prompt the model with no system
+message (its chat template then adds its default system line), as in training.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("<this folder>/merged")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>/merged")
+```
+"""
+
+
+def build(config: PhaseConfig, out: UnitWriter) -> None:
+    from jobs.backends.local import export_merged
+
+    store, export = config.store, config.pipeline.export
+    work = scratch_dir(config, "export")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        store.download("train", f"adapter/{name}", work / "adapter" / name)
+    eval_rows = store.read_jsonl("split", "eval.jsonl")[:export.check_prompts]
+    check = export_merged(config.pipeline.model, work / "adapter", work / "merged", [r["prompt"] for r in eval_rows])
+    if check["logits_max_abs_diff"] > export.logits_atol:
+        raise InputError(f"export: merged model's logits differ from base+adapter by {check['logits_max_abs_diff']}"
+                         f" (> export.logits_atol={export.logits_atol})")
+    figures = {**store.require("train")["metrics"], **store.read_json("evaluate", "metrics.json")}
+    card = store.read_json("ingest", "card.json")
+    out.write_bytes("README.md", MODEL_CARD.format(base=config.pipeline.model.base, name=card["name"],
+                                                   run_id=config.run_id, profile=config.pipeline.profile,
+                                                   **figures).encode())
+    for folder in ("merged", "adapter"):
+        for path in sorted((work / folder).iterdir()):
+            out.upload_file(f"{folder}/{path.name}", path)
+    out.write_json("export.json", check)
+    out.metrics.update({k: v for k, v in check.items() if k != "generated"})
+
+
+def main(config: PhaseConfig) -> dict:
+    return run_unit(config, "export", ("model", "export"), ("ingest", "split", "train", "evaluate"),
+                    lambda out: build(config, out))

@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=PHASES + TOOLS, help="a pipeline phase, or a tool")
     p.add_argument("--profile", default="demo", choices=PROFILES, help="built-in profile (default: demo)")
     p.add_argument("--config", help="YAML file merged over the profile")
+    p.add_argument("--config-yaml", default="", help="inline YAML merged over the profile and --config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one setting")
     p.add_argument("--run-id", help="run id (default: derived from card, prompts and config)")
     p.add_argument("--shard", type=int, help="shard index (teacher)")
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        pipeline = load_pipeline_config(args.profile, args.config, args.set)
+        pipeline = load_pipeline_config(args.profile, args.config, args.set, inline=args.config_yaml)
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)
         if args.command == "run-id":

@@ -83,10 +83,27 @@ class LocalS3:
         self.stop()
 
 
-if __name__ == "__main__":  # a server to browse by hand: python -m workflows.local_s3 [folder]
-    server = LocalS3(Path(sys.argv[1] if len(sys.argv) > 1 else ".distill/s3")).start()
-    print(" ".join(f"{k}={v}" for k, v in server.env().items()), flush=True)
-    try:
-        server._process.wait()
-    except KeyboardInterrupt:
-        server.stop()
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workflows.local_s3 [--data-dir D] [-- command ...]`: serve D/s3 and run the command with the
+    store's environment (or print that environment and serve until interrupted)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m workflows.local_s3")
+    parser.add_argument("--data-dir", default=".distill", type=Path)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    with LocalS3(args.data_dir.resolve() / "s3") as server:
+        if command:
+            return subprocess.call(command, env={**os.environ, **server.env()})
+        print(f"serving {server.root} at {server.endpoint} (access key {server.access_key}); Ctrl-C stops",
+              flush=True)
+        try:
+            server._process.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

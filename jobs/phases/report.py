@@ -1,0 +1,145 @@
+"""Report (seed step 20): RESULTS in Markdown and HTML with PNG plots, from every phase's figures."""
+
+from __future__ import annotations
+
+import html
+import io
+import statistics
+
+from jobs.phases.base import PhaseConfig, run_unit
+from jobs.phases.student import teacher_units
+from jobs.store import UnitWriter
+
+UNITS = ("preflight", "ingest", "student", "audit", "split", "train", "evaluate")
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss (per step)", alpha=0.8)
+    if val:
+        ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="NLL per assistant token", title="Student training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    images["loss.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = [i / 20 for i in range(-4, 21)]
+    ax.hist([r["similarity_base"] for r in replies], bins=bins, alpha=0.6, label=f"base (mean {ev['similarity_base']:.3f})")
+    ax.hist([r["similarity_student"] for r in replies], bins=bins, alpha=0.6,
+            label=f"student (mean {ev['similarity_student']:.3f})")
+    ax.set(xlabel="cosine similarity to the teacher's reply", ylabel="eval prompts",
+           title="Similarity to the teacher (all-MiniLM-L6-v2)")
+    ax.legend()
+    images["similarity.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = ["base, no card", "student, no card", "teacher (base + card)"]
+    values = [ev["nll_base"], ev["nll_student"], ev["nll_teacher"]]
+    ax.bar(names, values, color=["#999999", "#3b7dd8", "#d88b3b"])
+    for i, value in enumerate(values):
+        ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
+    ax.set(ylabel="NLL per token", title="NLL of the teacher's replies")
+    images["nll.png"] = _png(fig)
+    plt.close(fig)
+    return images
+
+
+def figures(train: dict, ev: dict, audit: dict) -> list[tuple[str, str]]:
+    gap = ev["nll_gap_closed"]
+    return [
+        ("train loss, first → last step", f"{train['first_loss']:.3f} → {train['last_loss']:.3f}"),
+        ("train loss, mean of first → last steps", f"{train['first_loss_mean']:.3f} → {train['last_loss_mean']:.3f}"
+                                                    f" ({'down' if train['last_loss_mean'] < train['first_loss_mean'] else 'NOT down'})"),
+        ("validation loss, last", f"{train['val_loss_last']:.3f}" if train.get("val_loss_last") is not None else "n/a"),
+        ("similarity to teacher, student", f"{ev['similarity_student']:.3f}"),
+        ("similarity to teacher, base (no card)", f"{ev['similarity_base']:.3f}"),
+        ("NLL of teacher replies: student / base / teacher", f"{ev['nll_student']:.3f} / {ev['nll_base']:.3f} / "
+                                                           f"{ev['nll_teacher']:.3f}"),
+        ("NLL gap closed (base → teacher)", f"{gap:.1%}" if gap is not None else "n/a (teacher not below base)"),
+        ("prompt tokens per request, with / without card", f"{ev['prompt_tokens_with_card']:.0f} / "
+                                                          f"{ev['prompt_tokens_without_card']:.0f}"),
+        ("token reduction", f"{ev['token_reduction']:.1%}"),
+        ("cost ratio per request (with ÷ without card)", f"{ev['cost_ratio']:.2f}x (prompt tokens alone "
+                                                        f"{ev['prompt_cost_ratio']:.1f}x)"),
+        ("latency ratio per request (with ÷ without card)", f"{ev['latency_ratio']:.2f}x ({ev['latency_with_card_s']:.2f}s"
+                                                           f" vs {ev['latency_without_card_s']:.2f}s)"),
+        ("prefill latency ratio", f"{ev['prefill_ratio']:.1f}x"),
+        ("training rows kept by the audit", f"{audit['kept']} of {audit['rows_in']} ({audit['trimmed']} trimmed to"
+                                            f" whole sentences)"),
+    ]
+
+
+def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
+                    notes: str) -> str:
+    lines = [f"# {title}", "", notes, "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![nll](nll.png)", "",
+              "## Phase wall times", "", "| unit | seconds |", "|---|---|"]
+    lines += [f"| {unit} | {sec:.1f} |" for unit, sec in times]
+    lines += ["", "## Samples (held-out prompts)", ""]
+    for s in samples:
+        lines += [f"**Prompt:** {s['prompt']}", "", f"- *teacher:* {s['teacher']}", f"- *student:* {s['student']}",
+                  f"- *base:* {s['base']}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
+                notes: str) -> str:
+    e = html.escape
+    table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)
+    timing = "".join(f"<tr><td>{e(u)}</td><td>{s:.1f}</td></tr>" for u, s in times)
+    sample_html = "".join(
+        f"<div class='s'><p><b>Prompt:</b> {e(s['prompt'])}</p><table><tr><th>teacher</th><th>student</th>"
+        f"<th>base</th></tr><tr><td>{e(s['teacher'])}</td><td>{e(s['student'])}</td><td>{e(s['base'])}</td></tr>"
+        f"</table></div>" for s in samples)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+            "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
+            "vertical-align:top}img{max-width:100%}.s td{width:33%}</style></head><body>"
+            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>"
+            "<img src='loss.png' alt='loss curve'><img src='similarity.png' alt='similarity histograms'>"
+            f"<img src='nll.png' alt='NLL bars'><h2>Phase wall times</h2><table>{timing}</table>"
+            f"<h2>Samples (held-out prompts)</h2>{sample_html}</body></html>")
+
+
+def build(config: PhaseConfig, out: UnitWriter) -> None:
+    store = config.store
+    train = store.require("train")["metrics"]
+    ev = store.read_json("evaluate", "metrics.json")
+    audit = store.read_json("audit", "audit.json")
+    replies = store.read_jsonl("evaluate", "replies.jsonl")
+    history, val = store.read_jsonl("train", "metrics.jsonl"), store.read_jsonl("train", "val.jsonl")
+    card = store.read_json("ingest", "card.json")
+    times = [(unit, store.require(unit)["wall_s"]) for unit in (*UNITS[:2], *teacher_units(config), *UNITS[2:])]
+    title = f"Distilling {card['name']}: run {config.run_id}"
+    notes = (f"Profile {config.pipeline.profile}, base model {config.pipeline.model.base}, "
+             f"{train['train_rows']} training rows, {train['steps']} steps, {ev['eval_prompts']} held-out eval prompts. "
+             f"Prices: ${ev['prices_per_mtok']['input_per_mtok']}/M input, ${ev['prices_per_mtok']['output_per_mtok']}/M "
+             "output tokens; the cost ratio uses the teacher's reply length for both sides.")
+    rows = figures(train, ev, audit)
+    samples = sorted(replies, key=lambda r: -r["similarity_student"])[:3] + replies[:2]
+    for name, data in plots(history, val, replies, ev).items():
+        out.write_bytes(name, data)
+    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes).encode())
+    out.write_bytes("report.html", render_html(title, rows, times, samples, notes).encode())
+    out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
+                        "similarity_median_student": statistics.median(r["similarity_student"] for r in replies)})
+
+
+def main(config: PhaseConfig) -> dict:
+    return run_unit(config, "report", (), ("ingest", "audit", "train", "evaluate"), lambda out: build(config, out))

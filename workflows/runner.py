@@ -1,0 +1,377 @@
+"""The local runner: executes the rendered WorkflowTemplate (`workflows/pipeline.yaml`) on this machine.
+
+Each DAG task runs as a process with the command, arguments and environment its container would get;
+`withParam` fan-out runs in parallel; `retryStrategy` is honoured; output parameters are read from the
+files the step writes. Volumes become local folders (paths under a mount point are rewritten in env
+values and output paths), secrets and config maps come from the local S3 server and this environment.
+Anything in the template it does not implement stops the run before any step starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RENDERED = Path(__file__).with_name("pipeline.yaml")
+# cluster-only settings that have no meaning for local processes
+IGNORED_SPEC = {"serviceAccountName", "podMetadata", "securityContext", "volumes", "archiveLogs",
+                "artifactRepositoryRef", "podGC", "ttlStrategy", "metrics", "workflowMetadata",
+                "podDisruptionBudget"}
+SUPPORTED_SPEC = IGNORED_SPEC | {"entrypoint", "templates", "arguments"}
+SUPPORTED_TEMPLATE = {"name", "container", "dag", "inputs", "outputs", "retryStrategy", "metrics", "metadata"}
+SUPPORTED_CONTAINER = {"image", "command", "args", "env", "resources", "securityContext", "volumeMounts",
+                       "imagePullPolicy"}
+SUPPORTED_TASK = {"name", "template", "depends", "dependencies", "withParam", "withItems", "arguments"}
+# emptyDir volumes the runner keeps across steps and runs (a pod starts with them empty): the model cache
+SHARED_VOLUMES = {"cache"}
+RETRY_EXPRESSION = re.compile(r"^asInt\(lastRetry\.exitCode\) != (\d+)$")
+PLACEHOLDER = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
+
+
+class UnsupportedFeature(Exception):
+    """The template uses an Argo feature the local runner does not implement."""
+
+
+class StepFailed(Exception):
+    pass
+
+
+@dataclass
+class Step:
+    task: str
+    template: dict
+    item: str | None
+    values: dict[str, str]  # placeholder -> value for this step
+
+    @property
+    def label(self) -> str:
+        return self.task if self.item is None else f"{self.task}({self.item})"
+
+
+@dataclass
+class StepResult:
+    step: Step
+    seconds: float
+    attempts: int
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    def one(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise UnsupportedFeature(f"placeholder {{{{{key}}}}} is not supported or has no value")
+        return values[key]
+
+    return PLACEHOLDER.sub(one, text)
+
+
+def check_supported(doc: dict) -> None:
+    """Fail before running anything if the template uses what this runner does not implement."""
+    def extra(found: dict, allowed: set[str], where: str) -> None:
+        unknown = sorted(set(found) - allowed)
+        if unknown:
+            raise UnsupportedFeature(f"{where}: {', '.join(unknown)} not supported by the local runner")
+
+    extra(doc["spec"], SUPPORTED_SPEC, "spec")
+    for template in doc["spec"]["templates"]:
+        where = f"template {template['name']}"
+        extra(template, SUPPORTED_TEMPLATE, where)
+        if "container" in template:
+            extra(template["container"], SUPPORTED_CONTAINER, where + " container")
+        for param in template.get("outputs", {}).get("parameters", []):
+            if "path" not in param.get("valueFrom", {}):
+                raise UnsupportedFeature(f"{where}: output parameter {param['name']} without valueFrom.path")
+        strategy = template.get("retryStrategy", {})
+        if "expression" in strategy and not RETRY_EXPRESSION.match(strategy["expression"]):
+            raise UnsupportedFeature(f"{where}: retry expression {strategy['expression']!r}")
+        for task in template.get("dag", {}).get("tasks", []):
+            extra(task, SUPPORTED_TASK, f"{where} task {task['name']}")
+            if "depends" in task and not re.fullmatch(r"[\w-]+(\s*&&\s*[\w-]+)*", task["depends"]):
+                raise UnsupportedFeature(f"{where} task {task['name']}: depends {task['depends']!r}")
+
+
+def dependencies(task: dict) -> list[str]:
+    if "depends" in task:
+        return [name.strip() for name in task["depends"].split("&&")]
+    return list(task.get("dependencies", []))
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", str(duration))
+    if not match:
+        raise UnsupportedFeature(f"backoff duration {duration!r}")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+
+
+class ProcessExecutor:
+    """Runs a step's container command as a local process."""
+
+    def __init__(self, work: Path, shared: Path, secrets: dict[str, str]):
+        self.work, self.shared, self.secrets = work, shared, secrets
+
+    def volume_dirs(self, step: Step) -> dict[str, Path]:
+        """mount path -> local folder for this step."""
+        folders = {}
+        for mount in step.template["container"].get("volumeMounts", []):
+            name = mount["name"]
+            base = self.shared / name if name in SHARED_VOLUMES else self.work / step.label / name
+            base.mkdir(parents=True, exist_ok=True)
+            folders[mount["mountPath"]] = base
+        return folders
+
+    @staticmethod
+    def local_path(path: str, folders: dict[str, Path]) -> str:
+        for mount in sorted(folders, key=len, reverse=True):
+            if path == mount or path.startswith(mount.rstrip("/") + "/"):
+                return str(folders[mount] / path[len(mount):].lstrip("/"))
+        return path
+
+    def environment(self, step: Step, folders: dict[str, Path], threads: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL_", "AWS_", "HF_TOKEN"))}
+        for var in step.template["container"].get("env", []):
+            name = var["name"]
+            if "value" in var:
+                env[name] = self.local_path(substitute(var["value"], step.values), folders)
+                continue
+            ref = var.get("valueFrom", {})
+            source = ref.get("secretKeyRef") or ref.get("configMapKeyRef")
+            if source is None:
+                raise UnsupportedFeature(f"env {name}: only value, secretKeyRef and configMapKeyRef are supported")
+            if name in self.secrets:
+                env[name] = self.secrets[name]
+            elif not source.get("optional"):
+                raise StepFailed(f"{step.label}: env {name} needs {source['name']}/{source['key']}, "
+                                 "which this machine does not provide")
+        env["DISTILL_THREADS"] = str(threads)
+        env["DISTILL_LOG_FORMAT"] = "json"
+        return env
+
+    def command(self, step: Step) -> list[str]:
+        container = step.template["container"]
+        argv = [substitute(a, step.values) for a in container.get("command", []) + container.get("args", [])]
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable  # the image's python is this virtual environment's here
+        return argv
+
+    def run(self, step: Step, threads: int, log_path: Path, on_line) -> tuple[int, dict[str, Path]]:
+        folders = self.volume_dirs(step)
+        env = self.environment(step, folders, threads)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(self.command(step), env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            for raw in process.stdout:
+                log.write(raw)
+                on_line(step, raw.decode(errors="replace").rstrip())
+            return process.wait(), folders
+
+
+class Runner:
+    def __init__(self, doc: dict, parameters: dict[str, str], executor, logs: Path, parallelism: int | None = None,
+                 echo=print):
+        check_supported(doc)
+        self.doc, self.executor, self.logs, self.echo = doc, executor, logs, echo
+        self.templates = {t["name"]: t for t in doc["spec"]["templates"]}
+        declared = {p["name"]: p.get("value") for p in doc["spec"].get("arguments", {}).get("parameters", [])}
+        unknown = set(parameters) - set(declared)
+        if unknown:
+            raise UnsupportedFeature(f"unknown workflow parameters: {', '.join(sorted(unknown))}")
+        merged = {**declared, **parameters}
+        missing = [name for name, value in merged.items() if value is None]
+        if missing:
+            raise StepFailed(f"workflow parameter {', '.join(missing)} is required")
+        self.globals = {f"workflow.parameters.{k}": str(v) for k, v in merged.items()}
+        self.parallelism = parallelism or os.cpu_count() or 1
+        self.results: list[StepResult] = []
+        self._print = threading.Lock()
+
+    # -- output of steps
+    def on_line(self, step: Step, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if line.startswith("error:"):
+                self.say(f"  {step.label}: {line}")
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("event") == "progress":
+            extra = " ".join(f"{k}={v}" for k, v in event.items()
+                             if k not in ("event", "level", "timestamp", "task", "done", "total", "elapsed_s"))
+            self.say(f"  {step.label}: {event['done']}/{event['total']} {extra}".rstrip())
+        elif str(event.get("event", "")).startswith("skipped"):
+            self.say(f"  {step.label}: skipped (outputs match config and inputs)")
+
+    def say(self, text: str) -> None:
+        with self._print:
+            self.echo(text)
+
+    # -- running
+    def run_step(self, step: Step, threads: int) -> StepResult:
+        strategy = step.template.get("retryStrategy", {})
+        limit = int(strategy.get("limit", 0))
+        expression = RETRY_EXPRESSION.match(strategy.get("expression", ""))
+        backoff = strategy.get("backoff", {})
+        delay = seconds(backoff.get("duration", "0s"))
+        log_path = self.logs / f"{step.label}.log"
+        started = time.time()
+        for attempt in range(1, limit + 2):
+            self.say(f"▶ {step.label}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            code, folders = self.executor.run(step, threads, log_path, self.on_line)
+            if code == 0:
+                took = time.time() - started
+                self.say(f"✓ {step.label} {took:.1f}s")
+                return StepResult(step, took, attempt, self.read_outputs(step, folders))
+            retryable = not (expression and code == int(expression.group(1)))
+            if attempt > limit or not retryable:
+                raise StepFailed(f"{step.label} failed with exit code {code} after {attempt} attempt(s): "
+                                 f"{self.last_error(log_path)} (log: {log_path})")
+            self.say(f"↻ {step.label} exited {code}; retrying in {delay:.0f}s")
+            time.sleep(delay)
+            delay *= float(backoff.get("factor", 1))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def last_error(log_path: Path) -> str:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or ["no output"])[-1][:300]
+
+    def read_outputs(self, step: Step, folders: dict[str, Path]) -> dict[str, str]:
+        outputs = {}
+        for param in step.template.get("outputs", {}).get("parameters", []):
+            source = param["valueFrom"]
+            path = Path(ProcessExecutor.local_path(source["path"], folders))
+            if path.exists():
+                outputs[param["name"]] = path.read_text().strip()
+            elif "default" in source:
+                outputs[param["name"]] = source["default"]
+            else:
+                raise StepFailed(f"{step.label}: output parameter {param['name']} missing ({source['path']})")
+        return outputs
+
+    def expand(self, task: dict, outputs: dict[str, dict[str, str]]) -> list[Step]:
+        values = dict(self.globals)
+        for name, params in outputs.items():
+            values.update({f"tasks.{name}.outputs.parameters.{k}": v for k, v in params.items()})
+        template = self.templates[task["template"]]
+        if "container" not in template:
+            raise UnsupportedFeature(f"task {task['name']}: nested DAG or non-container templates")
+        if "withParam" in task:
+            raw = substitute(task["withParam"], values)
+            try:
+                items = json.loads(raw)
+            except json.JSONDecodeError:
+                raise StepFailed(f"task {task['name']}: withParam is not a JSON list: {raw[:80]!r}") from None
+        else:
+            items = task.get("withItems", [None])
+        steps = []
+        for item in items:
+            step_values = dict(values)
+            if item is not None:
+                step_values["item"] = item if isinstance(item, str) else json.dumps(item)
+            for arg in task.get("arguments", {}).get("parameters", []):
+                step_values[f"inputs.parameters.{arg['name']}"] = substitute(str(arg["value"]), step_values)
+            for param in template.get("inputs", {}).get("parameters", []):
+                key = f"inputs.parameters.{param['name']}"
+                if key not in step_values:
+                    if "value" not in param:
+                        raise StepFailed(f"task {task['name']}: input {param['name']} has no value")
+                    step_values[key] = str(param["value"])
+            steps.append(Step(task["name"], template, None if item is None else step_values["item"], step_values))
+        return steps
+
+    def run(self) -> list[StepResult]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        entry = self.templates[self.doc["spec"]["entrypoint"]]
+        tasks = {t["name"]: t for t in entry["dag"]["tasks"]}
+        done: dict[str, dict[str, str]] = {}
+        cores = os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=self.parallelism) as pool:
+            while len(done) < len(tasks):
+                ready = [t for name, t in tasks.items() if name not in done
+                         and all(dep in done for dep in dependencies(t))]
+                if not ready:
+                    raise UnsupportedFeature("the DAG has a cycle or a dependency on an unknown task")
+                steps = [step for task in ready for step in self.expand(task, done)]
+                threads = max(1, cores // min(len(steps), self.parallelism))
+                futures = [pool.submit(self.run_step, step, threads) for step in steps]
+                errors = []
+                for future in futures:
+                    try:
+                        self.results.append(future.result())
+                    except StepFailed as exc:
+                        errors.append(str(exc))
+                if errors:
+                    raise StepFailed("; ".join(errors))
+                for task in ready:
+                    mine = [r for r in self.results if r.step.task == task["name"]]
+                    done[task["name"]] = mine[0].outputs if len(mine) == 1 and mine[0].step.item is None else {}
+        return self.results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import derive_run_id
+    from jobs.config import PROFILES, load_pipeline_config, user_layers
+    from jobs.errors import InputError
+    from jobs.store import ArtifactStore, StoreSettings
+    from workflows.local_s3 import LocalS3
+
+    p = argparse.ArgumentParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
+    p.add_argument("--profile", default="demo", choices=PROFILES)
+    p.add_argument("--config", help="YAML file merged over the profile")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--run-id", help="default: derived from card, prompts and config")
+    p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
+    p.add_argument("--reports-dir", default="reports", type=Path)
+    p.add_argument("--workflow", default=RENDERED, type=Path, help="rendered WorkflowTemplate to run")
+    args = p.parse_args(argv)
+
+    started = time.time()
+    try:
+        pipeline = load_pipeline_config(args.profile, args.config, args.set)
+        layers = user_layers(args.config, args.set)
+        config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
+        data = args.data_dir.resolve()
+        with LocalS3(data / "s3") as s3:
+            os.environ.update(s3.env())
+            run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
+            print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
+            secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
+            doc = yaml.safe_load(args.workflow.read_text())
+            runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
+                            ProcessExecutor(data / "work" / run_id, data / "volumes", secrets), data / "logs" / run_id)
+            results = runner.run()
+            report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir / run_id)
+    except (UnsupportedFeature, StepFailed, InputError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nfinished in {time.time() - started:.0f}s; step times: "
+          + ", ".join(f"{r.step.label} {r.seconds:.0f}s" for r in results))
+    print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
+    return 0
+
+
+def _fetch_report(store, target: Path) -> Path:
+    prefix = store.key("report") + "/"
+    shutil.rmtree(target, ignore_errors=True)
+    for key in store.list_keys(prefix):
+        store.get_file(key, target / key[len(prefix):])
+    return target
+
+
+if __name__ == "__main__":
+    sys.exit(main())

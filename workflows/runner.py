@@ -34,8 +34,6 @@ SUPPORTED_TEMPLATE = {"name", "container", "dag", "inputs", "outputs", "retryStr
 SUPPORTED_CONTAINER = {"image", "command", "args", "env", "resources", "securityContext", "volumeMounts",
                        "imagePullPolicy"}
 SUPPORTED_TASK = {"name", "template", "depends", "dependencies", "withParam", "withItems", "arguments"}
-# emptyDir volumes the runner keeps across steps and runs (a pod starts with them empty): the model cache
-SHARED_VOLUMES = {"cache"}
 RETRY_EXPRESSION = re.compile(r"^asInt\(lastRetry\.exitCode\) != (\d+)$")
 PLACEHOLDER = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
 
@@ -120,7 +118,9 @@ def seconds(duration: str) -> float:
 class ProcessExecutor:
     """Runs a step's container command as a local process."""
 
-    def __init__(self, work: Path, shared: Path, secrets: dict[str, str]):
+    def __init__(self, work: Path, shared: dict[str, Path], secrets: dict[str, str]):
+        """`shared` maps volume names to one local folder kept across steps and runs (a pod starts with
+        them empty); every other volume is a fresh folder per step."""
         self.work, self.shared, self.secrets = work, shared, secrets
 
     def volume_dirs(self, step: Step) -> dict[str, Path]:
@@ -128,7 +128,7 @@ class ProcessExecutor:
         folders = {}
         for mount in step.template["container"].get("volumeMounts", []):
             name = mount["name"]
-            base = self.shared / name if name in SHARED_VOLUMES else self.work / step.label / name
+            base = self.shared.get(name) or self.work / step.label / name
             base.mkdir(parents=True, exist_ok=True)
             folders[mount["mountPath"]] = base
         return folders
@@ -326,6 +326,7 @@ class Runner:
 def main(argv: list[str] | None = None) -> int:
     from jobs.cli import derive_run_id
     from jobs.config import PROFILES, load_pipeline_config, user_layers
+    from jobs.backends.model_files import cache_root
     from jobs.errors import InputError
     from jobs.store import ArtifactStore, StoreSettings
     from workflows.local_s3 import LocalS3
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
             doc = yaml.safe_load(args.workflow.read_text())
             runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
-                            ProcessExecutor(data / "work" / run_id, data / "volumes", secrets), data / "logs" / run_id)
+                            ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets), data / "logs" / run_id)
             results = runner.run()
             report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir / run_id)
     except (UnsupportedFeature, StepFailed, InputError, RuntimeError) as exc:

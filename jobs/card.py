@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from jobs.assets import builtin
 from jobs.errors import InputError
 from jobs.store import StoreSettings, fetch_source
 
@@ -35,11 +34,7 @@ class CharacterCard(BaseModel):
 
 def card_bytes(source: str, settings: StoreSettings) -> bytes:
     if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        path = resources.files("jobs.assets.cards").joinpath(f"{name}.yaml")
-        if not path.is_file():
-            raise InputError(f"card {source}: no built-in card named {name!r}")
-        return path.read_bytes()
+        return builtin(source, "cards", ".yaml")
     return fetch_source(settings, source)
 
 

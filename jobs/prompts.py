@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from importlib import resources
 
+from jobs.assets import builtin
 from jobs.errors import InputError
 from jobs.store import StoreSettings, fetch_source
 
@@ -17,11 +17,7 @@ from jobs.store import StoreSettings, fetch_source
 def source_bytes(source: str, settings: StoreSettings) -> bytes:
     """The raw bytes behind a file source (used for the run id); `hf:` sources have none."""
     if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        path = resources.files("jobs.assets.prompts").joinpath(f"{name}.jsonl")
-        if not path.is_file():
-            raise InputError(f"prompts {source}: no built-in prompt set named {name!r}")
-        return path.read_bytes()
+        return builtin(source, "prompts", ".jsonl")
     if source.startswith("hf:"):
         return source.encode()
     return fetch_source(settings, source)

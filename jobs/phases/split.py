@@ -20,7 +20,7 @@ def main(config: PhaseConfig) -> dict:
         evaluation, rest = rows[:split.eval_count], rows[split.eval_count:]
         val_count = round(len(rest) * split.val_fraction)
         val, train = rest[:val_count], rest[val_count:]
-        # audit removed duplicate prompts at ingest, so disjoint rows mean disjoint prompts; check anyway
+        # ingest dropped duplicate prompts, so disjoint rows mean disjoint prompts; check anyway
         held_out = {r["prompt"].lower() for r in evaluation}
         if any(r["prompt"].lower() in held_out for r in train + val):
             raise InputError("split: an eval prompt also appears in train or val")

@@ -92,3 +92,25 @@ def test_exported_model_loads_and_generates(ci_run):
     check = json.loads((ci_run["runs"] / "export" / "export.json").read_text())
     assert check["argmax_agreement"] == 1.0 and check["logits_max_abs_diff"] < 0.02
     assert "similarity to the teacher" in (ci_run["runs"] / "export" / "README.md").read_text()
+
+
+def tool(ci_run, name: str, answers: str) -> subprocess.CompletedProcess:
+    """`make chat` / `make review` over the finished run's store, answering on stdin."""
+    return subprocess.run([sys.executable, "-m", "workflows.local_s3", "--data-dir", str(ci_run["data"]), "--",
+                           sys.executable, "-m", "jobs", name, "--profile", "ci"], cwd=REPO, input=answers,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_review_saves_ratings_to_the_store(ci_run):
+    result = tool(ci_run, "review", "4\n\nseven\n2\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saved 2 ratings (mean 3.0)" in result.stdout
+    saved = sorted((ci_run["runs"] / "review").glob("*/ratings.jsonl"))
+    assert [json.loads(line)["rating"] for line in saved[-1].read_text().splitlines()] == [4, 2]
+
+
+def test_chat_answers_as_the_student(ci_run):
+    result = tool(ci_run, "chat", "Who are you?\n\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = [line for line in result.stdout.splitlines() if "Ludwig van Beethoven>" in line]
+    assert answer and len(answer[0].split(">", 1)[1].strip()) > 0

@@ -112,5 +112,6 @@ def test_review_saves_ratings_to_the_store(ci_run):
 def test_chat_answers_as_the_student(ci_run):
     result = tool(ci_run, "chat", "Who are you?\n\n")
     assert result.returncode == 0, result.stderr[-2000:]
-    answer = [line for line in result.stdout.splitlines() if "Ludwig van Beethoven>" in line]
-    assert answer and len(answer[0].split(">", 1)[1].strip()) > 0
+    answers = [line.split("Ludwig van Beethoven>", 1)[1] for line in result.stdout.splitlines()
+               if "Ludwig van Beethoven>" in line]
+    assert len(answers) == 1 and answers[0].strip()

@@ -10,9 +10,9 @@ import sys
 import textwrap
 import time
 
+from jobs.backends.base import SamplingParams
 from jobs.errors import InputError
 from jobs.phases.base import PhaseConfig, scratch_dir
-from jobs.phases.teacher import sampling_params
 
 
 def _ask(prompt: str) -> str | None:
@@ -37,7 +37,7 @@ def chat(config: PhaseConfig) -> None:
         config.store.download("train", f"adapter/{name}", adapter / name)
     name = config.store.read_json("ingest", "card.json")["name"]
     student = open_sampler(config.pipeline.model, adapter)
-    params = sampling_params(config.pipeline.teacher, batch_size=1)
+    params = SamplingParams.from_config(config.pipeline.teacher, batch_size=1)
     print(f"Chatting with the distilled {name} of run {config.run_id} (no card in the prompt). "
           "Empty line or Ctrl-D ends.")
     while (line := _ask("you> ")) and line.strip():

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from jobs.backends.renderer import Renderer
+from jobs.config import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     batch_size: int = 16
+
+    @classmethod
+    def from_config(cls, section: SamplingConfig, batch_size: int | None = None) -> SamplingParams:
+        return cls(max_tokens=section.max_new_tokens, temperature=section.temperature, top_p=section.top_p,
+                   repetition_penalty=section.repetition_penalty, seed=section.seed,
+                   batch_size=batch_size or section.batch_size)
 
 
 @dataclass(frozen=True)

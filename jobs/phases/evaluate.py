@@ -12,9 +12,10 @@ from __future__ import annotations
 import statistics
 import time
 
+from jobs.backends.base import SamplingParams
+from jobs.card import CharacterCard
 from jobs.log import Progress
 from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
-from jobs.phases.teacher import _system_prompt, sampling_params
 from jobs.store import UnitWriter
 
 
@@ -50,12 +51,12 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     store, ev, model = config.store, config.pipeline.evaluate, config.pipeline.model
     rows = store.read_jsonl("split", "eval.jsonl")
-    system = _system_prompt(store.read_json("ingest", "card.json"))
+    system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
     adapter = scratch_dir(config, "evaluate") / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         store.download("train", f"adapter/{name}", adapter / name)
-    params = sampling_params(ev.sampling)
-    single = sampling_params(ev.sampling, batch_size=1)
+    params = SamplingParams.from_config(ev.sampling)
+    single = SamplingParams.from_config(ev.sampling, batch_size=1)
     bar = Progress(6, "evaluate")
 
     base = open_sampler(model)

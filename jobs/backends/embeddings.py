@@ -5,6 +5,7 @@ the Hub by name (the cluster path)."""
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 from pathlib import Path
 
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -33,11 +34,15 @@ def _model_path() -> str:
     return HUB_NAME
 
 
-def cosine_to_reference(texts: list[str], references: list[str]) -> list[float]:
-    """Cosine similarity of each text to the reference at the same index (empty text scores 0)."""
+@lru_cache(maxsize=1)
+def _model():
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(_model_path(), device="cpu")
-    a = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    b = model.encode(references, normalize_embeddings=True, convert_to_numpy=True)
+    return SentenceTransformer(_model_path(), device="cpu")
+
+
+def cosine_to_reference(texts: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each text to the reference at the same index (empty text scores 0)."""
+    a = _model().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    b = _model().encode(references, normalize_embeddings=True, convert_to_numpy=True)
     return [round(float(x @ y), 5) if text.strip() else 0.0 for x, y, text in zip(a, b, texts, strict=True)]

@@ -1,8 +1,11 @@
 """Evaluate (seed steps 14-16): how close the student comes to the teacher, and what dropping the card saves.
 
 On held-out prompts: student (no card), base (no card) and the teacher's own replies. Figures: embedding
-similarity to the teacher; mean per-token NLL of the teacher's replies under student, base and the
-teacher itself (base with card), and the share of the base-to-teacher gap the student closed; prompt
+similarity to the teacher, next to a second teacher sample scored against the first (the teacher's own
+spread: a greedy student can land above it); similarity to the character (its name and topics, short enough
+for the embedding model) and the share of replies out of character (the audit's phrases, e.g. "as an AI"),
+which show the persona; mean per-token NLL of the teacher's replies
+under student, base and the teacher itself (base with card), and the share of the base-to-teacher gap the student closed; prompt
 tokens per request with and without the card, the cost ratio at the configured prices; latency per
 request with and without the card on the same model.
 """
@@ -51,13 +54,14 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     store, ev, model = config.store, config.pipeline.evaluate, config.pipeline.model
     rows = store.read_jsonl("split", "eval.jsonl")
-    system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
+    card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
+    system = card.teacher_system_prompt()
     adapter = scratch_dir(config, "evaluate") / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         store.download("train", f"adapter/{name}", adapter / name)
     params = SamplingParams.from_config(ev.sampling)
     single = SamplingParams.from_config(ev.sampling, batch_size=1)
-    bar = Progress(6, "evaluate")
+    bar = Progress(7, "evaluate")
 
     base = open_sampler(model)
     render = base.renderer
@@ -72,6 +76,9 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     n = min(ev.latency_requests, len(rows))
     latency_with, latency_without = time_requests(base, with_card[:n], single), time_requests(base, no_card[:n], single)
     bar.advance(1, step="latency")
+    resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
+    teacher_again = [render.decode(t) for t in base.sample(with_card, resample)]
+    bar.advance(1, step="teacher resampled")
     del base
 
     student = open_sampler(model, adapter)
@@ -84,6 +91,13 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     teacher_texts = [r["reply"] for r in rows]
     sim_student = cosine_to_reference(student_replies, teacher_texts)
     sim_base = cosine_to_reference(base_replies, teacher_texts)
+    sim_ceiling = cosine_to_reference(teacher_again, teacher_texts)
+    card_text = [f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name] * len(rows)
+    persona = {name: statistics.mean(cosine_to_reference(texts, card_text)) for name, texts in
+               (("student", student_replies), ("base", base_replies), ("teacher", teacher_texts))}
+    forbidden = config.pipeline.audit.forbidden
+    out_of_character = {name: statistics.mean(any(p in t.lower() for p in forbidden) for t in texts) for name, texts in
+                        (("student", student_replies), ("base", base_replies), ("teacher", teacher_again))}
     bar.advance(1, step="similarity")
 
     nll = {name: token_weighted(values, targets)
@@ -100,6 +114,9 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         "eval_prompts": len(rows),
         "similarity_student": round(statistics.mean(sim_student), 4),
         "similarity_base": round(statistics.mean(sim_base), 4),
+        "similarity_teacher_resampled": round(statistics.mean(sim_ceiling), 4),
+        **{f"persona_similarity_{k}": round(v, 4) for k, v in persona.items()},
+        **{f"out_of_character_{k}": round(v, 4) for k, v in out_of_character.items()},
         "nll_student": round(nll["student"], 4), "nll_base": round(nll["base"], 4),
         "nll_teacher": round(nll["teacher"], 4),
         "nll_gap_closed": round((nll["base"] - nll["student"]) / gap, 4) if gap > 0 else None,
@@ -118,14 +135,16 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         "prices_per_mtok": prices.model_dump(),
     }
     out.write_jsonl("replies.jsonl", [
-        {"id": r["id"], "prompt": r["prompt"], "teacher": r["reply"], "student": s, "base": b,
-         "similarity_student": ss, "similarity_base": sb, "nll_student": ns, "nll_base": nb, "nll_teacher": nt}
-        for r, s, b, ss, sb, ns, nb, nt in zip(rows, student_replies, base_replies, sim_student, sim_base,
-                                               nll_student, nll_base, nll_teacher, strict=True)])
+        {"id": r["id"], "prompt": r["prompt"], "teacher": r["reply"], "student": s, "base": b, "teacher_resampled": t,
+         "similarity_student": ss, "similarity_base": sb, "similarity_teacher_resampled": st,
+         "nll_student": ns, "nll_base": nb, "nll_teacher": nt}
+        for r, s, b, t, ss, sb, st, ns, nb, nt in zip(rows, student_replies, base_replies, teacher_again, sim_student,
+                                                      sim_base, sim_ceiling, nll_student, nll_base, nll_teacher,
+                                                      strict=True)])
     out.write_json("metrics.json", metrics)
     out.metrics.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "evaluate", ("model", "evaluate"), ("ingest", "split", "train"),
+    return run_unit(config, "evaluate", ("model", "teacher", "audit", "evaluate"), ("ingest", "split", "train"),
                     lambda out: build(config, out))

@@ -20,7 +20,9 @@ trained on replies the same base model gave with the card as its system prompt (
 | figure | value |
 |---|---|
 | train loss, first → last step | {first_loss:.3f} → {last_loss:.3f} ({steps} steps) |
-| similarity to the teacher, student / base | {similarity_student:.3f} / {similarity_base:.3f} |
+| similarity to the teacher, student / base / second teacher sample | {similarity_student:.3f} / {similarity_base:.3f} / {similarity_teacher_resampled:.3f} |
+| similarity to the character (name, topics), student / base | {persona_similarity_student:.3f} / {persona_similarity_base:.3f} |
+| replies out of character, student / base | {out_of_character_student:.0%} / {out_of_character_base:.0%} |
 | NLL of teacher replies: student / base / teacher | {nll_student:.3f} / {nll_base:.3f} / {nll_teacher:.3f} |
 | prompt tokens per request, with / without card | {prompt_tokens_with_card:.0f} / {prompt_tokens_without_card:.0f} ({token_reduction:.1%} fewer) |
 | cost per request, with card ÷ without | {cost_ratio:.2f}x |

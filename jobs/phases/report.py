@@ -41,6 +41,8 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
     ax.hist([r["similarity_base"] for r in replies], bins=bins, alpha=0.6, label=f"base (mean {ev['similarity_base']:.3f})")
     ax.hist([r["similarity_student"] for r in replies], bins=bins, alpha=0.6,
             label=f"student (mean {ev['similarity_student']:.3f})")
+    ax.hist([r["similarity_teacher_resampled"] for r in replies], bins=bins, histtype="step", linewidth=2,
+            color="black", label=f"a second teacher sample (mean {ev['similarity_teacher_resampled']:.3f})")
     ax.set(xlabel="cosine similarity to the teacher's reply", ylabel="eval prompts",
            title="Similarity to the teacher (all-MiniLM-L6-v2)")
     ax.legend()
@@ -68,6 +70,13 @@ def figures(train: dict, ev: dict, audit: dict) -> list[tuple[str, str]]:
         ("validation loss, last", f"{train['val_loss_last']:.3f}" if train.get("val_loss_last") is not None else "n/a"),
         ("similarity to teacher, student", f"{ev['similarity_student']:.3f}"),
         ("similarity to teacher, base (no card)", f"{ev['similarity_base']:.3f}"),
+        ("similarity to teacher, a second teacher sample (its own spread)", f"{ev['similarity_teacher_resampled']:.3f}"),
+        ("similarity to the character (name, topics): student / base / teacher", f"{ev['persona_similarity_student']:.3f} / "
+                                                             f"{ev['persona_similarity_base']:.3f} / "
+                                                             f"{ev['persona_similarity_teacher']:.3f}"),
+        ("replies out of character (\"as an AI\"...): student / base / teacher",
+         f"{ev['out_of_character_student']:.0%} / {ev['out_of_character_base']:.0%} / "
+         f"{ev['out_of_character_teacher']:.0%}"),
         ("NLL of teacher replies: student / base / teacher", f"{ev['nll_student']:.3f} / {ev['nll_base']:.3f} / "
                                                            f"{ev['nll_teacher']:.3f}"),
         ("NLL gap closed (base → teacher)", f"{gap:.1%}" if gap is not None else "n/a (teacher not below base)"),

@@ -91,3 +91,19 @@ submit: setup ## create/update the WorkflowTemplate and submit a run (ARGO_SERVE
 
 card-event: ## simulate a git push that changes the card (event-driven retraining on kind)
 	KUBECTL=$(KUBECTL) infra/send-card-event.sh
+
+# -- images: one image per phase (images/*/Dockerfile), built with docker or podman when one answers, else buildah
+# (installed with apt-get when missing; a local stand-in base image when docker.io cannot be reached)
+# extra arguments for images/build.py, e.g. IMAGE_ARGS="--engine podman --tag dev" or "--force"
+IMAGE_ARGS ?=
+KIND_CLUSTER ?= distill
+.PHONY: images kind-load test-images
+
+images: setup ## build the base, engine and 11 phase images (prints each image's size)
+	$(PY) images/build.py $(IMAGE_ARGS)
+
+kind-load: setup ## build the images if needed and load the phase images into kind (KIND_CLUSTER=distill)
+	$(PY) images/build.py $(IMAGE_ARGS) --kind-load $(KIND_CLUSTER)
+
+test-images: images ## inspect the built images, run the ci profile in them and compare with process mode
+	DISTILL_REQUIRE_IMAGES=1 $(PY) -m pytest -q -s tests/test_images.py

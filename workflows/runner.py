@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
     p.add_argument("--workflow", default=RENDERED, type=Path, help="rendered WorkflowTemplate to run")
+    p.add_argument("--mode", default="process", choices=("process", "container"),
+                   help="run each step as a local process, or inside its phase image (`make images` first; "
+                        "engine: docker, podman or buildah, or $DISTILL_CONTAINER_ENGINE)")
     args = p.parse_args(argv)
 
     started = time.time()
@@ -353,8 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
             secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
             doc = yaml.safe_load(args.workflow.read_text())
+            if args.mode == "container":
+                from workflows.containers import ContainerExecutor
+
+                executor = ContainerExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets,
+                                             pod_security=doc["spec"].get("securityContext"))
+                print(f"container mode: every step in its image, with {executor.engine}")
+            else:
+                executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
             runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
-                            ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets), data / "logs" / run_id)
+                            executor, data / "logs" / run_id)
             results = runner.run()
             report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir / run_id)
     except (UnsupportedFeature, StepFailed, InputError, RuntimeError) as exc:

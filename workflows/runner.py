@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
                             executor, data / "logs" / run_id)
             results = runner.run()
-            report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir / run_id)
+            report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir.resolve() / run_id)
     except (UnsupportedFeature, StepFailed, InputError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

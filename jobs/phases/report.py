@@ -45,7 +45,7 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
             color="black", label=f"a second teacher sample (mean {ev['similarity_teacher_resampled']:.3f})")
     ax.set(xlabel="cosine similarity to the teacher's reply", ylabel="eval prompts",
            title="Similarity to the teacher (all-MiniLM-L6-v2)")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize="small")
     images["similarity.png"] = _png(fig)
     plt.close(fig)
 

@@ -7,11 +7,10 @@ line (JSONL) or row number (Parquet, datasets).
 from __future__ import annotations
 
 import io
-import json
 
 from jobs.assets import builtin
 from jobs.errors import InputError
-from jobs.store import StoreSettings, fetch_source
+from jobs.store import StoreSettings, fetch_source, parse_jsonl
 
 
 def source_bytes(source: str, settings: StoreSettings) -> bytes:
@@ -23,26 +22,11 @@ def source_bytes(source: str, settings: StoreSettings) -> bytes:
     return fetch_source(settings, source)
 
 
-def _check_row(row: object, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: expected an object with a 'prompt' field")
+def _check_row(row: dict, where: str) -> dict:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"{where}: missing or empty 'prompt'")
     return {"id": str(row.get("id") or ""), "prompt": prompt.strip()}
-
-
-def _jsonl_rows(data: bytes, where: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
-        rows.append(_check_row(row, f"{where}:{number}"))
-    return rows
 
 
 def _parquet_rows(data: bytes, where: str) -> list[dict]:
@@ -75,7 +59,7 @@ def load_prompts(source: str, settings: StoreSettings) -> list[dict]:
     elif source.endswith(".parquet"):
         rows = _parquet_rows(source_bytes(source, settings), source)
     else:
-        rows = _jsonl_rows(source_bytes(source, settings), source)
+        rows = parse_jsonl(source_bytes(source, settings), source, check=_check_row)
     if not rows:
         raise InputError(f"prompts {source}: no prompts found")
     return rows

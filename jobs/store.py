@@ -60,9 +60,10 @@ def jsonl_bytes(rows: Iterable[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
-def parse_jsonl(data: bytes, where: str) -> list[dict]:
+def parse_jsonl(data: bytes, where: str, check=None) -> list[dict]:
+    """Rows of a JSONL file; `check(row, "<where>:<line>")` may validate and reshape each one."""
     rows = []
-    for number, line in enumerate(data.decode().splitlines(), 1):
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -71,7 +72,7 @@ def parse_jsonl(data: bytes, where: str) -> list[dict]:
             raise InputError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}:{number}: expected a JSON object")
-        rows.append(row)
+        rows.append(check(row, f"{where}:{number}") if check else row)
     return rows
 
 

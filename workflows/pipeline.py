@@ -48,6 +48,7 @@ ENV = [
     Env(name="DISTILL_CACHE_DIR", value="/cache"),
     Env(name="DISTILL_SCRATCH", value="/tmp"),
     Env(name="HOME", value="/tmp"),
+    Env(name="HF_HUB_DISABLE_PROGRESS_BARS", value="1"),  # pod logs are JSON lines, not terminal bars
 ]
 SECURITY = models.SecurityContext(run_as_non_root=True, read_only_root_filesystem=True,
                                   allow_privilege_escalation=False,

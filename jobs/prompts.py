@@ -33,7 +33,8 @@ def _parquet_rows(data: bytes, where: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # no reader threads: a prompt file is small, and pyarrow's pool can abort the interpreter at exit
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise InputError(f"{where}: not a readable Parquet file ({exc})") from None
     return [_check_row(row, f"{where}: row {i}") for i, row in enumerate(table.to_pylist())]

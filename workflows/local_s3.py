@@ -49,15 +49,18 @@ class LocalS3:
 
     def start(self, timeout: float = 20.0) -> LocalS3:
         (self.root / self.bucket).mkdir(parents=True, exist_ok=True)
-        log = open(self.root.parent / "rclone.log", "ab")
-        self._process = subprocess.Popen(
-            [rclone_binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
-             "--auth-key", f"{self.access_key},{self.secret_key}", "--log-level", "NOTICE"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log = self.root.parent / "rclone.log"
+        with open(log, "ab") as sink:  # the child keeps its own descriptor
+            self._process = subprocess.Popen(
+                [rclone_binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
+                 "--log-level", "NOTICE"],
+                # the key pair through rclone's environment, not its command line (which `ps` shows)
+                env={**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'},  # a CSV field
+                stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited with {self._process.returncode}: see {log.name}")
+                raise RuntimeError(f"rclone serve s3 exited with {self._process.returncode}: see {log}")
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
                 return self

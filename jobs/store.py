@@ -111,11 +111,12 @@ class ArtifactStore:
         self.settings = settings
         self.run_id = run_id
         # a fresh session: the default one caches credentials from the first environment it saw
-        self._s3 = boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-                                config=BotoConfig(retries={"max_attempts": 4, "mode": "standard"},
-                                                  connect_timeout=5, read_timeout=120,
-                                                  request_checksum_calculation="when_required",
-                                                  response_checksum_validation="when_required"))
+        # rclone serves no streaming checksums: send and check them only where S3 requires it
+        config = BotoConfig(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=120,
+                            request_checksum_calculation="when_required",
+                            response_checksum_validation="when_required")
+        self._s3 = boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url,
+                                                  region_name=settings.region, config=config)
 
     # -- keys: the only place they are built
     def key(self, unit: str, name: str = "") -> str:
@@ -247,6 +248,7 @@ def fetch_source(settings: StoreSettings, uri: str) -> bytes:
     """Bytes of a user-named input: a local path or `s3://bucket/key` on the configured endpoint."""
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://"):].partition("/")
+        # a store on the source's bucket, used for its raw reads and one-line errors only (no run keys)
         other = ArtifactStore(StoreSettings(bucket, settings.endpoint_url, settings.region), run_id="sources")
         try:
             return other.get_bytes(key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,9 +51,6 @@ def run_unit(config: PhaseConfig, unit: str, sections: tuple[str, ...], inputs: 
 
 def scratch_dir(config: PhaseConfig, name: str) -> Path:
     """A local working folder for large intermediate files (an emptyDir in a pod)."""
-    import os
-    import tempfile
-
     root = Path(os.environ.get("DISTILL_SCRATCH") or tempfile.gettempdir()) / "distill" / config.run_id / name
     root.mkdir(parents=True, exist_ok=True)
     return root

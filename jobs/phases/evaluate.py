@@ -49,7 +49,7 @@ def time_requests(client, prompts: list[list[int]], params) -> dict:
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends import open_sampler
+    from jobs.backends import open_sampler, resolved_precision
     from jobs.backends.embeddings import cosine_to_reference
 
     store, ev, model = config.store, config.pipeline.evaluate, config.pipeline.model
@@ -111,7 +111,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         return (prompt_tokens * prices.input_per_mtok + reply_tokens * prices.output_per_mtok) / 1e6
 
     metrics = {
-        "eval_prompts": len(rows),
+        **resolved_precision(model), "eval_prompts": len(rows),
         "similarity_student": round(statistics.mean(sim_student), 4),
         "similarity_base": round(statistics.mean(sim_base), 4),
         "similarity_teacher_resampled": round(statistics.mean(sim_ceiling), 4),

@@ -6,6 +6,7 @@ prompts: a new run that changes only training settings reuses them; a changed ca
 
 from __future__ import annotations
 
+from jobs.backends import resolved_precision
 from jobs.backends.base import SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import digest
@@ -36,7 +37,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     card = store.read_json("ingest", "card.json")
     prompts = [row for row in store.read_jsonl("ingest", "prompts.jsonl") if row["shard"] == config.shard]
     system = CharacterCard.model_validate(card).teacher_system_prompt()
-    cache_key = digest({"system": system, "model": config.pipeline.model.model_dump(),
+    precision = resolved_precision(config.pipeline.model)
+    cache_key = digest({"system": system, "model": config.pipeline.model.model_dump(), "precision": precision,
                         "sampling": config.pipeline.teacher.model_dump(), "prompts": prompts})
     cached = store.cache_key("teacher", cache_key, "replies.jsonl")
     if store.exists(cached):
@@ -47,7 +49,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         store.put_bytes(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
     out.write_jsonl("replies.jsonl", rows)
-    out.metrics.update({"rows": len(rows), "reply_tokens": sum(r["reply_tokens"] for r in rows),
+    out.metrics.update({**precision, "rows": len(rows), "reply_tokens": sum(r["reply_tokens"] for r in rows),
                         "prompt_tokens_with_card": sum(r["prompt_tokens_with_card"] for r in rows)})
 
 

@@ -99,7 +99,7 @@ class Checkpoints:
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends import open_trainer
+    from jobs.backends import open_trainer, resolved_precision
 
     train, store, log = config.pipeline.train, config.store, get_logger().bind(phase="train")
     trainer = open_trainer(config.pipeline.model, train)
@@ -142,6 +142,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     losses = [h["loss"] for h in state["history"]]
     window = max(1, min(5, len(losses) // 4))
     out.metrics.update({
+        **resolved_precision(config.pipeline.model),
         "steps": train.steps, "train_rows": len(data), "first_loss": losses[0], "last_loss": losses[-1],
         "first_loss_mean": round(sum(losses[:window]) / window, 5),
         "last_loss_mean": round(sum(losses[-window:]) / window, 5),

@@ -114,6 +114,8 @@ def baseline_train(config, rows: list[dict], steps: int, dtype: torch.dtype) -> 
         args = SFTConfig(output_dir=out, per_device_train_batch_size=train.batch_size, max_steps=steps,
                          learning_rate=train.learning_rate, lr_scheduler_type="linear", weight_decay=0.0,
                          max_length=train.max_seq_len, completion_only_loss=True, use_cpu=not torch.cuda.is_available(),
+                         # TRL turns on bf16 autocast by default: the weights' own dtype, as the engine runs them
+                         bf16=False, fp16=False,
                          save_strategy="no", report_to=[], logging_steps=steps, seed=train.seed,
                          dataloader_num_workers=0, disable_tqdm=True)
         lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0,

@@ -8,8 +8,8 @@ Where the time goes, and what the engine does about it:
   values are computed once and attended by every row through `attention.SharedPrefix`, so each batch
   prefills only its questions. Decoding is a plain loop over a KV cache: rows that finish leave the batch;
 - training and log-probabilities: the rows of a batch are packed into one sequence with no padding, each row
-  attending only to itself (`attention.Layout.segments`), and training computes logits only at the positions
-  whose loss weight is non-zero.
+  attending only to itself (`attention.Layout.segments`) and to the prefix all rows share, computed once;
+  training computes logits only at the positions whose loss weight is non-zero.
 The adapter is fp32 (rank and alpha from the train config, all linear layers, no dropout) over the base.
 """
 
@@ -37,8 +37,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 LOGPROB_TOKENS = 1024
 # a shared prefix shorter than this is not worth a separate forward pass
 MIN_SHARED_PREFIX = 16
-# tokens looked at first for nucleus sampling (a full sort of the vocabulary costs more than the model's step)
-NUCLEUS_CANDIDATES = 256
+# how many of the most likely tokens nucleus sampling looks at, widening only when some row's nucleus is wider:
+# a full sort of the vocabulary (and sampling from all of it) costs more than the model's step
+NUCLEUS_WIDTHS = (256, 4096)
 _NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -102,14 +103,14 @@ def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor,
     """The tokens each row may sample after temperature and top-p, and their probabilities (zero outside the
     nucleus), as (candidates, probabilities), each (rows, width).
 
-    The nucleus is almost always among the few most likely tokens: those are looked at first, and the whole
-    vocabulary is sorted (as `generate` does at every step) only when some row's nucleus is wider.
+    The nucleus is almost always among the few most likely tokens: those are looked at first, a wider set
+    when some row's nucleus is wider, and the whole vocabulary (as `generate` sorts it every step) last.
     """
     probs = (logits / params.temperature).softmax(dim=-1)
     vocab = probs.shape[-1]
     if params.top_p >= 1.0:
         return torch.arange(vocab, device=probs.device).expand_as(probs), probs
-    for width in (min(NUCLEUS_CANDIDATES, vocab), vocab):
+    for width in sorted({min(width, vocab) for width in (*NUCLEUS_WIDTHS, vocab)}):
         top, candidates = probs.topk(width, dim=-1)
         before = top.cumsum(dim=-1) - top  # the mass of the more likely tokens
         if width == vocab or bool((before[:, -1] + top[:, -1] >= params.top_p).all()):
@@ -118,14 +119,16 @@ def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor,
     return candidates, top.masked_fill(before >= params.top_p, 0.0)
 
 
-def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+def choose_tokens(logits: torch.Tensor, history: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator) -> torch.Tensor:
-    """The next token of each row, as transformers' generate picks it: repetition penalty over every token
-    already in the row (prompt included), then greedy, or temperature and nucleus (top-p) sampling."""
+    """The next token of each row, as transformers' generate picks it: the repetition penalty on every token in
+    the row so far (`history`, prompt included; a repeated id counts once), then greedy, or temperature and
+    nucleus (top-p) sampling."""
     logits = logits.float()
     if params.repetition_penalty != 1.0:
-        penalized = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+        penalty = params.repetition_penalty
+        before = logits.gather(1, history)
+        logits = logits.scatter(1, history, torch.where(before < 0, before * penalty, before / penalty))
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     candidates, probs = nucleus(logits, params)
@@ -221,16 +224,16 @@ class LocalEngine:
         ids, key_mask = self._pad([row[prefix_len:] for row in rows], left=True)
         # real tokens continue the prefix's positions; left pads are never attended, any position does
         positions = prefix_len + (key_mask.cumsum(dim=1) - 1).clamp(min=0)
-        seen = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-        for i, row in enumerate(rows):
-            seen[i, self._tensor(row)] = True
+        # every token each row has seen, for the repetition penalty; short rows repeat their first token
+        width = max(map(len, rows))
+        history = self._tensor([row + row[:1] * (width - len(row)) for row in rows])
         cache = DynamicCache()
         live = torch.arange(len(rows), device=self.device)  # which rows are still generating
         replies: list[list[int]] = [[] for _ in rows]
         for step in range(params.max_tokens):
             logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
                                 layout=Layout(key_mask=key_mask, prefix=prefix), logits_to_keep=1).logits[:, -1]
-            tokens = choose_tokens(logits, seen, params, generator)
+            tokens = choose_tokens(logits, history, params, generator)
             for row, token in zip(live.tolist(), tokens.tolist(), strict=True):
                 if token != self.renderer.end_of_turn:
                     replies[row].append(token)
@@ -240,9 +243,10 @@ class LocalEngine:
             if not going.all():  # finished rows leave the batch and its cache
                 keep = going.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                live, tokens, key_mask, positions, seen = (t[keep] for t in (live, tokens, key_mask, positions, seen))
-            seen[torch.arange(len(tokens), device=self.device), tokens] = True
+                live, tokens, key_mask, positions, history = (t[keep] for t in (live, tokens, key_mask, positions,
+                                                                                 history))
             ids = tokens[:, None]
+            history = torch.cat([history, ids], dim=1)
             key_mask = torch.cat([key_mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
         return replies
@@ -304,15 +308,20 @@ class LocalEngine:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def forward_backward(self, batch: list[Datum]) -> dict[str, float]:
-        """The weighted mean NLL of the batch, its gradients accumulated. The rows are packed without padding and
-        logits are computed only where a weight is non-zero: position i predicts token i + 1 with weight
-        `weights[i + 1]`."""
-        tokens, positions, segments, targets = self._pack([d.tokens for d in batch])
+        """The weighted mean NLL of the batch, its gradients accumulated. Position i predicts token i + 1 with
+        weight `weights[i + 1]`. The rows are packed without padding, logits are computed only where a weight
+        is non-zero, and a prefix that every row shares without loss on it (the chat template's system line)
+        is computed once for the batch, its gradients flowing back from every row."""
+        prefix_len = shared_prefix_length([d.tokens for d in batch])
+        if any(any(d.weights[1:prefix_len + 1]) for d in batch):
+            prefix_len = 0
+        prefix = self._prefix(batch[0].tokens[:prefix_len])[0] if prefix_len else None
+        tokens, positions, segments, targets = self._pack([d.tokens[prefix_len:] for d in batch], offset=prefix_len)
         weights = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
         for (start, end), datum in zip(segments, batch, strict=True):
-            weights[start:end - 1] = torch.tensor(datum.weights[1:], device=self.device)
+            weights[start:end - 1] = torch.tensor(datum.weights[prefix_len + 1:], device=self.device)
         keep = weights > 0
-        logits = self.model(input_ids=tokens, position_ids=positions, layout=Layout(segments=segments),
+        logits = self.model(input_ids=tokens, position_ids=positions, layout=Layout(segments=segments, prefix=prefix),
                             logits_to_keep=keep[None]).logits.float()
         nll = F.cross_entropy(logits, targets[keep], reduction="none")
         total = weights.sum().clamp(min=1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.store import MANIFEST, ArtifactStore, StoreSettings
 
 from conftest import store_for
@@ -52,9 +52,9 @@ def test_keys_follow_the_run_layout(store_env):
         ArtifactStore(StoreSettings.from_env(), "../escape")
 
 
-def test_unreachable_endpoint_and_bad_credentials_are_one_line(store_env, monkeypatch):
+def test_unreachable_endpoint_is_transient_and_bad_credentials_are_one_line(store_env, monkeypatch):
     dead = ArtifactStore(StoreSettings("distill", "http://127.0.0.1:9", "us-east-1"), "r")
-    with pytest.raises(InputError, match="S3 endpoint unreachable"):
+    with pytest.raises(TransientError, match="S3 endpoint unreachable"):  # a blip or a typo: retried, exit 75
         dead.check_bucket()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-123")
     with pytest.raises(InputError, match="access denied") as caught:

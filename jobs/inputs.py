@@ -24,8 +24,9 @@ def estimate_tokens(text: str) -> int:
 
 
 def too_big(where: str, size: int | None, limit: int) -> InputError:
-    shown = f"{size / MB:.1f} MB" if size is not None else "more"
-    return InputError(f"{where}: {shown} is over the {limit // MB} MB input cap (ingest.max_input_mb)")
+    """`size` None: the source never said, and reading stopped at the cap."""
+    shown = f"{size / MB:.1f} MB" if size is not None else f"more than {limit // MB} MB"
+    return InputError(f"{where}: {shown}, over the {limit // MB} MB input cap (ingest.max_input_mb)")
 
 
 def read_capped(path: str, limit: int) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -128,16 +129,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_child(command: list[str], env: dict[str, str]) -> int:
-    """The command's exit code; stopped with this process, before the server it talks to."""
-    child = subprocess.Popen(command, env=env)
+    """The command's exit code; stopped with this process, before the server it talks to. Unless it talks to
+    a terminal (`make chat`), it gets its own process group, so that stopping it reaches what it started."""
+    interactive = sys.stdin.isatty()
+    child = subprocess.Popen(command, env=env, start_new_session=not interactive)
+
+    def send(signum: int) -> None:
+        try:
+            child.send_signal(signum) if interactive else os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass  # already gone
+
     try:
         return child.wait()
     except Stopped:
-        child.terminate()
+        send(signal.SIGTERM)
         try:
             child.wait(10)
         except subprocess.TimeoutExpired:
-            child.kill()
+            send(signal.SIGKILL)
             child.wait()
         raise
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs.errors import InputError
 from jobs.inputs import MB, load_yaml, read_capped
+from jobs.store import parse_s3_url
 
 PROFILES = ("demo", "ci", "full")
 
@@ -47,8 +48,6 @@ class IngestConfig(Section):
     @classmethod
     def _s3_url(cls, value: str) -> str:
         if value.startswith("s3:"):
-            from jobs.store import parse_s3_url
-
             try:
                 parse_s3_url(value)
             except InputError as exc:

@@ -34,11 +34,15 @@ def run_measured(*argv: str) -> subprocess.CompletedProcess:
                           preexec_fn=limit_memory, timeout=300)
 
 
-def jobs(*args: str) -> Result:
+def jobs(*args: str) -> subprocess.CompletedProcess:
     return run_measured(sys.executable, "-m", "jobs", *args)
 
 
-def ingest(run_id: str, *settings: str) -> Result:
+def runner(*args: str) -> subprocess.CompletedProcess:
+    return run_measured(sys.executable, "-m", "workflows.runner", "--profile", "ci", *args)
+
+
+def ingest(run_id: str, *settings: str) -> subprocess.CompletedProcess:
     return jobs("ingest", "--profile", "ci", "--run-id", run_id, *(f"--set={s}" for s in settings))
 
 
@@ -72,9 +76,10 @@ def parquet(tmp: Path, column: list[str]) -> str:
 
 def billion_laughs() -> str:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
-    return "\n".join(lines) + "\nname: Lol\nsystem_prompt: You are a laughing composer of great renown.\nstyle_rules: *i\n"
+    lines += ["name: Lol", "system_prompt: You are a laughing composer of great renown.", "style_rules: *i"]
+    return "\n".join(lines) + "\n"
 
 
 def s3_object(key: str, data: bytes) -> str:
@@ -95,7 +100,8 @@ CASES = {
                           ["{tmp}/prompts.jsonl:1:", "expected a JSON object"]),
     "json-nested-too-deeply": (lambda t, r: ingest(r, prompts(t, "[" * 100_000 + "]" * 100_000 + "\n")),
                                ["{tmp}/prompts.jsonl:1:", "nested too deeply"]),
-    "invalid-utf8": (lambda t, r: ingest(r, prompts(t, (PROMPT + "\n").encode() * 2 + b'{"prompt": "caf\xe9 au lait"}\n')),
+    "invalid-utf8": (lambda t, r: ingest(r, prompts(t, (PROMPT + "\n").encode() * 2
+                                                    + b'{"prompt": "caf\xe9 au lait"}\n')),
                      ["{tmp}/prompts.jsonl:3:", "not valid UTF-8 (byte 0xe9 at column 16)"]),
     "utf16-file": (lambda t, r: ingest(r, prompts(t, (PROMPT + "\n").encode("utf-16"))),
                    ["{tmp}/prompts.jsonl:1:", "not valid UTF-8"]),
@@ -133,7 +139,8 @@ CASES = {
                                ["config ingest.card:", "is not an S3 object URL"]),
     "s3-object-missing": (lambda t, r: ingest(r, "ingest.prompts=s3://distill/sources/nope.jsonl"),
                           ["s3://distill/sources/nope.jsonl: no such object"]),
-    "s3-object-bad-row": (lambda t, r: ingest(r, s3_object("sources/bad.jsonl", f'{PROMPT}\n{{"prompt": 7}}\n'.encode())),
+    "s3-object-bad-row": (lambda t, r: ingest(r, s3_object("sources/bad.jsonl",
+                                                           f'{PROMPT}\n{{"prompt": 7}}\n'.encode())),
                           ["s3://distill/sources/bad.jsonl:2:"]),
     "s3-object-over-the-cap": (lambda t, r: ingest(r, s3_object("sources/big.jsonl", b" " * (2 << 20)),
                                                    "ingest.max_input_mb=1"),
@@ -149,7 +156,8 @@ CASES = {
                           ["{tmp}/card.yaml:3:", "not valid UTF-8"]),
     "card-not-a-mapping": (lambda t, r: ingest(r, card(t, "- just\n- a list\n")),
                            ["{tmp}/card.yaml: a character card must be a YAML mapping"]),
-    "card-longer-than-the-context": (lambda t, r: ingest(r, card(t, CARD.replace("Salzburg.", "Salzburg. " + "La " * 40_000))),
+    "card-longer-than-the-context": (lambda t, r: ingest(r, card(t, CARD.replace("Salzburg.",
+                                                                                  "Salzburg. " + "La " * 40_000))),
                                      ["{tmp}/card.yaml: the card is about", "too long for model.context_tokens=8192"]),
     "card-billion-laughs": (lambda t, r: ingest(r, card(t, billion_laughs())),
                             ["{tmp}/card.yaml: card field style_rules.0 Input should be a valid string"]),
@@ -179,12 +187,17 @@ CASES = {
     "phase-without-its-input": (lambda t, r: jobs("split", "--profile", "ci", "--run-id", r),
                                 ["runs/{run}/audit has no _SUCCESS.json"]),
     # the runner, which must give the same code and write nothing for a bad run id
-    "runner-unknown-profile": (lambda t, r: run_measured(sys.executable, "-m", "workflows.runner", "--profile", "nosuch",
-                                                         "--data-dir", str(t / "data")),
+    "runner-unknown-profile": (lambda t, r: runner("--profile", "nosuch", "--data-dir", str(t / "data")),
                                ["argument --profile: invalid choice: 'nosuch'"]),
-    "runner-run-id-escaping": (lambda t, r: run_measured(sys.executable, "-m", "workflows.runner", "--profile", "ci",
-                                                         "--run-id", "../../escape-test", "--data-dir", str(t / "data")),
+    "runner-run-id-escaping": (lambda t, r: runner("--run-id", "../../escape-test", "--data-dir", str(t / "data")),
                                ["run id '../../escape-test' is not valid"]),
+    "runner-bad-fault-plan": (lambda t, r: runner("--s3-faults", "0.1:fire", "--data-dir", str(t / "data")),
+                              ["fault plan '0.1:fire'"]),
+    # through the steps: the runner's code is the failed step's
+    "runner-card-yaml-error": (lambda t, r: runner(f"--set={card(t, CARD + 'topics: opera: symphony')}",
+                                                   "--data-dir", str(t / "store")),
+                               ["ingest failed with exit code 2 after 1 attempt(s): error: {tmp}/card.yaml:3:14: "
+                                "not valid YAML"]),
 }
 
 
@@ -204,7 +217,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, store_env, tmp_pa
     for fragment in fragments:
         assert fragment.format(tmp=tmp_path, run=f"bad-{case}") in lines[0], lines[0]
     assert manifests() == before
-    assert not (tmp_path / "data").exists()  # the runner refused before it created anything
+    assert not (tmp_path / "data").exists()  # the runner refused before it created anything (bar "store" cases)
     print(f"{case}: {lines[0]}")
 
 

@@ -57,7 +57,8 @@ def test_ordinary_prompts_render_exactly_as_the_chat_template_does(tokenizer):
     card = "You are Ludwig van Beethoven.\n\nStyle rules:\n- Speak with passion."
     for prompt in prompts:
         for system in (None, card):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                        "content": prompt}]
             expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
             assert render.prompt(prompt, system=system) == list(expected)

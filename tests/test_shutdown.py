@@ -11,36 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, alive, descendants
 
 # started by the runner or the wrapper: a child that starts a grandchild, says so in a file, and waits
 CHILD = ("import subprocess, sys, time; subprocess.Popen(['sleep', '600']); "
          "open(sys.argv[1], 'w').write('up'); time.sleep(600)")
-
-
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) of every process, from /proc."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended while we looked
-        found[int(stat.parent.name)] = (int(fields[1]), fields[0])
-    return found
-
-
-def descendants(pid: int) -> set[int]:
-    table, found, frontier = processes(), set(), {pid}
-    while frontier:
-        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    table = processes()
-    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
 
 
 def start_and_wait_for(argv: list[str], marker: Path) -> subprocess.Popen:
@@ -84,7 +59,8 @@ def test_runner_stops_its_steps_and_rclone(tmp_path):
     workflow = {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowTemplate", "metadata": {"name": "t"},
                 "spec": {"entrypoint": "main", "arguments": {"parameters": [{"name": n} for n in
                                                                             ("run-id", "profile", "config")]},
-                         "templates": [step, {"name": "main", "dag": {"tasks": [{"name": "wait", "template": "wait"}]}}]}}
+                         "templates": [step, {"name": "main",
+                                              "dag": {"tasks": [{"name": "wait", "template": "wait"}]}}]}}
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(workflow))
     process = start_and_wait_for([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--run-id", "stop-1",
                                   "--workflow", str(tmp_path / "wf.yaml"), "--data-dir", str(tmp_path / "data")],

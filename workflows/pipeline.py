@@ -94,7 +94,8 @@ WORKFLOW_METRICS = [
 
 # retry what may be transient, never bad input: a transient fault exits 75 (jobs.errors.TransientError), and a
 # lost pod, an OOM kill or an unexpected crash may pass too; bad input exits 2 and would only fail again
-RETRY = RetryStrategy(limit="2", retry_policy="Always", expression=f"asInt(lastRetry.exitCode) != {InputError.exit_code}",
+RETRY = RetryStrategy(limit="2", retry_policy="Always",
+                      expression=f"asInt(lastRetry.exitCode) != {InputError.exit_code}",
                       backoff=models.Backoff(duration="10s", factor="2"))
 
 

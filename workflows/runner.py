@@ -13,7 +13,6 @@ SIGTERM, SIGINT or SIGHUP stop the running steps (their process groups), then th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re

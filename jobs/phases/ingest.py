@@ -88,5 +88,5 @@ def main(config: PhaseConfig) -> dict:
     # content hashes in the key: editing the file behind the same name reruns ingest; model and teacher
     # settings decide which prompts fit the context
     content = {"card": sha256_bytes(raw_card), "prompts": sha256_bytes(jsonl_bytes(rows))}
-    return run_unit(config, "ingest", ("ingest", "model", "teacher"), (), lambda out: build(config, card, len(rows), kept, dropped, out),
-                    extra_key=content)
+    return run_unit(config, "ingest", ("ingest", "model", "teacher"), (),
+                    lambda out: build(config, card, len(rows), kept, dropped, out), extra_key=content)

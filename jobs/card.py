@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.assets import builtin
+from jobs.config import IngestConfig
 from jobs.errors import InputError
+from jobs.inputs import load_yaml
 from jobs.store import StoreSettings, fetch_source
 
 
@@ -32,17 +33,14 @@ class CharacterCard(BaseModel):
         return self.system_prompt + (f"\n\nStyle rules:{rules}" if rules else "")
 
 
-def card_bytes(source: str, settings: StoreSettings) -> bytes:
-    if source.startswith("builtin:"):
-        return builtin(source, "cards", ".yaml")
-    return fetch_source(settings, source)
+def card_bytes(ingest: IngestConfig, settings: StoreSettings) -> bytes:
+    if ingest.card.startswith("builtin:"):
+        return builtin(ingest.card, "cards", ".yaml")
+    return fetch_source(settings, ingest.card, ingest.max_input_mb)
 
 
 def parse_card(data: bytes, where: str) -> CharacterCard:
-    try:
-        tree = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    tree = load_yaml(data, where)
     if not isinstance(tree, dict):
         raise InputError(f"{where}: a character card must be a YAML mapping")
     try:
@@ -52,7 +50,3 @@ def parse_card(data: bytes, where: str) -> CharacterCard:
         field = ".".join(str(p) for p in first["loc"])
         message = "is missing" if first["type"] == "missing" else first["msg"]
         raise InputError(f"{where}: card field {field} {message}") from None
-
-
-def load_card(source: str, settings: StoreSettings) -> CharacterCard:
-    return parse_card(card_bytes(source, settings), source)

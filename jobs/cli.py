@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from jobs.config import PROFILES, PipelineConfig, digest, load_pipeline_config
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.phases import PHASES
-from jobs.store import StoreSettings, sha256_bytes
+from jobs.store import StoreSettings, check_run_id, sha256_bytes
 
 TOOLS = ("run-id", "chat", "review")
 
@@ -26,8 +26,8 @@ def derive_run_id(pipeline: PipelineConfig, settings: StoreSettings) -> str:
     from jobs.card import card_bytes
     from jobs.prompts import source_bytes
 
-    inputs = {"card": sha256_bytes(card_bytes(pipeline.ingest.card, settings)),
-              "prompts": sha256_bytes(source_bytes(pipeline.ingest.prompts, settings)),
+    inputs = {"card": sha256_bytes(card_bytes(pipeline.ingest, settings)),
+              "prompts": sha256_bytes(source_bytes(pipeline.ingest, settings)),
               "config": pipeline.model_dump(mode="json")}
     return f"{pipeline.profile}-{digest(inputs)[:12]}"
 
@@ -43,8 +43,15 @@ def write_output_parameters(metrics: dict, folder: Path) -> None:
         (folder / name).write_text(text)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are bad input like any other: one line, exit 2 (not the usage block)."""
+
+    def error(self, message: str):
+        raise InputError(f"{self.prog}: {message}")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs", description="Character prompt distillation phases.")
+    p = OneLineParser(prog="python -m jobs", description="Character prompt distillation phases.")
     p.add_argument("command", choices=PHASES + TOOLS, help="a pipeline phase, or a tool")
     p.add_argument("--profile", default="demo", choices=PROFILES, help="built-in profile (default: demo)")
     p.add_argument("--config", help="YAML file merged over the profile")
@@ -56,8 +63,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
+        if args.run_id is not None:
+            check_run_id(args.run_id)
         pipeline = load_pipeline_config(args.profile, args.config, args.set, inline=args.config_yaml)
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)
@@ -75,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = importlib.import_module(f"jobs.phases.{args.command}").main(config)
         write_output_parameters(metrics, Path(os.environ.get("DISTILL_OUTPUTS_DIR", "/tmp/outputs")))
         return 0
-    except InputError as exc:
+    except (InputError, TransientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs.errors import InputError
+from jobs.inputs import MB, load_yaml, read_capped
+from jobs.store import parse_s3_url
 
 PROFILES = ("demo", "ci", "full")
 
@@ -32,6 +33,8 @@ class ModelConfig(Section):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # -- auto: CUDA when torch sees a GPU, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the base model's context window: ingest refuses a card that leaves no room in it for prompt and reply
+    context_tokens: int = Field(8192, ge=256)
 
 
 class IngestConfig(Section):
@@ -41,6 +44,18 @@ class IngestConfig(Section):
     shards: int = Field(2, ge=1, le=256)
     min_words: int = Field(2, ge=1)
     max_words: int = Field(80, ge=1)
+    # a card, prompt file or S3 object over this is refused before it is read whole
+    max_input_mb: int = Field(16, ge=1, le=1024)
+
+    @field_validator("card", "prompts")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        if value.startswith("s3:"):
+            try:
+                parse_s3_url(value)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class SamplingConfig(Section):
@@ -63,6 +78,11 @@ class SplitConfig(Section):
     eval_count: int = Field(40, ge=1)
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     seed: int = 0
+
+    @property
+    def min_rows(self) -> int:
+        """Rows split needs: the held-out eval rows and at least two to train on."""
+        return self.eval_count + 2
 
 
 class TrainConfig(Section):
@@ -133,7 +153,7 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise InputError(f"override {dotted}: {key} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = load_yaml(raw, f"--set {dotted}")
 
 
 def user_layers(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -142,11 +162,9 @@ def user_layers(config_file: str | None = None, overrides: list[str] | tuple[str
     then `section.key=value` overrides, each on top of the one before."""
     tree: dict = {}
     if config_file:
-        try:
-            text = Path(config_file).read_text()
-        except OSError as exc:
-            raise InputError(f"{config_file}: cannot read config ({exc.strerror})") from None
-        _deep_update(tree, _mapping(text, config_file))
+        # read before any setting exists, so under the default input cap
+        data = read_capped(config_file, IngestConfig.model_fields["max_input_mb"].default * MB)
+        _deep_update(tree, _mapping(data, config_file))
     if inline.strip():
         _deep_update(tree, _mapping(inline, "--config-yaml"))
     for item in overrides:
@@ -170,15 +188,13 @@ def load_pipeline_config(profile: str = "demo", config_file: str | None = None,
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise InputError(f"config {where}: {first['msg']} (profile {profile}"
+        message = first["msg"].removeprefix("Value error, ")
+        raise InputError(f"config {where}: {message} (profile {profile}"
                          f"{', ' + config_file if config_file else ''})") from None
 
 
-def _mapping(text: str, where: str) -> dict:
-    try:
-        extra = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+def _mapping(data: bytes | str, where: str) -> dict:
+    extra = load_yaml(data, where) or {}
     if not isinstance(extra, dict):
         raise InputError(f"{where}: config must be a mapping")
     return extra

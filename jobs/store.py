@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,9 +22,64 @@ from pathlib import Path
 from typing import Any
 
 from jobs import CODE_VERSION
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
+from jobs.inputs import MB, decode_text, read_capped, too_big
+from jobs.log import get_logger
 
 MANIFEST = "_SUCCESS.json"
+# a run id becomes S3 keys, folder names and the pods' label value: Kubernetes' label-value rules
+RUN_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
+# each S3 request is tried this often by botocore (5xx, throttling, connection errors, timeouts), and each
+# operation (request plus reading the body) this often by the store, with jittered exponential backoff
+REQUEST_ATTEMPTS = 3
+OPERATION_ATTEMPTS = 3
+RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
+               # a retried CompleteMultipartUpload whose first answer was lost: the whole upload is redone
+               "NoSuchUpload"}
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.match(run_id):
+        raise InputError(f"run id {run_id!r} is not valid: 1-63 letters, digits, '-', '_' or '.', starting and "
+                         "ending with a letter or digit")
+    return run_id
+
+
+def parse_s3_url(uri: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`, checked before any call is made."""
+    match = S3_URL.match(uri)
+    if not match:
+        raise InputError(f"{uri!r} is not an S3 object URL: expected s3://<bucket>/<key> (bucket: 3-63 "
+                         "lower-case letters, digits, '.' or '-')")
+    return match.group(1), match.group(2)
+
+
+def transient_fault(exc: BaseException) -> str | None:
+    """What makes `exc` (or the error it wraps) a fault a retry may cure, or None for a lasting one."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from s3transfer.exceptions import RetriesExceededError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = seen.response.get("Error", {}).get("Code", "")
+            return f"{status} {code}".strip() if status >= 500 or status == 429 or code in RETRY_CODES else None
+        if isinstance(seen, BotoConnectionError | HTTPClientError | IncompleteReadError | ResponseStreamingError
+                      | RetriesExceededError | ConnectionError | TimeoutError):
+            return type(seen).__name__
+        seen = seen.__cause__ or seen.__context__  # upload_file wraps the ClientError it caught
+    return None
+
+
+def _log_retry(response=None, attempts: int = 0, caught_exception=None, operation=None, **_) -> None:
+    """botocore's needs-retry hook: log each failed request it is about to retry."""
+    status = response[0].status_code if response else 0
+    if attempts < REQUEST_ATTEMPTS and (caught_exception is not None or status >= 500 or status == 429):
+        fault = type(caught_exception).__name__ if caught_exception is not None else str(status)
+        get_logger().warning("s3 retry", by="request", operation=operation.name, attempt=attempts, fault=fault)
 
 
 @dataclass(frozen=True)
@@ -63,13 +120,15 @@ def jsonl_bytes(rows: Iterable[dict]) -> bytes:
 def parse_jsonl(data: bytes, where: str, check=None) -> list[dict]:
     """Rows of a JSONL file; `check(row, "<where>:<line>")` may validate and reshape each one."""
     rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(decode_text(data, where).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{where}:{number}: not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}:{number}: expected a JSON object")
         rows.append(check(row, f"{where}:{number}") if check else row)
@@ -103,8 +162,7 @@ class UnitWriter:
 
 class ArtifactStore:
     def __init__(self, settings: StoreSettings, run_id: str):
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise InputError(f"run id {run_id!r} is not valid: use letters, digits, '-', '_'")
+        check_run_id(run_id)
         import boto3
         from botocore.config import Config as BotoConfig
 
@@ -112,11 +170,12 @@ class ArtifactStore:
         self.run_id = run_id
         # a fresh session: the default one caches credentials from the first environment it saw
         # rclone serves no streaming checksums: send and check them only where S3 requires it
-        config = BotoConfig(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=120,
-                            request_checksum_calculation="when_required",
+        config = BotoConfig(retries={"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"}, connect_timeout=5,
+                            read_timeout=60, request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
         self._s3 = boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url,
                                                   region_name=settings.region, config=config)
+        self._s3.meta.events.register("needs-retry.s3", _log_retry)
 
     # -- keys: the only place they are built
     def key(self, unit: str, name: str = "") -> str:
@@ -128,24 +187,46 @@ class ArtifactStore:
 
     # -- raw objects
     def _call(self, what: str, fn, **kwargs):
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        """`fn(Bucket=..., **kwargs)`, retried whole on transient faults (botocore retries each request too,
+        but not a body that breaks off while it is read); lasting errors become one line at once."""
+        for attempt in range(1, OPERATION_ATTEMPTS + 1):
+            try:
+                return fn(Bucket=self.settings.bucket, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - sorted into transient, lasting and unexpected below
+                fault = transient_fault(exc)
+                if fault is None:
+                    self._lasting(exc, what, kwargs.get("Key", what))
+                    raise
+                if attempt == OPERATION_ATTEMPTS:
+                    raise self._transient(exc, fault, what) from None
+                get_logger().warning("s3 retry", by="store", key=what, attempt=attempt, fault=fault)
+                time.sleep(0.5 * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
-        try:
-            return fn(Bucket=self.settings.bucket, **kwargs)
-        except NoCredentialsError:
+    def _transient(self, exc: Exception, fault: str, what: str) -> TransientError:
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+        tries = f"{OPERATION_ATTEMPTS} x {REQUEST_ATTEMPTS} attempts"
+        if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+            return TransientError(f"S3 endpoint unreachable: {self.settings.where} ({tries})")
+        return TransientError(f"S3 {what}: {fault} from {self.settings.where} ({tries})")
+
+    def _lasting(self, exc: Exception, what: str, key: str) -> None:
+        """Raise the one-line error for a fault no retry cures; return for an unexpected one."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
             raise InputError(f"S3 credentials missing for {self.settings.where}: "
                              "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
-        except EndpointConnectionError:
-            raise InputError(f"S3 endpoint unreachable: {self.settings.where}") from None
-        except ClientError as exc:
+        if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise FileNotFoundError(kwargs.get("Key", what)) from None
+                raise FileNotFoundError(key) from None
             if code == "NoSuchBucket":
                 raise InputError(f"S3 bucket missing: {self.settings.where}") from None
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise InputError(f"S3 access denied ({code}) for {what} in {self.settings.where}") from None
-            raise
+            raise InputError(f"S3 refused {what} ({code or 'no code'}) in {self.settings.where}") from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self._s3.put_object, Key=key, Body=data)
@@ -153,8 +234,16 @@ class ArtifactStore:
     def put_file(self, key: str, path: Path) -> None:
         self._call(key, lambda Bucket, Key: self._s3.upload_file(str(path), Bucket, Key), Key=key)
 
-    def get_bytes(self, key: str) -> bytes:
-        return self._call(key, self._s3.get_object, Key=key)["Body"].read()
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, refused by its size before its body is read."""
+        def get(Bucket, Key):
+            response = self._s3.get_object(Bucket=Bucket, Key=Key)
+            if limit is not None and response["ContentLength"] > limit:
+                response["Body"].close()
+                raise too_big(f"s3://{Bucket}/{Key}", response["ContentLength"], limit)
+            return response["Body"].read()
+
+        return self._call(key, get, Key=key)
 
     def get_file(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +278,13 @@ class ArtifactStore:
     # -- units and manifests
     def manifest(self, unit: str) -> dict | None:
         try:
-            return json.loads(self.get_bytes(self.key(unit, MANIFEST)))
+            data = self.get_bytes(self.key(unit, MANIFEST))
         except FileNotFoundError:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:  # a writer killed while sending it: the unit is unfinished
+            get_logger().warning("unreadable manifest ignored", key=self.key(unit, MANIFEST))
             return None
 
     def complete(self, unit: str, fingerprint: str) -> dict | None:
@@ -244,17 +338,15 @@ class ArtifactStore:
         self.put_bytes(self.key(unit, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
-def fetch_source(settings: StoreSettings, uri: str) -> bytes:
-    """Bytes of a user-named input: a local path or `s3://bucket/key` on the configured endpoint."""
+def fetch_source(settings: StoreSettings, uri: str, max_mb: int) -> bytes:
+    """Bytes of a user-named input, a local path or `s3://bucket/key` on the configured endpoint, refused
+    before it is read whole when it is over `max_mb`."""
     if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, key = parse_s3_url(uri)
         # a store on the source's bucket, used for its raw reads and one-line errors only (no run keys)
         other = ArtifactStore(StoreSettings(bucket, settings.endpoint_url, settings.region), run_id="sources")
         try:
-            return other.get_bytes(key)
+            return other.get_bytes(key, limit=max_mb * MB)
         except FileNotFoundError:
             raise InputError(f"{uri}: no such object") from None
-    try:
-        return Path(uri).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{uri}: cannot read ({exc.strerror})") from None
+    return read_capped(uri, max_mb * MB)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 API server (rclone serve s3) on loopback for the whole session."""
+"""Shared fixtures: a real S3 API server (rclone serve s3) on loopback for the whole session; process helpers."""
 
 from __future__ import annotations
 
@@ -44,3 +44,28 @@ def phase_config(run_id: str, *overrides: str, profile: str = "ci") -> PhaseConf
 
 def store_for(run_id: str) -> ArtifactStore:
     return ArtifactStore(StoreSettings.from_env(), run_id)
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        found[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    table, found, frontier = processes(), set(), {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    table = processes()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}

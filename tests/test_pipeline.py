@@ -1,25 +1,50 @@
-"""`make run` on the ci profile, end to end: the rendered DAG through the local runner, against rclone S3."""
+"""`make run` on the ci profile, end to end: the rendered DAG through the local runner, against rclone S3.
+
+A second run in a fresh store goes through the fault proxy, with canary values in every secret: first it
+is stopped by SIGTERM while teacher shard 0's manifest is being written, then run again with 10% of the
+S3 requests failing; its outputs must equal the fault-free run's, and no canary may appear anywhere.
+"""
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, alive, descendants
 
 pytestmark = pytest.mark.slow
 PHASES = ("preflight", "ingest", "student", "audit", "split", "train", "evaluate", "report", "export", "publish")
 
 
-def run_pipeline(data, reports, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+CANARIES = {"DISTILL_S3_ACCESS_KEY": "canary-s3-access-5d1e", "DISTILL_S3_SECRET_KEY": "canary-s3-secret-93b7a0c4",
+            "HF_TOKEN": "hf_canaryHubToken7c2f", "TINKER_API_KEY": "tml-canary-tinker-4e8b"}
+# outputs that differ between any two correct runs: wall-clock figures, the order peft writes a set in, the float
+# noise of export's merge check, and publish's dry-run reason (this run has an HF_TOKEN, a canary)
+VARYING = {("train", "metrics.jsonl"), ("evaluate", "metrics.json"), ("report", "report.md"), ("report", "report.html"),
+           ("export", "README.md"), ("train", "adapter/adapter_config.json"), ("export", "adapter/adapter_config.json"),
+           ("export", "export.json"), ("publish", "publish.json")}
+# the teacher shard 0's manifest write, never answered: the phase is stopped between its outputs and its manifest
+STALL = r"PUT /distill/runs/[^/]+/teacher/shard-00000/_SUCCESS\.json"
+
+
+def runner_command(data, reports, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "workflows.runner", "--profile", "ci", "--data-dir", str(data),
+            "--reports-dir", str(reports), *extra]
+
+
+def run_pipeline(data, reports, *extra: str, env=None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--data-dir", str(data),
-                             "--reports-dir", str(reports), *extra], cwd=REPO, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(runner_command(data, reports, *extra), cwd=REPO, capture_output=True, text=True,
+                            timeout=900, env=env)
     return result, time.time() - started
 
 
@@ -35,6 +60,40 @@ def ci_run(tmp_path_factory):
 
 def manifest(ci_run, unit: str) -> dict:
     return json.loads((ci_run["runs"] / unit / "_SUCCESS.json").read_text())
+
+
+def stop_while_stalled(data: Path, reports: Path, env: dict[str, str]) -> dict:
+    """Starts the runner with teacher shard 0's manifest write stalled, SIGTERMs it once the write hangs."""
+    with open(data / "stopped-run.txt", "w") as output:
+        process = subprocess.Popen(runner_command(data, reports, "--s3-stall", STALL), cwd=REPO, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    counts, deadline = data / "s3-faults.json", time.time() + 600
+    while not (counts.exists() and json.loads(counts.read_text())["stalled"] >= 1):
+        assert process.poll() is None, (data / "stopped-run.txt").read_text()[-3000:]
+        assert time.time() < deadline, "teacher shard 0 never wrote its manifest"
+        time.sleep(0.5)
+    started = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    return {"code": process.returncode, "left": alive(started), "output": (data / "stopped-run.txt").read_text()}
+
+
+@pytest.fixture(scope="module")
+def fault_run(ci_run, tmp_path_factory):
+    data, reports = tmp_path_factory.mktemp("fault-data"), tmp_path_factory.mktemp("fault-reports")
+    # the fault-free run's teacher replies, as the content-addressed cache a second run on one store would find:
+    # every phase still runs, the teacher shards only read their replies instead of sampling them again
+    shutil.copytree(ci_run["data"] / "s3" / "distill" / "cache", data / "s3" / "distill" / "cache")
+    env = {**os.environ, **CANARIES}
+    stopped = stop_while_stalled(data, reports, env)
+    runs = data / "s3" / "distill" / "runs" / ci_run["run_id"]
+    shard = runs / "teacher" / "shard-00000"
+    stopped["outputs_before_manifest"] = sorted(p.name for p in shard.iterdir()) if shard.exists() else []
+    result, seconds = run_pipeline(data, reports, "--s3-faults", "0.1", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    faults = json.loads((data / "s3-faults.json").read_text())
+    return {"data": data, "reports": reports, "runs": runs, "stopped": stopped, "stdout": result.stdout,
+            "stderr": result.stderr, "seconds": seconds, "faults": faults}
 
 
 def test_every_phase_finished_with_a_manifest(ci_run):
@@ -115,3 +174,57 @@ def test_chat_answers_as_the_student(ci_run):
     answers = [line.split("Ludwig van Beethoven>", 1)[1] for line in result.stdout.splitlines()
                if "Ludwig van Beethoven>" in line]
     assert len(answers) == 1 and answers[0].strip()
+
+
+def test_sigterm_mid_write_leaves_no_manifest_and_no_process(fault_run):
+    stopped = fault_run["stopped"]
+    assert stopped["code"] == 128 + signal.SIGTERM, stopped["output"][-3000:]
+    assert stopped["left"] == set()
+    assert stopped["output"].strip().splitlines()[-1].startswith("error: stopped by SIGTERM: ")
+    # teacher shard 0 had written its replies and was writing its manifest when it was stopped
+    assert stopped["outputs_before_manifest"] == ["replies.jsonl"]
+
+
+def test_the_stopped_unit_is_redone_and_finished_units_are_skipped(fault_run):
+    lines = fault_run["stdout"].splitlines()
+    assert "  preflight: skipped (outputs match config and inputs)" in lines
+    assert "  ingest: skipped (outputs match config and inputs)" in lines
+    assert "✓ teacher(0)" in fault_run["stdout"] and "  teacher(0): skipped" not in fault_run["stdout"]
+    assert json.loads((fault_run["runs"] / "teacher" / "shard-00000" / "_SUCCESS.json").read_text())["outputs"]
+
+
+def test_under_10_percent_s3_faults_the_outputs_equal_a_fault_free_run(ci_run, fault_run):
+    faults = fault_run["faults"]
+    injected = sum(faults["faults"].values())
+    summary = [line for line in fault_run["stdout"].splitlines() if line.startswith("S3 fault proxy: ")]
+    print(f"{summary} in {fault_run['seconds']:.0f}s")
+    assert len(summary) == 1 and f"{faults['requests']} requests" in summary[0]
+    assert faults["requests"] > 100 and injected >= faults["requests"] * 0.05
+    assert all(count > 0 for count in faults["faults"].values()), faults
+    for unit in (*PHASES, "teacher/shard-00000", "teacher/shard-00001"):
+        clean, faulty = manifest(ci_run, unit), manifest(fault_run, unit)
+        assert faulty["fingerprint"] == clean["fingerprint"], unit
+        rows = {n: o["rows"] for n, o in clean["outputs"].items()}
+        assert {n: o["rows"] for n, o in faulty["outputs"].items()} == rows, unit
+        for name, output in clean["outputs"].items():
+            if (unit, name) not in VARYING:
+                assert faulty["outputs"][name]["sha256"] == output["sha256"], (unit, name)
+
+
+def test_no_canary_secret_anywhere(fault_run):
+    """Artifacts, manifests, step logs, rclone's log, reports, the runner's output and the rendered DAG."""
+    rendered = subprocess.run([sys.executable, "-m", "workflows.pipeline"], cwd=REPO, capture_output=True,
+                              env={**os.environ, **CANARIES}, check=True).stdout
+    texts = {"runner output": (fault_run["stdout"] + fault_run["stderr"]).encode(), "rendered DAG": rendered}
+    files = [p for root in (fault_run["data"], fault_run["reports"]) for p in root.rglob("*")
+             if p.is_file() and p.stat().st_size]
+    assert len(files) > 50
+    for name, value in CANARIES.items():
+        needle = value.encode()
+        assert not [where for where, text in texts.items() if needle in text], name
+        assert not [str(p) for p in files if contains(p, needle)], name
+
+
+def contains(path: Path, needle: bytes) -> bool:
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:  # the model is 0.5 GB
+        return view.find(needle) >= 0

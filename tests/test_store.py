@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
-from jobs.errors import InputError
-from jobs.store import MANIFEST, ArtifactStore, StoreSettings
+from jobs.errors import InputError, TransientError
+from jobs.store import MANIFEST, OPERATION_ATTEMPTS, REQUEST_ATTEMPTS, ArtifactStore, StoreSettings
+from workflows.fault_proxy import FaultPlan
+from workflows.local_s3 import LocalS3
 
 from conftest import store_for
 
@@ -52,9 +56,9 @@ def test_keys_follow_the_run_layout(store_env):
         ArtifactStore(StoreSettings.from_env(), "../escape")
 
 
-def test_unreachable_endpoint_and_bad_credentials_are_one_line(store_env, monkeypatch):
+def test_unreachable_endpoint_is_transient_and_bad_credentials_are_one_line(store_env, monkeypatch):
     dead = ArtifactStore(StoreSettings("distill", "http://127.0.0.1:9", "us-east-1"), "r")
-    with pytest.raises(InputError, match="S3 endpoint unreachable"):
+    with pytest.raises(TransientError, match="S3 endpoint unreachable"):  # a blip or a typo: retried, exit 75
         dead.check_bucket()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-123")
     with pytest.raises(InputError, match="access denied") as caught:
@@ -63,3 +67,33 @@ def test_unreachable_endpoint_and_bad_credentials_are_one_line(store_env, monkey
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store_env.secret_key)
     with pytest.raises(InputError, match="bucket missing"):
         ArtifactStore(StoreSettings("no-such-bucket", store_env.endpoint, "us-east-1"), "r").check_bucket()
+
+
+@contextmanager
+def behind_faults(tmp_path, monkeypatch, plan: FaultPlan):
+    """A second rclone server, reached through the fault proxy."""
+    server = LocalS3(tmp_path / "s3", faults=plan).start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_faults_are_retried_and_contents_survive(tmp_path, monkeypatch):
+    with behind_faults(tmp_path, monkeypatch, FaultPlan(share=0.3, kinds=("500", "503", "drop"), seed=7)) as s3:
+        store = store_for("faults-1")
+        blobs = {f"k{i}": bytes([i]) * (1000 + 997 * i) for i in range(12)}
+        for name, data in blobs.items():
+            store.put_bytes(store.key("u", name), data)
+        assert {name: store.get_bytes(store.key("u", name)) for name in blobs} == blobs
+        stats = s3.proxy.stats
+    assert sum(stats["faults"].values()) >= 3 and stats["requests"] > 24, stats
+
+
+def test_a_lasting_fault_is_transient_after_every_attempt(tmp_path, monkeypatch):
+    with behind_faults(tmp_path, monkeypatch, FaultPlan(share=1.0, kinds=("503",))) as s3:
+        with pytest.raises(TransientError, match=r"S3 runs/faults-2/u/x: 503 SlowDown .* \(3 x 3 attempts\)"):
+            store_for("faults-2").get_bytes("runs/faults-2/u/x")
+        assert s3.proxy.stats["requests"] == OPERATION_ATTEMPTS * REQUEST_ATTEMPTS

@@ -1,7 +1,9 @@
 """A real S3 API server on loopback: `rclone serve s3` over a local folder that persists between runs.
 
 Buckets are the folder's subfolders, so artifacts can be browsed as plain files. Credentials are made up
-per start and handed to child processes through their environment only.
+per start (or taken from DISTILL_S3_ACCESS_KEY and DISTILL_S3_SECRET_KEY) and handed to child processes
+through their environment only. With a fault plan, clients reach the server through a fault-injecting proxy
+(`workflows.fault_proxy`) whose counts go to `s3-faults.json` beside the data folder.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +19,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from workflows.fault_proxy import FaultPlan, FaultProxy
+from workflows.signals import Stopped, stop_on_signals
 
 
 def _free_port() -> int:
@@ -32,15 +38,17 @@ def rclone_binary() -> str:
 
 
 class LocalS3:
-    def __init__(self, root: Path, bucket: str = "distill"):
-        self.root, self.bucket = root, bucket
+    def __init__(self, root: Path, bucket: str = "distill", faults: FaultPlan | None = None):
+        self.root, self.bucket, self.faults = root, bucket, faults
         self.port = _free_port()
-        self.access_key, self.secret_key = "local-" + secrets.token_hex(6), secrets.token_hex(16)
+        self.access_key = os.environ.get("DISTILL_S3_ACCESS_KEY") or "local-" + secrets.token_hex(6)
+        self.secret_key = os.environ.get("DISTILL_S3_SECRET_KEY") or secrets.token_hex(16)
         self._process: subprocess.Popen | None = None
+        self.proxy: FaultProxy | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.proxy.endpoint if self.proxy else f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {"DISTILL_S3_ENDPOINT": self.endpoint, "DISTILL_S3_BUCKET": self.bucket,
@@ -48,6 +56,16 @@ class LocalS3:
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
     def start(self, timeout: float = 20.0) -> LocalS3:
+        try:
+            self._start(timeout)
+        except BaseException:  # a signal or a failure while starting: nothing may stay behind
+            self.stop()
+            raise
+        if self.faults:
+            self.proxy = FaultProxy(self.port, self.faults, self.root.parent / "s3-faults.json").start()
+        return self
+
+    def _start(self, timeout: float) -> None:
         (self.root / self.bucket).mkdir(parents=True, exist_ok=True)
         log = self.root.parent / "rclone.log"
         with open(log, "ab") as sink:  # the child keeps its own descriptor
@@ -62,16 +80,17 @@ class LocalS3:
             if self._process.poll() is not None:
                 raise RuntimeError(f"rclone serve s3 exited with {self._process.returncode}: see {log}")
             try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                return self
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}", timeout=1)
+                return
             except urllib.error.HTTPError:
-                return self  # it answers (403 without a signature): up
+                return  # it answers (403 without a signature): up
             except OSError:
                 time.sleep(0.2)
-        self.stop()
         raise RuntimeError(f"rclone serve s3 did not answer on {self.endpoint} within {timeout:.0f}s")
 
     def stop(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
         if self._process and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -93,19 +112,60 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m workflows.local_s3")
     parser.add_argument("--data-dir", default=".distill", type=Path)
+    add_fault_arguments(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    with LocalS3(args.data_dir.resolve() / "s3") as server:
-        if command:
-            return subprocess.call(command, env={**os.environ, **server.env()})
-        print(f"serving {server.root} at {server.endpoint} (access key {server.access_key}); Ctrl-C stops",
-              flush=True)
-        try:
+    try:
+        with stop_on_signals(), LocalS3(args.data_dir.resolve() / "s3", faults=fault_plan(args, parser)) as server:
+            if command:
+                return _run_child(command, {**os.environ, **server.env()})
+            print(f"serving {server.root} at {server.endpoint} (access key {server.access_key}); Ctrl-C stops",
+                  flush=True)
             server._process.wait()
-        except KeyboardInterrupt:
-            pass
+    except Stopped as stop:
+        return stop.exit_code
     return 0
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> int:
+    """The command's exit code; stopped with this process, before the server it talks to. Unless it talks to
+    a terminal (`make chat`), it gets its own process group, so that stopping it reaches what it started."""
+    interactive = sys.stdin.isatty()
+    child = subprocess.Popen(command, env=env, start_new_session=not interactive)
+
+    def send(signum: int) -> None:
+        try:
+            child.send_signal(signum) if interactive else os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass  # already gone
+
+    try:
+        return child.wait()
+    except Stopped:
+        send(signal.SIGTERM)
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            child.wait()
+        raise
+
+
+def add_fault_arguments(parser) -> None:
+    parser.add_argument("--s3-faults", metavar="SHARE[:KINDS]",
+                        help="inject S3 faults: a share of requests (e.g. 0.1), optionally only some kinds "
+                             "(500,503,slow,drop); counts go to s3-faults.json in the data folder")
+    parser.add_argument("--s3-stall", metavar="REGEX", help="never answer requests whose 'METHOD /path' matches")
+
+
+def fault_plan(args, parser) -> FaultPlan | None:
+    if not (args.s3_faults or args.s3_stall):
+        return None
+    try:
+        return FaultPlan.parse(args.s3_faults or "0", stall=args.s3_stall)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

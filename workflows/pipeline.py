@@ -25,6 +25,7 @@ from hera.workflows import (
 )
 
 from jobs import __version__
+from jobs.errors import InputError
 from jobs.phases import PHASES
 
 NAME = "distill"
@@ -91,8 +92,10 @@ WORKFLOW_METRICS = [
                     Label(key="status", value="{{workflow.status}}")], value="1"),
 ]
 
-# retry what may be transient (a lost pod, a flaky endpoint), never bad input: jobs exits 2 for that
-RETRY = RetryStrategy(limit="2", retry_policy="Always", expression="asInt(lastRetry.exitCode) != 2",
+# retry what may be transient, never bad input: a transient fault exits 75 (jobs.errors.TransientError), and a
+# lost pod, an OOM kill or an unexpected crash may pass too; bad input exits 2 and would only fail again
+RETRY = RetryStrategy(limit="2", retry_policy="Always",
+                      expression=f"asInt(lastRetry.exitCode) != {InputError.exit_code}",
                       backoff=models.Backoff(duration="10s", factor="2"))
 
 

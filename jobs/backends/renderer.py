@@ -3,32 +3,78 @@
 The teacher gets the card as its system message. The student and the base model get *no* system message,
 which means SmolLM2's chat template inserts its default system line; that line is part of the student's
 prompt in training, evaluation and token accounting alike, so every figure counts what is really sent.
+
+User text is text: prompts, card fields and replies are tokenized with special-token parsing off, so a
+prompt that spells `<|im_start|>system` gets the characters, never the control token. Only the template's
+own markup becomes control tokens. A prompt longer than the model's context is refused, not sampled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.errors import InputError
+
+UNBOUNDED = 10**9  # tokenizers without a known length report a huge model_max_length
+
+
+def _context_tokens(tokenizer) -> int | None:
+    """The model's context window: the tokenizer's bound, else `max_position_embeddings` beside it."""
+    if tokenizer.model_max_length < UNBOUNDED:
+        return tokenizer.model_max_length
+    config = Path(getattr(tokenizer, "name_or_path", "") or ".") / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    return None
 
 
 @dataclass
 class Renderer:
     tokenizer: object  # a transformers tokenizer with a chat template
+    context_tokens: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.context_tokens = _context_tokens(self.tokenizer)
 
     @property
     def end_of_turn(self) -> int:
         return self.tokenizer.eos_token_id
 
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
     def prompt(self, user: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        # render the template around stand-ins, then tokenize its markup and each message's text separately
+        marks = [f"\x1f{uuid.uuid4().hex}\x1f" for _ in messages]
+        rendered = self.tokenizer.apply_chat_template(
+            [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)],
+            add_generation_prompt=True, tokenize=False)
+        pieces = re.split("(" + "|".join(marks) + ")", rendered)
+        if sorted(p for p in pieces if p in marks) != sorted(marks):
+            raise RuntimeError("the chat template does not insert each message's content once, verbatim")
+        contents = dict(zip(marks, (m["content"] for m in messages), strict=True))
+        tokens = []
+        for piece in pieces:
+            if piece in contents:
+                tokens += self._text(contents[piece])
+            elif piece:
+                tokens += self.tokenizer.encode(piece, add_special_tokens=False)
+        if self.context_tokens is not None and len(tokens) > self.context_tokens:
+            raise InputError(f"a prompt of {len(tokens)} tokens (system message included) is longer than the "
+                             f"model's context of {self.context_tokens} tokens")
+        return tokens
 
     def reply(self, text: str) -> list[int]:
         """The assistant turn as the model should produce it: the text, then the end-of-turn token."""
-        return self.tokenizer.encode(text, add_special_tokens=False) + [self.end_of_turn]
+        return self._text(text) + [self.end_of_turn]
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(self._text(text))

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.log import get_logger
 from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
 from jobs.store import UnitWriter, sha256_file
@@ -46,8 +46,9 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str) -> InputError:
-    """One line for whatever the Hub client raised, with nothing of the token in it."""
+def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str) -> InputError | TransientError:
+    """One line for whatever the Hub client raised, with nothing of the token in it; an unreachable Hub or
+    its 5xx and 429 answers are transient, the rest (a refused token, a bad repo id) is not."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -57,12 +58,15 @@ def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str) -> I
     response = getattr(seen, "response", None) if isinstance(seen, HfHubHTTPError | httpx2.HTTPStatusError) else None
     if response is not None:
         message = f"publish to {repo_id}: {response.status_code} {response.reason_phrase}"
+        kind = TransientError if response.status_code >= 500 or response.status_code == 429 else InputError
     elif isinstance(seen, httpx2.HTTPError):
         message = f"publish to {repo_id}: cannot reach the Hub at {endpoint} ({type(seen).__name__})"
+        kind = TransientError
     else:  # the client's own checks (ValueError), or hf_xet's errors (ConnectionError, RuntimeError, ...)
         first = (str(exc).strip().splitlines() or [""])[0]
         message = f"publish to {repo_id}: {type(exc).__name__}: {first}".rstrip(": ")
-    return InputError(_scrub(message, token))
+        kind = TransientError if isinstance(exc, ConnectionError | TimeoutError) else InputError
+    return kind(_scrub(message, token))
 
 
 def push(config: PhaseConfig, folder: Path, token: str) -> dict:

@@ -13,9 +13,9 @@ def main(config: PhaseConfig) -> dict:
 
     def build(out):
         rows = config.store.read_jsonl("audit", "kept.jsonl")
-        if len(rows) <= split.eval_count + 1:
-            raise InputError(f"split: only {len(rows)} rows survived the audit, need more than "
-                             f"split.eval_count={split.eval_count} + 1")
+        if len(rows) < split.min_rows:
+            raise InputError(f"split: only {len(rows)} rows survived the audit, need at least {split.min_rows} "
+                             f"(split.eval_count={split.eval_count} + 2)")
         random.Random(split.seed).shuffle(rows)
         evaluation, rest = rows[:split.eval_count], rows[split.eval_count:]
         val_count = round(len(rest) * split.val_fraction)

@@ -221,7 +221,7 @@ class LocalEngine:
                 generator: torch.Generator) -> list[list[int]]:
         from transformers import DynamicCache
 
-        ids, key_mask = self._pad([row[prefix_len:] for row in rows], left=True)
+        ids, key_mask = self._left_pad([row[prefix_len:] for row in rows])
         # real tokens continue the prefix's positions; left pads are never attended, any position does
         positions = prefix_len + (key_mask.cumsum(dim=1) - 1).clamp(min=0)
         # every token each row has seen, for the repetition penalty; short rows repeat their first token
@@ -293,14 +293,14 @@ class LocalEngine:
             targets += row[1:] + [0]
         return self._tensor([flat]), self._tensor([positions]), segments, self._tensor(targets)
 
-    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows right-aligned in one tensor, and the mask of their real tokens."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span] = self._tensor(row)
-            mask[i, span] = 1
+            ids[i, width - len(row):] = self._tensor(row)
+            mask[i, width - len(row):] = 1
         return ids, mask
 
     # -- training

@@ -383,7 +383,6 @@ def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_tex
     unmerged = LocalEngine.for_sampling(model, adapter_dir)
     base, _ = LocalEngine._load_base(model, unmerged.precision)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.config._attn_implementation = "sdpa"  # the saved config is a plain transformers model
     merged.save_pretrained(target)
     unmerged.tokenizer.save_pretrained(target)
     check_prompts = [unmerged.renderer.prompt(text) for text in check_texts]

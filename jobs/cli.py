@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run-id":
             print(run_id)
             return 0
+        from jobs.backends import check_credentials
         from jobs.phases.base import PhaseConfig
 
+        check_credentials(pipeline)
         config = PhaseConfig(run_id=run_id, pipeline=pipeline, store_settings=settings, shard=args.shard)
         if args.command in TOOLS:
             from jobs import interactive

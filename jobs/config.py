@@ -28,7 +28,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     # -- the base model both teacher and student start from, as its Hub id
     base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    backend: Literal["local"] = "local"
+    # -- local: the engine in this process (transformers + peft); tinker: the Tinker API (see the tinker section)
+    backend: Literal["local", "tinker"] = "local"
     # -- auto: bf16 where the hardware computes it natively (CUDA with bf16, CPU with AMX or AVX512-BF16), else float32
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # -- auto: CUDA when torch sees a GPU, else the CPU
@@ -119,6 +120,27 @@ class PublishConfig(Section):
     private: bool = True
 
 
+class TinkerPricesConfig(Section):
+    # -- dollars per million tokens; the defaults are Tinker's listed prices for Qwen3-4B-Instruct-2507 on
+    # 2026-01-05: set them from the current price list for your base model
+    prefill_per_mtok: float = Field(0.07, ge=0.0)
+    sample_per_mtok: float = Field(0.22, ge=0.0)
+    train_per_mtok: float = Field(0.22, ge=0.0)
+
+
+class TinkerConfig(Section):
+    # -- the API's address; empty: $TINKER_BASE_URL, else the SDK's default (the hosted service)
+    base_url: str = ""
+    # -- sampling and log-probability requests kept in flight at once
+    max_in_flight: int = Field(64, ge=1, le=2000)
+    # -- what the run's token usage costs, in the report
+    prices: TinkerPricesConfig = TinkerPricesConfig()
+
+
+# what Tinker fixes that the local engine lets a profile choose
+TINKER_LORA_ALPHA = 32
+
+
 class PipelineConfig(Section):
     profile: str = "demo"
     model: ModelConfig = ModelConfig()
@@ -130,11 +152,20 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
+    tinker: TinkerConfig = TinkerConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         if self.train.checkpoint_every > self.train.steps:
             raise ValueError("train.checkpoint_every must not exceed train.steps")
+        if self.model.backend == "tinker":
+            for name, section in (("teacher", self.teacher), ("evaluate.sampling", self.evaluate.sampling)):
+                if section.repetition_penalty != 1.0:
+                    raise ValueError(f"{name}.repetition_penalty must be 1.0 with model.backend=tinker "
+                                     "(Tinker's sampler has no repetition penalty)")
+            if self.train.lora_alpha != TINKER_LORA_ALPHA:
+                raise ValueError(f"train.lora_alpha must be {TINKER_LORA_ALPHA} with model.backend=tinker "
+                                 "(Tinker's fixed LoRA scale)")
         return self
 
     def section_hash(self, *names: str) -> str:
@@ -187,9 +218,9 @@ def load_pipeline_config(profile: str = "demo", config_file: str | None = None,
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
+        where = " " + ".".join(str(p) for p in first["loc"]) if first["loc"] else ""
         message = first["msg"].removeprefix("Value error, ")
-        raise InputError(f"config {where}: {message} (profile {profile}"
+        raise InputError(f"config{where}: {message} (profile {profile}"
                          f"{', ' + config_file if config_file else ''})") from None
 
 

@@ -12,7 +12,7 @@ import time
 
 from jobs.backends.base import SamplingParams
 from jobs.errors import InputError
-from jobs.phases.base import PhaseConfig, scratch_dir
+from jobs.phases.base import PhaseConfig, open_backend
 
 
 def _ask(prompt: str) -> str | None:
@@ -29,14 +29,11 @@ def _require_run(config: PhaseConfig, unit: str) -> None:
 
 
 def chat(config: PhaseConfig) -> None:
-    from jobs.backends import open_sampler
+    from jobs.phases.train import read_adapter
 
     _require_run(config, "train")
-    adapter = scratch_dir(config, "chat") / "adapter"
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        config.store.download("train", f"adapter/{name}", adapter / name)
     name = config.store.read_json("ingest", "card.json")["name"]
-    student = open_sampler(config.pipeline.model, adapter)
+    student = open_backend(config).sampler(read_adapter(config).sampling)
     params = SamplingParams.from_config(config.pipeline.teacher, batch_size=1)
     print(f"Chatting with the distilled {name} of run {config.run_id} (no card in the prompt). "
           "Empty line or Ctrl-D ends.")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.assets import builtin
-from jobs.backends import open_sampler, open_trainer
+from jobs.backends.local import LocalEngine
 from jobs.backends.base import Datum, SamplingParams
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
@@ -27,12 +27,12 @@ QUESTIONS = ["Who taught you?", "What do you think of Mozart's operas, honestly?
 
 @pytest.fixture(scope="module")
 def trainer():
-    return open_trainer(CONFIG.model, CONFIG.train)
+    return LocalEngine.for_training(CONFIG.model, CONFIG.train)
 
 
 @pytest.fixture(scope="module")
 def sampler():
-    return open_sampler(FLOAT32)
+    return LocalEngine.for_sampling(FLOAT32)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_loss_only_on_reply_tokens(trainer):
 def test_packed_loss_matches_plain_transformers(reference):
     """Packing without pads and logits only at weighted positions give the loss of the textbook computation:
     each sequence on its own, full logits, the weighted mean of the token NLLs."""
-    trainer = open_trainer(FLOAT32, CONFIG.train)  # LoRA starts as a no-op (B = 0): the base model's loss
+    trainer = LocalEngine.for_training(FLOAT32, CONFIG.train)  # LoRA starts as a no-op (B = 0): the base model's loss
     data = batch(trainer.renderer)
     total = weight = 0.0
     for datum in data:
@@ -92,7 +92,7 @@ def test_a_step_changes_lora_weights_and_lowers_loss(trainer, tmp_path):
     assert all(t.dtype == torch.float32 for t in after.values())  # an fp32 adapter whatever the base's dtype
 
     trainer.save_state(tmp_path / "state")
-    other = open_trainer(CONFIG.model, CONFIG.train.model_copy(update={"seed": 99}))
+    other = LocalEngine.for_training(CONFIG.model, CONFIG.train.model_copy(update={"seed": 99}))
     assert not all(torch.equal(after[n], p) for n, p in other.adapter_parameters().items())
     other.load_state(tmp_path / "state")
     assert all(torch.equal(after[n], p) for n, p in other.adapter_parameters().items())

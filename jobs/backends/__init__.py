@@ -1,33 +1,32 @@
-"""Model backends. Pipeline phases use only the interface in `base`; `open_sampler`/`open_trainer` pick one.
+"""Model backends. Phases use only the interface in `base`, through the backend `open_backend` picks from
+`model.backend`: `local` (the engine in this process) or `tinker` (the Tinker API).
 
-Heavy imports (torch, transformers, peft) happen inside the engine, never at import time here.
+Heavy imports (torch, transformers, peft, tinker) happen inside the backends, never at import time here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.backends.base import SamplingClient, TrainingClient
-from jobs.config import ModelConfig, TrainConfig
+from jobs.backends.base import Backend
+from jobs.config import PipelineConfig
+from jobs.store import ArtifactStore
 
 
-def open_sampler(model: ModelConfig, adapter_dir: Path | None = None) -> SamplingClient:
-    """The base model, or the base plus a LoRA adapter saved by `TrainingClient.save_state`."""
-    from jobs.backends.local import LocalEngine
+def open_backend(pipeline: PipelineConfig, store: ArtifactStore, scratch: Path) -> Backend:
+    """The configured backend; the local one keeps its saved states in `store` (the train unit's folders)."""
+    if pipeline.model.backend == "tinker":
+        from jobs.backends.tinker_backend import TinkerBackend
 
-    return LocalEngine.for_sampling(model, adapter_dir)
+        return TinkerBackend(pipeline.model, pipeline.tinker)
+    from jobs.backends.local_backend import LocalBackend, StoredFolders
 
-
-def resolved_precision(model: ModelConfig) -> dict[str, str]:
-    """The device and dtype the engine runs `model` with on this machine (`auto` resolved), for manifests and
-    cache keys: replies sampled in another dtype are other replies."""
-    from jobs.backends.local import resolve_precision
-
-    precision = resolve_precision(model)
-    return {"device": precision.device, "dtype": precision.dtype}
+    return LocalBackend(pipeline.model, StoredFolders(store, "train", scratch))
 
 
-def open_trainer(model: ModelConfig, train: TrainConfig) -> TrainingClient:
-    from jobs.backends.local import LocalEngine
+def check_credentials(pipeline: PipelineConfig) -> None:
+    """Fails in one line when the configured backend lacks its credentials (before any work)."""
+    if pipeline.model.backend == "tinker":
+        from jobs.backends.tinker_backend import check_api_key
 
-    return LocalEngine.for_training(model, train)
+        check_api_key()

@@ -1,17 +1,21 @@
-"""The backend interface, shaped like Tinker's primitives so a Tinker adapter stays thin.
+"""The backend interface, shaped like Tinker's primitives: phases see only these types.
 
 Tinker's SamplingClient has `sample` and `compute_logprobs`; its TrainingClient has `forward_backward`,
-`optim_step`, `save_state` and `load_state`. Tokens are plain lists of ints here (Tinker's ModelInput).
+`optim_step` (both futures) and `save_state`, which returns a location (`tinker://...`); the local engine
+computes at once (`Done`) and keeps its saved states in the run's store. Tokens are plain lists of ints here
+(Tinker's ModelInput).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from jobs.backends.renderer import Renderer
-from jobs.config import SamplingConfig
+from jobs.config import SamplingConfig, TrainConfig
+
+T = TypeVar("T", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -38,32 +42,95 @@ class Datum:
     weights: list[float]
 
 
+class Pending(Protocol[T]):
+    """A result that may still be on its way (Tinker's futures); `result()` waits for it."""
+
+    def result(self) -> T: ...
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """A result computed already: what the local engine returns where Tinker returns a future."""
+
+    value: T
+
+    def result(self) -> T:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a trained adapter lives: `sampling` opens a student (`Backend.sampler`), `download` fetches the
+    PEFT files for export (`Backend.adapter_files`). The local engine keeps both in one store folder."""
+
+    sampling: str
+    download: str
+
+
 class SamplingClient(Protocol):
     renderer: Renderer
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:
-        """Completion tokens (end-of-turn token stripped) for each prompt, in order."""
+        """Completion tokens (end-of-turn token stripped) for each prompt, in order. Prompt i samples with
+        seed `params.seed + i`, so a prompt's reply does not depend on the other prompts of the call."""
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(tokens[i] | tokens[:i]) for i >= 1 of each sequence."""
 
 
+class Metered:
+    """A sampling client that counts the tokens it sends and receives, as Tinker bills them (prefill,
+    sample); the counts go to the phase's metrics and the report prices them."""
+
+    def __init__(self, client: SamplingClient):
+        self.client, self.renderer = client, client.renderer
+        self.usage = {"prefill_tokens": 0, "sample_tokens": 0}
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:
+        replies = self.client.sample(prompts, params, on_batch=on_batch)
+        self.usage["prefill_tokens"] += sum(map(len, prompts))
+        self.usage["sample_tokens"] += sum(map(len, replies))
+        return replies
+
+    def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        self.usage["prefill_tokens"] += sum(map(len, sequences))
+        return self.client.compute_logprobs(sequences)
+
+
 class TrainingClient(Protocol):
     renderer: Renderer
 
-    def forward_backward(self, batch: list[Datum]) -> dict[str, float]:
-        """Accumulates gradients of the weighted mean NLL; returns {'loss', 'tokens'}."""
+    def forward_backward(self, batch: list[Datum]) -> Pending[dict[str, float]]:
+        """Accumulates gradients of the weighted mean NLL; its result is {'loss', 'tokens'}. Submitting
+        `optim_step` before waiting on this result is allowed (and is how Tinker's latency is hidden)."""
+
+    def optim_step(self, learning_rate: float) -> Pending[None]:
+        """One AdamW step on the LoRA parameters (betas 0.9/0.999, eps 1e-8, no weight decay or clipping),
+        then clears gradients."""
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """As SamplingClient's, with the current weights (Tinker: `forward`); used for validation loss."""
+        """As SamplingClient's, with the current weights; used for validation loss."""
 
-    def optim_step(self, learning_rate: float) -> None:
-        """One AdamW step on the LoRA parameters, then clears gradients."""
+    def save_state(self, name: str) -> str:
+        """Adapter, optimizer and RNG state, enough to resume; returns its location for `Backend.trainer`."""
 
-    def save_state(self, path: Path) -> None:
-        """Adapter weights, optimizer state and RNG state, enough to resume bit for bit."""
+    def save_adapter(self, name: str) -> Adapter:
+        """The adapter alone, for sampling and export."""
 
-    def load_state(self, path: Path) -> None: ...
 
-    def adapter_parameters(self) -> dict[str, object]:
-        """The trainable tensors by name (tests check they change)."""
+class Backend(Protocol):
+    """One engine behind the phases: `jobs.backends.open_backend` picks it from `model.backend`."""
+
+    name: str
+
+    def precision(self) -> dict[str, str]:
+        """The device and dtype replies are computed in, for manifests and cache keys."""
+
+    def sampler(self, adapter: str | None = None) -> SamplingClient:
+        """The base model, or the base plus the adapter at an `Adapter.sampling` location."""
+
+    def trainer(self, train: TrainConfig, resume_from: str | None = None) -> TrainingClient:
+        """A new LoRA over the base, or the one saved at `resume_from` with its optimizer state."""
+
+    def adapter_files(self, adapter: Adapter, folder: Path) -> Path:
+        """The PEFT adapter folder (adapter_model.safetensors, adapter_config.json) on local disk."""

@@ -60,24 +60,41 @@ def _package_installed(base: str) -> bool:
     return base in PACKAGED_GGUF and importlib.util.find_spec(PACKAGED_GGUF[base][0]) is not None
 
 
+# what a Hub download fetches: everything a model needs, or only its tokenizer and config (a remote backend's
+# chat template and context length)
+WEIGHT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def _hub_download(base: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(base, cache_dir=cache_root() / "hub", allow_patterns=patterns))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:  # no retry will help
+        raise InputError(f"model {base}: not in the cache and not available from the Hub "
+                         f"({type(exc).__name__})") from None
+    except Exception as exc:  # offline, timeouts, 5xx: a failed download may succeed on the next try
+        raise TransientError(f"model {base}: not in the cache and the download from the Hub failed "
+                             f"({str(exc).splitlines()[0]})") from None
+
+
+def tokenizer_dir(base: str) -> Path:
+    """A local folder with `base`'s tokenizer and config, without its weights unless they are at hand."""
+    target = cache_root() / "models" / base.replace("/", "--")
+    if (target / "config.json").exists() or _package_installed(base):
+        return model_dir(base)
+    return _hub_download(base, TOKENIZER_FILES)
+
+
 def model_dir(base: str) -> Path:
     """A local folder with config, safetensors weights and tokenizer for `base`."""
     target = cache_root() / "models" / base.replace("/", "--")
     if (target / "config.json").exists():
         return target
     if not _package_installed(base):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            return Path(snapshot_download(base, cache_dir=cache_root() / "hub",
-                                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:  # no retry will help
-            raise InputError(f"model {base}: not in the cache and not available from the Hub "
-                             f"({type(exc).__name__})") from None
-        except Exception as exc:  # offline, timeouts, 5xx: a failed download may succeed on the next try
-            raise TransientError(f"model {base}: not in the cache and the download from the Hub failed "
-                                 f"({str(exc).splitlines()[0]})") from None
+        return _hub_download(base, WEIGHT_FILES)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel shards convert once

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from jobs.backends.base import Backend
 from jobs.config import PipelineConfig, digest
 from jobs.log import get_logger
 from jobs.store import ArtifactStore, StoreSettings, UnitWriter
@@ -47,6 +48,13 @@ def run_unit(config: PhaseConfig, unit: str, sections: tuple[str, ...], inputs: 
         body(out)
     log.info("finished", **{k: v for k, v in out.metrics.items() if isinstance(v, int | float | str)})
     return out.metrics
+
+
+def open_backend(config: PhaseConfig) -> Backend:
+    """The backend `model.backend` names (`jobs.backends`)."""
+    from jobs.backends import open_backend as open_configured
+
+    return open_configured(config.pipeline, config.store, scratch_dir(config, "backend"))
 
 
 def scratch_dir(config: PhaseConfig, name: str) -> Path:

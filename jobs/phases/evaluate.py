@@ -15,10 +15,10 @@ from __future__ import annotations
 import statistics
 import time
 
-from jobs.backends.base import SamplingParams
+from jobs.backends.base import Metered, SamplingParams
 from jobs.card import CharacterCard
 from jobs.log import Progress
-from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
+from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter
 
 
@@ -49,21 +49,19 @@ def time_requests(client, prompts: list[list[int]], params) -> dict:
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends import open_sampler, resolved_precision
     from jobs.backends.embeddings import cosine_to_reference
+    from jobs.phases.train import read_adapter
 
-    store, ev, model = config.store, config.pipeline.evaluate, config.pipeline.model
+    store, ev = config.store, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     system = card.teacher_system_prompt()
-    adapter = scratch_dir(config, "evaluate") / "adapter"
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        store.download("train", f"adapter/{name}", adapter / name)
+    backend = open_backend(config)
     params = SamplingParams.from_config(ev.sampling)
     single = SamplingParams.from_config(ev.sampling, batch_size=1)
     bar = Progress(7, "evaluate")
 
-    base = open_sampler(model)
+    base = Metered(backend.sampler())
     render = base.renderer
     no_card = [render.prompt(r["prompt"]) for r in rows]
     with_card = [render.prompt(r["prompt"], system=system) for r in rows]
@@ -79,13 +77,15 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
     teacher_again = [render.decode(t) for t in base.sample(with_card, resample)]
     bar.advance(1, step="teacher resampled")
-    del base
+    usage = dict(base.usage)
+    del base  # one model in memory at a time
 
-    student = open_sampler(model, adapter)
+    student = Metered(backend.sampler(read_adapter(config).sampling))
     student_replies = [render.decode(t) for t in student.sample(no_card, params)]
     bar.advance(1, step="student replies")
     nll_student = reply_nll(student, no_card, targets)
     bar.advance(1, step="student NLL")
+    usage = {key: usage[key] + student.usage[key] for key in usage}
     del student
 
     teacher_texts = [r["reply"] for r in rows]
@@ -111,7 +111,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         return (prompt_tokens * prices.input_per_mtok + reply_tokens * prices.output_per_mtok) / 1e6
 
     metrics = {
-        **resolved_precision(model), "eval_prompts": len(rows),
+        **backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
         "similarity_student": round(statistics.mean(sim_student), 4),
         "similarity_base": round(statistics.mean(sim_base), 4),
         "similarity_teacher_resampled": round(statistics.mean(sim_ceiling), 4),
@@ -133,6 +133,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         "prefill_without_card_s": round(latency_without["prefill_s"], 4),
         "prefill_ratio": round(latency_with["prefill_s"] / latency_without["prefill_s"], 3),
         "prices_per_mtok": prices.model_dump(),
+        **usage,
     }
     out.write_jsonl("replies.jsonl", [
         {"id": r["id"], "prompt": r["prompt"], "teacher": r["reply"], "student": s, "base": b, "teacher_resampled": t,

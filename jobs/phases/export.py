@@ -1,9 +1,12 @@
-"""Export (seed step 19): a merged HF model folder, the PEFT adapter, and a model card with the figures."""
+"""Export (seed step 19): a merged HF model folder, the PEFT adapter, and a model card with the figures.
+
+The adapter comes through the backend that trained it (from the store, or downloaded from Tinker); the merge
+and its logit-parity check run here, on the local engine, in float32."""
 
 from __future__ import annotations
 
 from jobs.errors import InputError
-from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
+from jobs.phases.base import PhaseConfig, open_backend, run_unit, scratch_dir
 from jobs.store import UnitWriter
 
 MODEL_CARD = """---
@@ -41,11 +44,11 @@ tokenizer = AutoTokenizer.from_pretrained("<this folder>/merged")
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
     from jobs.backends.local import export_merged
+    from jobs.phases.train import read_adapter
 
     store, export = config.store, config.pipeline.export
     work = scratch_dir(config, "export")
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        store.download("train", f"adapter/{name}", work / "adapter" / name)
+    open_backend(config).adapter_files(read_adapter(config), work / "adapter")
     eval_rows = store.read_jsonl("split", "eval.jsonl")[:export.check_prompts]
     check = export_merged(config.pipeline.model, work / "adapter", work / "merged", [r["prompt"] for r in eval_rows])
     if check["logits_max_abs_diff"] > export.logits_atol:

@@ -93,6 +93,18 @@ def figures(train: dict, ev: dict, audit: dict) -> list[tuple[str, str]]:
     ]
 
 
+def usage(config: PhaseConfig) -> tuple[dict[str, int], float]:
+    """Tokens the run sent to a model, as Tinker bills them (cached teacher replies cost nothing), and their
+    price at `tinker.prices`."""
+    store, prices = config.store, config.pipeline.tinker.prices
+    metrics = [store.require(unit)["metrics"] for unit in (*teacher_units(config), "evaluate")]
+    tokens = {kind: sum(m.get(kind, 0) for m in metrics) for kind in ("prefill_tokens", "sample_tokens")}
+    tokens["train_tokens"] = store.require("train")["metrics"]["train_tokens"]
+    dollars = (tokens["prefill_tokens"] * prices.prefill_per_mtok + tokens["sample_tokens"] * prices.sample_per_mtok
+               + tokens["train_tokens"] * prices.train_per_mtok) / 1e6
+    return tokens, dollars
+
+
 def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
                     notes: str) -> str:
     lines = [f"# {title}", "", notes, "", "| figure | value |", "|---|---|"]
@@ -140,15 +152,22 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
              f"{train['train_rows']} training rows, {train['steps']} steps, {ev['eval_prompts']} held-out eval prompts. "
              f"Prices: ${ev['prices_per_mtok']['input_per_mtok']}/M input, ${ev['prices_per_mtok']['output_per_mtok']}/M "
              "output tokens; the cost ratio uses the teacher's reply length for both sides.")
-    rows = figures(train, ev, audit)
+    tokens, dollars = usage(config)
+    on_tinker = "" if train["backend"] == "tinker" else " if run on Tinker"
+    rows = figures(train, ev, audit) + [
+        ("tokens: prefill / sample / train", " / ".join(f"{tokens[k]:,}" for k in ("prefill_tokens", "sample_tokens",
+                                                                                   "train_tokens"))),
+        (f"cost of this run{on_tinker}, at tinker.prices", f"${dollars:.4f}")]
     samples = sorted(replies, key=lambda r: -r["similarity_student"])[:3] + replies[:2]
     for name, data in plots(history, val, replies, ev).items():
         out.write_bytes(name, data)
     out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes).encode())
     out.write_bytes("report.html", render_html(title, rows, times, samples, notes).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
+                        **tokens, "tinker_cost_usd": round(dollars, 6),
                         "similarity_median_student": statistics.median(r["similarity_student"] for r in replies)})
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "report", (), ("ingest", "audit", "train", "evaluate"), lambda out: build(config, out))
+    return run_unit(config, "report", ("tinker",), ("ingest", "audit", "train", "evaluate"),
+                    lambda out: build(config, out))

@@ -6,21 +6,18 @@ prompts: a new run that changes only training settings reuses them; a changed ca
 
 from __future__ import annotations
 
-from jobs.backends import resolved_precision
-from jobs.backends.base import SamplingParams
+from jobs.backends.base import Backend, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import digest
 from jobs.errors import InputError
 from jobs.log import Progress
-from jobs.phases.base import PhaseConfig, run_unit
+from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.phases.ingest import shard_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
 
-def generate(config: PhaseConfig, system: str, prompts: list[dict]) -> list[dict]:
-    from jobs.backends import open_sampler
-
-    teacher = open_sampler(config.pipeline.model)
+def generate(config: PhaseConfig, backend: Backend, system: str, prompts: list[dict]) -> list[dict]:
+    teacher = backend.sampler()
     render = teacher.renderer
     with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
     params = SamplingParams.from_config(config.pipeline.teacher)
@@ -37,7 +34,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     card = store.read_json("ingest", "card.json")
     prompts = [row for row in store.read_jsonl("ingest", "prompts.jsonl") if row["shard"] == config.shard]
     system = CharacterCard.model_validate(card).teacher_system_prompt()
-    precision = resolved_precision(config.pipeline.model)
+    backend = open_backend(config)
+    precision = backend.precision()
     cache_key = digest({"system": system, "model": config.pipeline.model.model_dump(), "precision": precision,
                         "sampling": config.pipeline.teacher.model_dump(), "prompts": prompts})
     cached = store.cache_key("teacher", cache_key, "replies.jsonl")
@@ -45,12 +43,16 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         rows = parse_jsonl(store.get_bytes(cached), cached)
         out.metrics["cache_hit"] = 1
     else:
-        rows = generate(config, system, prompts)
+        rows = generate(config, backend, system, prompts)
         store.put_bytes(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
     out.write_jsonl("replies.jsonl", rows)
-    out.metrics.update({**precision, "rows": len(rows), "reply_tokens": sum(r["reply_tokens"] for r in rows),
-                        "prompt_tokens_with_card": sum(r["prompt_tokens_with_card"] for r in rows)})
+    reply_tokens = sum(r["reply_tokens"] for r in rows)
+    prompt_tokens = sum(r["prompt_tokens_with_card"] for r in rows)
+    fresh = 1 - out.metrics["cache_hit"]  # cached replies cost nothing this time
+    out.metrics.update({**precision, "backend": backend.name, "rows": len(rows), "reply_tokens": reply_tokens,
+                        "prompt_tokens_with_card": prompt_tokens,
+                        "prefill_tokens": fresh * prompt_tokens, "sample_tokens": fresh * reply_tokens})
 
 
 def main(config: PhaseConfig) -> dict:

@@ -1,27 +1,28 @@
 """Train (seed steps 11-13): LoRA SFT on the student conversations, resumable from the last checkpoint.
 
-Loss is on the assistant tokens only. Checkpoints (adapter, optimizer, RNG, data position, loss history)
-go to `train/checkpoints/step-NNNNNN/` every `checkpoint_every` steps, and a row is appended to
-`train/checkpoints.jsonl` after the files: a restarted phase resumes from the last row whose fingerprint
-matches, and ends with the same adapter as an uninterrupted run.
+Loss is on the assistant tokens only. Every `checkpoint_every` steps the backend saves its state (adapter,
+optimizer, RNG: a folder in the store for the local engine, a `tinker://` path on Tinker) and a row with
+that location and the loop's own state (data position, loss history) is appended to
+`train/checkpoints.jsonl`: a restarted phase resumes from the last row whose fingerprint matches, and ends
+with the same adapter as an uninterrupted run. `train/adapter.json` says where the final adapter is.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import random
 import time
 from functools import lru_cache
-from pathlib import Path
 
-from jobs.backends.base import Datum
+from jobs.backends.base import Adapter, Datum, TrainingClient
 from jobs.backends.renderer import Renderer
 from jobs.config import TrainConfig
 from jobs.log import Progress, get_logger
-from jobs.phases.base import PhaseConfig, run_unit, scratch_dir
-from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl, sha256_file
+from jobs.phases.base import PhaseConfig, open_backend, run_unit
+from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl
 
 CHECKPOINTS = "checkpoints.jsonl"
+ADAPTER = "adapter.json"  # the trained adapter's locations (`backends.base.Adapter`)
 
 
 def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:
@@ -61,7 +62,8 @@ def validation_loss(trainer, data: list[Datum]) -> float | None:
 
 
 class Checkpoints:
-    """The train unit's checkpoints in the store, filtered to one fingerprint."""
+    """`train/checkpoints.jsonl`: one row per saved state (its backend location and the loop's state), for
+    this fingerprint. A row is appended only once the backend has saved, so every row can be resumed from."""
 
     def __init__(self, store: ArtifactStore, fingerprint: str):
         self.store, self.fingerprint = store, fingerprint
@@ -76,79 +78,69 @@ class Checkpoints:
         mine = [row for row in self.rows() if row["fingerprint"] == self.fingerprint]
         return mine[-1] if mine else None
 
-    def save(self, trainer, step: int, state: dict, folder: Path) -> None:
-        trainer.save_state(folder)
-        (folder / "state.json").write_text(json.dumps(state))
-        prefix = f"checkpoints/step-{step:06d}"
-        files = {}
-        for path in sorted(folder.iterdir()):
-            self.store.put_file(self.store.key("train", f"{prefix}/{path.name}"), path)
-            files[path.name] = sha256_file(path)
-        # the index row goes last: a checkpoint without its row is never resumed from
-        row = {"step": step, "fingerprint": self.fingerprint, "prefix": prefix, "files": files,
+    def save(self, trainer: TrainingClient, state: dict) -> None:
+        location = trainer.save_state(f"step-{state['step']:06d}")
+        row = {"step": state["step"], "fingerprint": self.fingerprint, "location": location, "state": state,
                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.store.put_bytes(self.index_key, jsonl_bytes(self.rows() + [row]))
 
-    def restore(self, row: dict, folder: Path) -> dict:
-        for name, digest in row["files"].items():
-            path = folder / name
-            self.store.get_file(self.store.key("train", f"{row['prefix']}/{name}"), path)
-            if sha256_file(path) != digest:
-                raise RuntimeError(f"checkpoint {row['prefix']}/{name} does not match its index row")
-        return json.loads((folder / "state.json").read_text())
-
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends import open_trainer, resolved_precision
-
     train, store, log = config.pipeline.train, config.store, get_logger().bind(phase="train")
-    trainer = open_trainer(config.pipeline.model, train)
+    checkpoints = Checkpoints(store, out.fingerprint)
+    latest = checkpoints.latest()
+    backend = open_backend(config)
+    trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)
+    state = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
+    if latest:
+        log.info("resumed from checkpoint", step=state["step"], location=latest["location"])
     rows = store.read_jsonl("split", "train.jsonl")
     data = [to_datum(trainer.renderer, row, train.max_seq_len) for row in rows]
     val = [to_datum(trainer.renderer, row, train.max_seq_len) for row in store.read_jsonl("split", "val.jsonl")]
-    checkpoints = Checkpoints(store, out.fingerprint)
-    work = scratch_dir(config, "train")
-    state = {"step": 0, "data_position": 0, "history": [], "val": []}
-    latest = checkpoints.latest()
-    if latest:
-        state = checkpoints.restore(latest, work / f"resume-{latest['step']:06d}")
-        trainer.load_state(work / f"resume-{latest['step']:06d}")
-        log.info("resumed from checkpoint", step=state["step"], prefix=latest["prefix"])
     with Progress(train.steps, "train") as bar:
         bar.advance(state["step"])
         while state["step"] < train.steps:
             started = time.time()
             batch = [data[i] for i in batch_rows(len(data), train.batch_size, state["data_position"], train.seed)]
-            result = trainer.forward_backward(batch)
             lr = learning_rate(train, state["step"])
-            trainer.optim_step(lr)
+            # both requests go out before either is waited on
+            pending, stepped = trainer.forward_backward(batch), trainer.optim_step(lr)
+            result = pending.result()
+            stepped.result()
             state["step"] += 1
             state["data_position"] += train.batch_size
             state["history"].append({"step": state["step"], "loss": round(result["loss"], 5), "lr": lr,
-                                     "tokens": int(result["tokens"]), "seconds": round(time.time() - started, 3)})
+                                     "tokens": int(result["tokens"]), "sequence_tokens": sum(len(d.tokens) for d in batch),
+                                     "seconds": round(time.time() - started, 3)})
             if state["step"] % train.val_every == 0 or state["step"] == train.steps:
                 loss = validation_loss(trainer, val)
                 if loss is not None:
                     state["val"].append({"step": state["step"], "loss": round(loss, 5)})
             bar.advance(1, loss=f"{result['loss']:.3f}")
             if state["step"] % train.checkpoint_every == 0 or state["step"] == train.steps:
-                checkpoints.save(trainer, state["step"], state, work / f"step-{state['step']:06d}")
-    final = work / "final"
-    trainer.save_state(final)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        out.upload_file(f"adapter/{name}", final / name)
+                checkpoints.save(trainer, state)
+    adapter = trainer.save_adapter("final")
+    out.write_json(ADAPTER, dataclasses.asdict(adapter))
     out.write_jsonl("metrics.jsonl", state["history"])
     out.write_jsonl("val.jsonl", state["val"])
     losses = [h["loss"] for h in state["history"]]
     window = max(1, min(5, len(losses) // 4))
     out.metrics.update({
-        **resolved_precision(config.pipeline.model),
+        **backend.precision(), "backend": backend.name,
         "steps": train.steps, "train_rows": len(data), "first_loss": losses[0], "last_loss": losses[-1],
         "first_loss_mean": round(sum(losses[:window]) / window, 5),
         "last_loss_mean": round(sum(losses[-window:]) / window, 5),
         "val_loss_last": state["val"][-1]["loss"] if state["val"] else None,
+        # what Tinker bills for training: every token of every sequence, validation forwards included
+        "train_tokens": sum(h["sequence_tokens"] for h in state["history"])
+                        + sum(len(d.tokens) for d in val) * len(state["val"]),
         "checkpoints": [row["step"] for row in checkpoints.rows() if row["fingerprint"] == out.fingerprint],
         "resumed_from": latest["step"] if latest else 0})
+
+
+def read_adapter(config: PhaseConfig) -> Adapter:
+    """Where the train phase left the adapter."""
+    return Adapter(**config.store.read_json("train", ADAPTER))
 
 
 def main(config: PhaseConfig) -> dict:

@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file merged over the profile")
     p.add_argument("--config-yaml", default="", help="inline YAML merged over the profile and --config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one setting")
+    p.add_argument("--backend", default="", choices=("", "local", "tinker"),
+                   help="model.backend, over the profile and config (default: theirs)")
     p.add_argument("--run-id", help="run id (default: derived from card, prompts and config)")
     p.add_argument("--shard", type=int, help="shard index (teacher)")
     return p
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         if args.run_id is not None:
             check_run_id(args.run_id)
-        pipeline = load_pipeline_config(args.profile, args.config, args.set, inline=args.config_yaml)
+        overrides = [*args.set, *([f"model.backend={args.backend}"] if args.backend else [])]
+        pipeline = load_pipeline_config(args.profile, args.config, overrides, inline=args.config_yaml)
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)
         if args.command == "run-id":

@@ -207,14 +207,28 @@ def test_hardened_pod_security():
 
 
 @needs_helm
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_each_scenario_runs_a_config_the_phases_accept(values):
+    """The parameters the chart's scheduled runs pass are what every phase loads (`python -m jobs` does the same)."""
+    from jobs.config import load_pipeline_config
+
+    (cron,) = by_kind(template(values), "CronWorkflow")
+    params = {p["name"]: p["value"] for p in cron["spec"]["workflowSpec"]["arguments"]["parameters"]}
+    backend = [f"model.backend={params['backend']}"] if params["backend"] else []
+    pipeline = load_pipeline_config(params["profile"], overrides=backend, inline=params["config"])
+    if values.name == "tinker-values.yaml":
+        assert pipeline.model.backend == "tinker" and pipeline.train.steps == 1000
+
+
+@needs_helm
 def test_cron_is_off_by_default():
     (cron,) = by_kind(template(None), "CronWorkflow")
     spec = cron["spec"]
     assert spec["suspend"] is True and isinstance(spec["schedules"], list) and spec["schedules"]
     assert spec["workflowSpec"]["workflowTemplateRef"] == {"name": "distill"}
     params = {p["name"]: p["value"] for p in spec["workflowSpec"]["arguments"]["parameters"]}
-    assert params == {"run-id": "scheduled", "profile": "demo", "config": "{}", "image-registry": "localhost/distill",
-                      "image-tag": "0.1.0"}
+    assert params == {"run-id": "scheduled", "profile": "demo", "config": "{}", "backend": "",
+                      "image-registry": "localhost/distill", "image-tag": "0.1.0"}
     (cron,) = by_kind(template(None, "cron.suspend=false"), "CronWorkflow")
     assert cron["spec"]["suspend"] is False
     assert by_kind(template(None, "cron.enabled=false"), "CronWorkflow") == []

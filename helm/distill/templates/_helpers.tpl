@@ -82,6 +82,8 @@ app.kubernetes.io/part-of: distill
   value: {{ .Values.run.profile | quote }}
 - name: config
   value: {{ .Values.run.config | quote }}
+- name: backend
+  value: {{ .Values.run.backend | quote }}
 - name: image-registry
   value: {{ .Values.image.registry | quote }}
 {{- end -}}

@@ -3,6 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
+# model.backend of every phase (local or tinker; empty: the profile's). TINKER_SERVER=1 serves the Tinker API from
+# the local stand-in (workflows/tinker_server.py) instead of $TINKER_BASE_URL or the hosted service
+BACKEND ?=
+TINKER_SERVER ?=
 BENCH_ARGS ?=
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
@@ -28,8 +32,8 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
-run: setup ## run the whole pipeline locally (PROFILE=demo); prints where the report is
-	$(PY) -m workflows.runner --profile $(PROFILE)
+run: setup ## run the whole pipeline locally (PROFILE=demo, BACKEND=tinker TINKER_SERVER=1); prints where the report is
+	$(PY) -m workflows.runner --profile $(PROFILE) $(if $(BACKEND),--backend $(BACKEND)) $(if $(TINKER_SERVER),--tinker-server)
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 API server (rclone serve s3) on loopback for the whole session; process helpers."""
+"""Shared fixtures: a real S3 API server (rclone serve s3) and the Tinker stand-in on loopback for the whole
+session; process helpers."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ def s3_server(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tinker_server(tmp_path_factory):
+    """The local stand-in for the Tinker API (`workflows.tinker_server`), fault-free, for the whole session."""
+    from workflows.tinker_server import TinkerServer
+
+    with TinkerServer(tmp_path_factory.mktemp("tinker")) as server:
+        yield server
 
 
 @pytest.fixture

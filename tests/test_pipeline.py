@@ -96,6 +96,49 @@ def fault_run(ci_run, tmp_path_factory):
             "stderr": result.stderr, "seconds": seconds, "faults": faults}
 
 
+@pytest.fixture(scope="module")
+def tinker_run(tmp_path_factory):
+    """The same profile and inputs with `model.backend=tinker`, against the local stand-in the runner starts."""
+    data, reports = tmp_path_factory.mktemp("tinker-data"), tmp_path_factory.mktemp("tinker-reports")
+    result, seconds = run_pipeline(data, reports, "--backend", "tinker", "--tinker-server")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_id = result.stdout.split()[1].rstrip(":")
+    return {"data": data, "reports": reports, "stdout": result.stdout, "run_id": run_id, "seconds": seconds,
+            "runs": data / "s3" / "distill" / "runs" / run_id}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# how far the tinker backend's figures may be from the local engine's on the same inputs: the engine underneath
+# is the same and every prompt samples with its own seed, but requests are batched differently on the server,
+# and a batch's shapes move float sums by an ulp, which can flip a sampled token now and then
+TINKER_TOLERANCE = {"first_loss": 0.05, "similarity_student": 0.05, "similarity_base": 0.05, "nll_student": 0.05,
+                    "nll_base": 0.05, "nll_teacher": 0.05, "persona_similarity_student": 0.05}
+
+
+def test_tinker_backend_runs_the_ci_profile_and_agrees_with_the_local_engine(ci_run, tinker_run):
+    assert "Tinker API: the local stand-in at http://127.0.0.1:" in tinker_run["stdout"]
+    for unit in (*PHASES, "teacher/shard-00000", "teacher/shard-00001"):
+        assert manifest(tinker_run, unit)["outputs"], unit
+    for unit in ("teacher/shard-00000", "train", "evaluate"):
+        assert manifest(tinker_run, unit)["metrics"]["backend"] == "tinker", unit
+    locations = jsonl(tinker_run["runs"] / "train" / "checkpoints.jsonl")
+    assert locations and all(row["location"].startswith("tinker://") for row in locations)
+    local_replies = {r["id"]: r["reply"] for r in jsonl(ci_run["runs"] / "student" / "conversations.jsonl")}
+    tinker_replies = {r["id"]: r["reply"] for r in jsonl(tinker_run["runs"] / "student" / "conversations.jsonl")}
+    assert local_replies.keys() == tinker_replies.keys()
+    same = sum(local_replies[k] == tinker_replies[k] for k in local_replies) / len(local_replies)
+    assert same >= 0.8, f"only {same:.0%} of the teacher's replies agree"
+    figures = {**manifest(ci_run, "train")["metrics"], **manifest(ci_run, "evaluate")["metrics"]}
+    tinker_figures = {**manifest(tinker_run, "train")["metrics"], **manifest(tinker_run, "evaluate")["metrics"]}
+    for name, tolerance in TINKER_TOLERANCE.items():
+        assert abs(figures[name] - tinker_figures[name]) <= tolerance, (name, figures[name], tinker_figures[name])
+    for name in ("prompt_tokens_with_card", "prompt_tokens_without_card", "eval_prompts", "train_rows"):
+        assert figures[name] == tinker_figures[name], name
+
+
 def test_every_phase_finished_with_a_manifest(ci_run):
     for unit in (*PHASES, "teacher/shard-00000", "teacher/shard-00001"):
         assert manifest(ci_run, unit)["outputs"], unit

@@ -13,6 +13,7 @@ SIGTERM, SIGINT or SIGHUP stop the running steps (their process groups), then th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="demo", choices=PROFILES)
     p.add_argument("--config", help="YAML file merged over the profile")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--backend", default="", choices=("", "local", "tinker"),
+                   help="model.backend for every phase (default: the profile's and config's)")
+    p.add_argument("--tinker-server", action="store_true",
+                   help="serve the Tinker API for this run from the local stand-in (workflows.tinker_server) on "
+                        "loopback, backed by the local engine; otherwise $TINKER_BASE_URL or the hosted service")
     p.add_argument("--run-id", help="default: derived from card, prompts and config")
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
@@ -417,15 +424,17 @@ def main(argv: list[str] | None = None) -> int:
             args = p.parse_args(argv)
             if args.run_id is not None:
                 check_run_id(args.run_id)  # before anything is written
-            pipeline = load_pipeline_config(args.profile, args.config, args.set)
+            backend = [f"model.backend={args.backend}"] if args.backend else []
+            pipeline = load_pipeline_config(args.profile, args.config, [*args.set, *backend])
             layers = user_layers(args.config, args.set)
             config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
-            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3:
+            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3, tinker_service(args, data) as tinker:
                 os.environ.update(s3.env())
                 run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
                 print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
-                secrets = {**s3.env(), **{k: os.environ[k] for k in ("HF_TOKEN", "TINKER_API_KEY") if k in os.environ}}
+                passed = ("HF_TOKEN", "TINKER_API_KEY", "TINKER_BASE_URL")
+                secrets = {**s3.env(), **{k: os.environ[k] for k in passed if k in os.environ}, **tinker}
                 doc = yaml.safe_load(args.workflow.read_text())
                 if args.mode == "container":
                     from workflows.containers import ContainerExecutor
@@ -435,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"container mode: every step in its image, with {executor.engine}")
                 else:
                     executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
-                runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml},
+                runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml,
+                                      "backend": args.backend},
                                 executor, data / "logs" / run_id)
                 try:
                     results = runner.run()
@@ -463,6 +473,19 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{r.step.label} {r.seconds:.0f}s" for r in results))
     print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
     return 0
+
+
+@contextlib.contextmanager
+def tinker_service(args, data: Path) -> Iterator[dict[str, str]]:
+    """With --tinker-server, the local stand-in for the Tinker API and the variables that point the steps at it."""
+    if not args.tinker_server:
+        yield {}
+        return
+    from workflows.tinker_server import TinkerServer
+
+    with TinkerServer(data / "tinker") as server:
+        print(f"Tinker API: the local stand-in at {server.base_url} (backed by the local engine)")
+        yield server.env()
 
 
 def _fault_summary(s3, runner: Runner) -> None:

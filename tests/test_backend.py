@@ -3,6 +3,7 @@ plain transformers; training changes the LoRA weights; state round-trips; the sh
 
 from __future__ import annotations
 
+from copy import deepcopy
 import math
 
 import pytest
@@ -135,3 +136,67 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus(sampler, card_prompts):
     first, second = sampler.sample(card_prompts, params), sampler.sample(card_prompts, params)
     assert first == second
     assert first != sampler.sample(card_prompts, SamplingParams(**{**params.__dict__, "seed": 1}))
+
+
+def test_a_rows_sampled_reply_does_not_depend_on_its_batch_companions(sampler, card_prompts):
+    """Each row samples from its own generator (seeds[i]), so a reply is the same alone, in a batch, in another
+    order or another batch size: what lets a server batch concurrent requests and still answer each one as if
+    it were alone (and what makes the local backend and the Tinker backend agree)."""
+    prompts = card_prompts[:2] + [sampler.renderer.prompt(q) for q in QUESTIONS[:2]]
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, batch_size=3)
+    seeds = [11, 12, 13, 14]
+    together = sampler.sample(prompts, params, seeds=seeds)
+    alone = [sampler.sample([p], params, seeds=[s])[0] for p, s in zip(prompts, seeds, strict=True)]
+    reordered = sampler.sample(prompts[::-1], SamplingParams(**{**params.__dict__, "batch_size": 2}), seeds=seeds[::-1])
+    assert together == alone == reordered[::-1]
+    # the default seeds are params.seed + row index
+    assert sampler.sample(prompts, SamplingParams(**{**params.__dict__, "seed": 11})) == together
+
+
+def test_sum_reduction_is_the_mean_times_the_weight_and_so_are_its_gradients():
+    trainer = open_trainer(FLOAT32, CONFIG.train)
+    data = batch(trainer.renderer)
+    # LoRA's B starts at zero, so A has no gradient yet: one step first makes every gradient non-zero
+    trainer.forward_backward(data)
+    trainer.optim_step(1e-3)
+    mean = trainer.forward_backward(data)
+    mean_grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+    summed = trainer.forward_backward(data, reduction="sum", logprobs=True)
+    weight = sum(sum(d.weights[1:]) for d in data)
+    assert summed["tokens"] == mean["tokens"] == weight
+    assert summed["loss"] == pytest.approx(mean["loss"] * weight, rel=1e-5)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            expected = mean_grads[name] * weight
+            assert torch.allclose(p.grad, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())), name
+    # per-datum log-probabilities of the targets: those of compute_logprobs where the weight is non-zero, else 0
+    reference = trainer.compute_logprobs([d.tokens for d in data])
+    for datum, ours, full in zip(data, summed["logprobs"], reference, strict=True):
+        assert len(ours) == len(datum.tokens) - 1
+        expected = [lp if w else 0.0 for lp, w in zip(full, datum.weights[1:], strict=True)]
+        assert torch.allclose(torch.tensor(ours), torch.tensor(expected), atol=2e-4)
+    assert -sum(sum(lp) for lp in summed["logprobs"]) == pytest.approx(summed["loss"], rel=1e-5)
+    trainer.model.zero_grad(set_to_none=True)
+
+
+def test_optim_step_is_adamw_with_the_given_hyperparameters_and_clipping():
+    trainer = open_trainer(FLOAT32, CONFIG.train)
+    data = batch(trainer.renderer)
+    trainer.forward_backward(data)
+    trainer.optim_step(1e-3)
+    trainer.forward_backward(data, reduction="sum")
+    params = [p for _, p in trainer._trainable()]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    for copy, p in zip(copies, params, strict=True):
+        copy.grad = p.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(copies, 0.5)
+    assert norm > 0.5  # the clipping bites
+    # the reference: a fresh AdamW given the engine's moments after its first step
+    reference = torch.optim.AdamW(copies, lr=2e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    reference.load_state_dict({"state": deepcopy(trainer._optimizer.state_dict()["state"]),
+                               "param_groups": reference.state_dict()["param_groups"]})
+    reference.step()
+    trainer.optim_step(2e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, grad_clip_norm=0.5)
+    for copy, p in zip(copies, params, strict=True):
+        assert torch.allclose(copy.detach(), p.detach(), rtol=1e-5, atol=1e-8)

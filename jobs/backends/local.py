@@ -119,11 +119,28 @@ def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor,
     return candidates, top.masked_fill(before >= params.top_p, 0.0)
 
 
+def draw(probs: torch.Tensor, generators: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One column per row, drawn from each row's unnormalised probabilities by the inverse of its cumulative
+    distribution: one uniform number per row, from that row's own generator when `generators` is a list.
+
+    So a row's draw depends only on its own probabilities and generator: not on its batch companions, and not on
+    how many candidates `nucleus` looked at (torch.multinomial draws one number per candidate and so would)."""
+    rows = probs.shape[0]
+    if isinstance(generators, torch.Generator):
+        uniform = torch.rand(rows, generator=generators, device=probs.device)
+    else:
+        uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    cdf = probs.cumsum(dim=-1)
+    # the first column whose cumulative mass exceeds the draw: never a zero-probability one
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    return picked.squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
 def choose_tokens(logits: torch.Tensor, history: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
     """The next token of each row, as transformers' generate picks it: the repetition penalty on every token in
     the row so far (`history`, prompt included; a repeated id counts once), then greedy, or temperature and
-    nucleus (top-p) sampling."""
+    nucleus (top-p) sampling. `generator` is one generator for all rows or one per row (`draw`)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0:
         penalty = params.repetition_penalty
@@ -132,7 +149,7 @@ def choose_tokens(logits: torch.Tensor, history: torch.Tensor, params: SamplingP
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     candidates, probs = nucleus(logits, params)
-    return candidates.gather(1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
+    return candidates.gather(1, draw(probs, generator)[:, None]).squeeze(1)
 
 
 class LocalEngine:
@@ -190,7 +207,15 @@ class LocalEngine:
     # -- sampling
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None,
-               share_prefix: bool = True) -> list[list[int]]:
+               share_prefix: bool = True, seeds: list[int] | None = None) -> list[list[int]]:
+        """Completion tokens (end-of-turn stripped) for each prompt. Row i samples with its own generator, seeded
+        with `seeds[i]` (default `params.seed + i`), so its reply depends on its prompt, the parameters and its
+        seed only: not on the other prompts of the call, their order or `params.batch_size` (up to the float
+        rounding of batched matrix products, which has not been seen to change a token in float32)."""
+        if seeds is None:
+            seeds = [params.seed + i for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         prefix_len = shared_prefix_length(prompts) if share_prefix else 0
         prefix = self._prefix(prompts[0][:prefix_len])[0] if prefix_len else None
         # shortest first, so rows in a batch share a length and padding stays small
@@ -198,8 +223,8 @@ class LocalEngine:
         results: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), params.batch_size):
             chunk = order[start:start + params.batch_size]
-            generator = torch.Generator(device=self.device).manual_seed(params.seed + start)
-            replies = self._decode([prompts[i] for i in chunk], prefix_len, prefix, params, generator)
+            generators = [torch.Generator(device=self.device).manual_seed(seeds[i]) for i in chunk]
+            replies = self._decode([prompts[i] for i in chunk], prefix_len, prefix, params, generators)
             for index, reply in zip(chunk, replies, strict=True):
                 results[index] = reply
             if on_batch:
@@ -218,7 +243,7 @@ class LocalEngine:
         return SharedPrefix.from_cache(cache), out.logits[0].float().log_softmax(dim=-1) if logprobs else None
 
     def _decode(self, rows: list[list[int]], prefix_len: int, prefix: SharedPrefix | None, params: SamplingParams,
-                generator: torch.Generator) -> list[list[int]]:
+                generators: list[torch.Generator]) -> list[list[int]]:
         from transformers import DynamicCache
 
         ids, key_mask = self._left_pad([row[prefix_len:] for row in rows])
@@ -233,7 +258,7 @@ class LocalEngine:
         for step in range(params.max_tokens):
             logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
                                 layout=Layout(key_mask=key_mask, prefix=prefix), logits_to_keep=1).logits[:, -1]
-            tokens = choose_tokens(logits, history, params, generator)
+            tokens = choose_tokens(logits, history, params, generators)
             for row, token in zip(live.tolist(), tokens.tolist(), strict=True):
                 if token != self.renderer.end_of_turn:
                     replies[row].append(token)
@@ -245,6 +270,7 @@ class LocalEngine:
                 cache.batch_select_indices(keep)
                 live, tokens, key_mask, positions, history = (t[keep] for t in (live, tokens, key_mask, positions,
                                                                                  history))
+                generators = [generators[i] for i in keep.tolist()]
             ids = tokens[:, None]
             history = torch.cat([history, ids], dim=1)
             key_mask = torch.cat([key_mask, torch.ones_like(ids)], dim=1)
@@ -307,11 +333,19 @@ class LocalEngine:
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def forward_backward(self, batch: list[Datum]) -> dict[str, float]:
-        """The weighted mean NLL of the batch, its gradients accumulated. Position i predicts token i + 1 with
-        weight `weights[i + 1]`. The rows are packed without padding, logits are computed only where a weight
-        is non-zero, and a prefix that every row shares without loss on it (the chat template's system line)
-        is computed once for the batch, its gradients flowing back from every row."""
+    def forward_backward(self, batch: list[Datum], reduction: str = "mean", logprobs: bool = False) -> dict:
+        """The batch's weighted NLL, its gradients accumulated. Position i predicts token i + 1 with weight
+        `weights[i + 1]`. The rows are packed without padding, logits are computed only where a weight is
+        non-zero, and a prefix that every row shares without loss on it (the chat template's system line) is
+        computed once for the batch, its gradients flowing back from every row.
+
+        reduction "mean" (the local backend): the weighted mean, sum(w * nll) / max(sum(w), 1). "sum" (Tinker's
+        cross_entropy): sum(w * nll) itself, so its loss and gradients are the mean's times the total weight.
+        Returns {"loss", "tokens" (the total weight)}, and with `logprobs` also "logprobs": per datum, the
+        log-probability of each of its tokens after the first (len(tokens) - 1 values) at the positions with a
+        non-zero weight, and 0.0 at the others (their logits are never computed)."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         prefix_len = shared_prefix_length([d.tokens for d in batch])
         if any(any(d.weights[1:prefix_len + 1]) for d in batch):
             prefix_len = 0
@@ -324,15 +358,27 @@ class LocalEngine:
         logits = self.model(input_ids=tokens, position_ids=positions, layout=Layout(segments=segments, prefix=prefix),
                             logits_to_keep=keep[None]).logits.float()
         nll = F.cross_entropy(logits, targets[keep], reduction="none")
-        total = weights.sum().clamp(min=1.0)
-        loss = (nll * weights[keep]).sum() / total
+        total = weights.sum()
+        loss = (nll * weights[keep]).sum()
+        if reduction == "mean":
+            loss = loss / total.clamp(min=1.0)
         loss.backward()
-        return {"loss": float(loss.detach()), "tokens": float(total)}
+        result = {"loss": float(loss.detach()), "tokens": float(total.clamp(min=1.0) if reduction == "mean" else total)}
+        if logprobs:
+            flat = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
+            flat[keep] = -nll.detach()
+            result["logprobs"] = [[0.0] * prefix_len + flat[start:end - 1].tolist() for start, end in segments]
+        return result
 
-    def optim_step(self, learning_rate: float) -> None:
+    def optim_step(self, learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> None:
+        """One AdamW step (torch's, decoupled weight decay) on the LoRA parameters with these hyperparameters,
+        after clipping the gradients' global norm to `grad_clip_norm` (0: no clipping); then clears gradients."""
         self._ensure_optimizer()
+        if grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._trainable()], grad_clip_norm)
         for group in self._optimizer.param_groups:
-            group["lr"] = learning_rate
+            group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
 

@@ -1,0 +1,993 @@
+"""A Tinker-compatible API server on loopback, backed by the local engine: a stand-in for the hosted Tinker
+service, so that the unchanged `tinker` SDK (0.38) can be driven end to end without it. Only
+`TINKER_BASE_URL` and a placeholder key (`tml-...`) differ from production.
+
+    python -m workflows.tinker_server --data-dir DIR [--host 127.0.0.1] [--port 0] [--latency S]
+        [--fault-rate R] [--fault-seed N] [--dtype auto|float32|bfloat16] [--max-batch 64]
+
+prints `tinker-server listening on http://127.0.0.1:PORT` and logs structured lines to stderr; SIGTERM or
+SIGINT stops it. `TinkerServer` runs it as a subprocess for tests and the runner.
+
+What it implements (the /api/v1 routes the SDK's service, training, sampling and REST clients use) and the
+semantics it chose, since the hosted service's are not observable offline:
+- models: `create_model` makes one `LocalEngine.for_training(ModelConfig(base), TrainConfig(lora_rank=rank,
+  lora_alpha=32, seed=lora seed))` on the CPU (dtype: the project's `model.dtype=auto` rule, or `--dtype`).
+  Base models resolve through `model_files.model_dir`, so only models available offline work. A model id is
+  `<session>:train:<n>`, as the SDK itself assumes for create-from-state;
+- training: `cross_entropy` only, Tinker's weighted *sum* -sum(w * logp) (not a mean). Each datum's
+  `target_tokens` must be its `model_input` shifted by one (next-token training). Gradients accumulate over
+  forward_backward requests (the SDK splits big batches into chunks) until `optim_step`, which is torch's
+  AdamW with the request's lr, betas, eps, weight decay and global-norm clipping (0: none). Requests of one
+  model are applied in seq_id order whatever order they arrive in; a repeated seq_id (a retry) gets the
+  first one's future. Outputs: `loss_fn_outputs[i]["logprobs"]` (float32, one per target token: the target's
+  log-probability where its weight is non-zero, 0.0 where it is zero, whose logits are never computed; all
+  positions for `forward`) and metrics `{"loss:sum": ...}`;
+- checkpoints live in `--data-dir` and survive clients and server restarts: `save_state(name)` writes
+  `models/<model_id>/weights/<name>/` (adapter, optimizer and RNG state, meta.json) =
+  `tinker://<model_id>/weights/<name>`; `create_training_client_from_state[_with_optimizer](path)` restores
+  one into a new model; `save_weights_for_sampler(name)` writes `.../sampler_weights/<name>/` (adapter only),
+  which `create_sampling_client(model_path=...)` samples with; `save_weights_external(name)` writes a PEFT
+  adapter folder `.../external_weights/<name>/` whose files `RestClient.get_external_weights_urls` lists as
+  URLs served by this server (GET /files/..., no key needed: the stand-in for signed URLs);
+- sampling: concurrent `asample` requests are batched: the worker takes what is pending (at most
+  `--max-batch` rows, after waiting `--batch-window` seconds for company), groups them by model and identical
+  sampling parameters, and calls the engine once per group. Each sample draws from its own generator seeded
+  by the request's seed (sample j of a request: seed + j * 2**32; no seed: a random one), so a reply depends
+  only on prompt, parameters and seed, never on the batch it shared. Stop: the end-of-turn token only (None,
+  or a stop list of the eos id or its text); the returned tokens end with it when `stop_reason == "stop"`.
+  `top_k` and per-token sample logprobs are not supported (sequences carry no logprobs).
+  `compute_logprobs` (prompt_logprobs) returns [None, logp(t1|t0), ...] from `LocalEngine.compute_logprobs`;
+- faults and latency: `--latency S` makes each result available no sooner than S after its request arrived
+  (requests in flight overlap; training still applies in order). `--fault-rate R` answers that share of the
+  mutating and polling requests (forward_backward, optim_step, save/load weights, asample, retrieve_future)
+  with 429 or 500 before doing any work, so the SDK's retry is safe; counts are in
+  `<data-dir>/tinker-server-stats.json` and at GET /_local/stats;
+- auth: every /api/v1 request needs an `X-API-Key` starting with `tml-` (else 401). The key is never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+API = "/api/v1"
+LORA_ALPHA = 32
+POLL_WAIT_S = 20.0  # a retrieve_future waits this long for its result before answering 408 (poll again)
+FAULTY = {"forward_backward", "optim_step", "save_weights", "save_weights_for_sampler", "save_weights_external",
+          "load_weights", "asample", "retrieve_future"}
+STATS_FILE = "tinker-server-stats.json"
+SAMPLER_CACHE = 4  # sampling engines kept loaded
+
+
+class UserError(Exception):
+    """A request this server cannot serve: its future fails with category "user" (the SDK does not retry)."""
+
+
+def _log():
+    from jobs.log import get_logger
+
+    return get_logger("tinker-server")
+
+
+# -- futures ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Future:
+    request_id: str
+    ready_at: float
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    payload: Any = None  # bytes (protobuf) or a JSON-able dict
+    error: str | None = None
+    category: str = "server"
+
+    def resolve(self, payload: Any) -> None:
+        self.payload = payload
+        self.done.set()
+
+    def fail(self, error: str, category: str) -> None:
+        self.error, self.category = error, category
+        self.done.set()
+
+
+@dataclasses.dataclass
+class Job:
+    kind: str
+    body: Any
+    future: Future
+    arrived: float
+    model_id: str
+
+
+@dataclasses.dataclass
+class TrainModel:
+    model_id: str
+    base_model: str
+    rank: int
+    seed: int
+    engine: Any = None
+    next_seq: int = 1
+    pending: dict[int, Job] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SampleJob:
+    future: Future
+    key: tuple  # (base_model, adapter dir or None)
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seeds: list[int]
+    prompt_logprobs: bool
+    arrived: float
+
+
+# -- the server's state and its one compute worker ---------------------------------------------------------------
+class Backend:
+    def __init__(self, data_dir: Path, latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0,
+                 dtype: str = "auto", max_batch: int = 64, engine_batch: int = 16, batch_window: float = 0.02):
+        self.data_dir = data_dir
+        self.latency, self.fault_rate, self.dtype = latency, fault_rate, dtype
+        self.max_batch, self.engine_batch, self.batch_window = max_batch, engine_batch, batch_window
+        self._fault_rng = random.Random(fault_seed)
+        self._seed_rng = random.Random()
+        self.lock = threading.Condition()
+        self.futures: dict[str, Future] = {}
+        self.by_seq: dict[tuple[str, int], str] = {}  # (model or sampling session, seq_id) -> request id
+        self.models: dict[str, TrainModel] = {}
+        self.samplers: dict[str, dict] = {}  # sampling session id -> {base_model, model_path, adapter}
+        self.ready: collections.deque[Job] = collections.deque()  # training jobs whose turn has come
+        self.samples: list[SampleJob] = []
+        self.engines: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self.stats = {"requests": 0, "faults": {"429": 0, "500": 0}, "faults_by_route": {}, "sample_batches": 0,
+                      "sample_rows": 0, "largest_sample_batch": 0}
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
+
+    def start(self) -> Backend:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_stats()
+        self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self._stopping = True
+            self.lock.notify_all()
+        self._worker.join(timeout=30)
+
+    # -- bookkeeping
+    def new_future(self, arrived: float) -> Future:
+        future = Future(uuid.uuid4().hex, ready_at=arrived + self.latency)
+        self.futures[future.request_id] = future
+        return future
+
+    def inject_fault(self, route: str) -> int | None:
+        """429 or 500 for a share of the mutating and polling requests, decided before any work is done."""
+        with self.lock:
+            self.stats["requests"] += 1
+            if route not in FAULTY or self.fault_rate <= 0 or self._fault_rng.random() >= self.fault_rate:
+                return None
+            status = self._fault_rng.choice((429, 500))
+            self.stats["faults"][str(status)] += 1
+            self.stats["faults_by_route"][route] = self.stats["faults_by_route"].get(route, 0) + 1
+            self._write_stats()
+            return status
+
+    def _write_stats(self) -> None:
+        target = self.data_dir / STATS_FILE
+        staging = target.with_suffix(".partial")
+        staging.write_text(json.dumps(self.stats, sort_keys=True))
+        staging.replace(target)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return json.loads(json.dumps(self.stats))
+
+    # -- paths
+    def model_root(self, model_id: str) -> Path:
+        if not model_id or "/" in model_id or model_id.startswith("."):
+            raise UserError(f"bad model id {model_id!r}")
+        return self.data_dir / "models" / model_id
+
+    def resolve(self, path: str, kinds: tuple[str, ...]) -> Path:
+        match = re.fullmatch(r"tinker://([^/]+)/([a-z_]+)/([^/]+)", path or "")
+        if not match or match.group(2) not in kinds or match.group(3).startswith("."):
+            raise UserError(f"not a tinker://<model_id>/{'|'.join(kinds)}/<name> path: {path!r}")
+        folder = self.model_root(match.group(1)) / match.group(2) / match.group(3)
+        if not (folder / "meta.json").is_file():
+            raise UserError(f"no checkpoint at {path}")
+        return folder
+
+    # -- submission (from the HTTP threads)
+    def submit_training(self, kind: str, model_id: str, seq_id: int | None, body: Any, arrived: float) -> Future:
+        with self.lock:
+            if seq_id is not None and (model_id, seq_id) in self.by_seq:
+                return self.futures[self.by_seq[(model_id, seq_id)]]  # a retry: the same request again
+            model = self.models.get(model_id)
+            if model is None:
+                raise KeyError(model_id)
+            future = self.new_future(arrived)
+            job = Job(kind, body, future, arrived, model_id)
+            if seq_id is None:
+                self.ready.append(job)
+            else:
+                self.by_seq[(model_id, seq_id)] = future.request_id
+                if seq_id < model.next_seq:
+                    future.fail(f"seq_id {seq_id} of {model_id} is behind the model's next ({model.next_seq})", "user")
+                    return future
+                model.pending[seq_id] = job
+                while model.next_seq in model.pending:
+                    self.ready.append(model.pending.pop(model.next_seq))
+                    model.next_seq += 1
+            self.lock.notify_all()
+            return future
+
+    def submit_new_model(self, kind: str, model_id: str, body: dict, arrived: float) -> Future:
+        """create_model, or load_weights as a model's first request: the job that makes the model."""
+        key = (model_id, -1)
+        with self.lock:
+            if key in self.by_seq:
+                return self.futures[self.by_seq[key]]
+            future = self.new_future(arrived)
+            self.by_seq[key] = future.request_id
+            self.ready.append(Job(kind, body, future, arrived, model_id))
+            self.lock.notify_all()
+            return future
+
+    def submit_sample(self, session_key: tuple[str, int] | None, job: SampleJob) -> Future:
+        with self.lock:
+            if session_key is not None and session_key in self.by_seq:
+                return self.futures[self.by_seq[session_key]]
+            self.futures[job.future.request_id] = job.future
+            if session_key is not None:
+                self.by_seq[session_key] = job.future.request_id
+            self.samples.append(job)
+            self.lock.notify_all()
+            return job.future
+
+    # -- the worker: training jobs in order, sampling in batches, oldest first
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stopping and not self.ready and not self.samples:
+                    self.lock.wait()
+                if self._stopping:
+                    return
+                train_first = bool(self.ready) and (not self.samples or self.ready[0].arrived <= self.samples[0].arrived)
+                job = self.ready.popleft() if train_first else None
+            if job is not None:
+                self._run(job.future, self._train, job)
+                continue
+            if self.batch_window > 0:
+                deadline = time.monotonic() + self.batch_window
+                with self.lock:  # let company arrive: the SDK sends concurrent samples a few ms apart
+                    while len(self.samples) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                        self.lock.wait(left)
+            with self.lock:
+                batch, rows = [], 0
+                while self.samples and (not batch or rows + len(self.samples[0].seeds) <= self.max_batch):
+                    rows += len(self.samples[0].seeds)
+                    batch.append(self.samples.pop(0))
+            self._sample_batch(batch)
+
+    @staticmethod
+    def _run(future: Future, fn, *args) -> None:
+        try:
+            future.resolve(fn(*args))
+        except UserError as error:
+            future.fail(str(error), "user")
+        except Exception as error:  # noqa: BLE001 - the client gets it as a failed request
+            _log().exception("request failed", error=str(error))
+            future.fail(f"{type(error).__name__}: {error}", "server")
+
+    # -- engines
+    def _model_config(self, base: str):
+        from jobs.config import ModelConfig
+
+        return ModelConfig(base=base, dtype=self.dtype, device="cpu")
+
+    def _check_base(self, base: str) -> None:
+        from jobs.backends.model_files import model_dir
+
+        try:
+            model_dir(base)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"base model {base!r} is not available offline: {error}") from error
+
+    def _new_trainer(self, base: str, rank: int, seed: int):
+        from jobs.backends.local import LocalEngine
+        from jobs.config import TrainConfig
+
+        self._check_base(base)
+        return LocalEngine.for_training(self._model_config(base), TrainConfig(lora_rank=rank, lora_alpha=LORA_ALPHA,
+                                                                              seed=seed))
+
+    def _sampler(self, key: tuple):
+        from jobs.backends.local import LocalEngine
+
+        if key in self.engines:
+            self.engines.move_to_end(key)
+            return self.engines[key]
+        base, adapter = key
+        self._check_base(base)
+        engine = LocalEngine.for_sampling(self._model_config(base), Path(adapter) if adapter else None)
+        self.engines[key] = engine
+        while len(self.engines) > SAMPLER_CACHE:
+            self.engines.popitem(last=False)
+        return engine
+
+    # -- training jobs
+    def _train(self, job: Job):
+        body, model = job.body, self.models[job.model_id]
+        if job.kind == "create_model":
+            return self._create_model(model, body)
+        if job.kind == "load_new":
+            return self._load_new(model, body)
+        if model.engine is None:
+            raise UserError(f"model {model.model_id} failed to load")
+        return getattr(self, "_" + job.kind)(model, body)
+
+    def _create_model(self, model: TrainModel, body: dict) -> dict:
+        lora = body.get("lora_config") or {}
+        model.engine = self._new_trainer(model.base_model, model.rank, model.seed)
+        _log().info("model created", model_id=model.model_id, base_model=model.base_model, rank=model.rank,
+                    lora_seed=model.seed, train_unembed=lora.get("train_unembed", True))
+        return {"model_id": model.model_id, "type": "create_model"}
+
+    def _load_new(self, model: TrainModel, body: dict) -> dict:
+        folder = self.resolve(body["path"], ("weights", "sampler_weights"))
+        meta = json.loads((folder / "meta.json").read_text())
+        model.base_model, model.rank, model.seed = meta["base_model"], meta["rank"], meta["seed"]
+        model.engine = self._new_trainer(model.base_model, model.rank, model.seed)
+        self._restore(model, folder, bool(body.get("optimizer")))
+        _log().info("model created from checkpoint", model_id=model.model_id, path=body["path"],
+                    optimizer=bool(body.get("optimizer")))
+        return {"path": body["path"], "model_id": model.model_id, "type": "load_weights"}
+
+    def _load_weights(self, model: TrainModel, body: dict) -> dict:
+        folder = self.resolve(body["path"], ("weights", "sampler_weights"))
+        self._restore(model, folder, bool(body.get("optimizer")))
+        return {"path": body["path"], "model_id": model.model_id, "type": "load_weights"}
+
+    @staticmethod
+    def _restore(model: TrainModel, folder: Path, optimizer: bool) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from jobs.backends.local import ADAPTER_FILE
+
+        if optimizer:
+            if not (folder / "trainer_state.pt").is_file():
+                raise UserError(f"{folder.name} has no optimizer state (a sampler checkpoint?)")
+            model.engine.load_state(folder)
+        else:
+            set_peft_model_state_dict(model.engine.model, load_file(folder / ADAPTER_FILE))
+
+    def _forward_backward(self, model: TrainModel, body: dict) -> bytes:
+        from jobs.backends.base import Datum
+
+        loss_fn, forward_only, data = body["loss_fn"], body["forward_only"], body["data"]
+        if loss_fn != "cross_entropy":
+            raise UserError(f"loss_fn {loss_fn!r} is not supported here (only cross_entropy)")
+        if not data:
+            raise UserError("no data")
+        engine = model.engine
+        datums = [Datum(tokens, weights) for tokens, weights in data]
+        if forward_only:
+            logprobs = engine.compute_logprobs([d.tokens for d in datums])
+            loss = -sum(w * lp for d, row in zip(datums, logprobs, strict=True)
+                        for w, lp in zip(d.weights[1:], row, strict=True))
+        else:
+            engine.model.train()
+            result = engine.forward_backward(datums, reduction="sum", logprobs=True)
+            logprobs, loss = result["logprobs"], result["loss"]
+        return forward_backward_output(logprobs, {"loss:sum": loss})
+
+    def _optim_step(self, model: TrainModel, body: dict) -> dict:
+        adam = body.get("adam_params")
+        if adam is None:
+            raise UserError("only Adam is supported here")
+        model.engine.optim_step(float(adam.get("learning_rate", 1e-4)), beta1=float(adam.get("beta1", 0.9)),
+                                beta2=float(adam.get("beta2", 0.95)), eps=float(adam.get("eps", 1e-12)),
+                                weight_decay=float(adam.get("weight_decay", 0.0)),
+                                grad_clip_norm=float(adam.get("grad_clip_norm", 0.0)))
+        return {"metrics": {}}
+
+    def _write_checkpoint(self, model: TrainModel, kind: str, name: str, state: bool) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise UserError(f"bad checkpoint name {name!r}")
+        folder = self.model_root(model.model_id) / kind / name
+        staging = folder.with_name(f".{name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        if state:
+            model.engine.save_state(staging)  # adapter + optimizer + RNG
+        else:
+            model.engine.model.save_pretrained(staging)  # a PEFT adapter folder
+        (staging / "meta.json").write_text(json.dumps({"base_model": model.base_model, "rank": model.rank,
+                                                       "alpha": LORA_ALPHA, "seed": model.seed,
+                                                       "model_id": model.model_id, "kind": kind}))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        return folder
+
+    def _save_weights(self, model: TrainModel, body: dict) -> dict:
+        self._write_checkpoint(model, "weights", body["path"], state=True)
+        return {"path": f"tinker://{model.model_id}/weights/{body['path']}", "type": "save_weights"}
+
+    def _save_weights_for_sampler(self, model: TrainModel, body: dict) -> dict:
+        name = body.get("path")
+        if name:
+            self._write_checkpoint(model, "sampler_weights", name, state=False)
+            return {"path": f"tinker://{model.model_id}/sampler_weights/{name}", "type": "save_weights_for_sampler"}
+        session = model.model_id.split(":train:")[0]
+        sampling_id = f"{session}:sample:{body.get('sampling_session_seq_id')}"
+        folder = self._write_checkpoint(model, "sampler_weights", f"_session-{uuid.uuid4().hex[:8]}", state=False)
+        with self.lock:
+            self.samplers[sampling_id] = {"base_model": model.base_model, "model_path": None,
+                                          "adapter": str(folder)}
+        return {"sampling_session_id": sampling_id, "type": "save_weights_for_sampler"}
+
+    def _save_weights_external(self, model: TrainModel, body: dict) -> dict:
+        folder = self._write_checkpoint(model, "external_weights", body["path"], state=False)
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.name != "meta.json")
+        return {"path": f"tinker://{model.model_id}/external_weights/{body['path']}", "size_bytes": size,
+                "type": "save_weights_external"}
+
+    # -- sampling
+    def _sample_batch(self, batch: list[SampleJob]) -> None:
+        from jobs.backends.base import SamplingParams
+
+        with self.lock:
+            self.stats["sample_batches"] += 1
+            self.stats["sample_rows"] += sum(len(j.seeds) for j in batch)
+            self.stats["largest_sample_batch"] = max(self.stats["largest_sample_batch"], sum(len(j.seeds) for j in batch))
+        groups: dict[tuple, list[SampleJob]] = {}
+        for job in batch:
+            groups.setdefault((job.key, job.max_tokens, job.temperature, job.top_p), []).append(job)
+        for (key, max_tokens, temperature, top_p), jobs in groups.items():
+            try:
+                engine = self._sampler(key)
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                        repetition_penalty=1.0, seed=0, batch_size=self.engine_batch)
+                prompts = [job.prompt for job in jobs for _ in job.seeds]
+                replies = engine.sample(prompts, params, seeds=[seed for job in jobs for seed in job.seeds])
+                scored = [job for job in jobs if job.prompt_logprobs]
+                logprobs = dict(zip((id(j) for j in scored),
+                                    engine.compute_logprobs([j.prompt for j in scored]) if scored else [],
+                                    strict=True))
+            except Exception as error:  # noqa: BLE001
+                for job in jobs:
+                    self._run(job.future, _raise, error)
+                continue
+            end = engine.renderer.end_of_turn
+            for job in jobs:
+                mine, replies = replies[:len(job.seeds)], replies[len(job.seeds):]
+                sequences = [(reply + [end], "stop") if len(reply) < max_tokens else (reply, "length")
+                             for reply in mine]
+                job.future.resolve(sample_response(sequences, logprobs.get(id(job))))
+
+
+def _raise(error: Exception):
+    raise error
+
+
+# -- protobuf ----------------------------------------------------------------------------------------------------
+def parse_forward_backward(raw: bytes) -> tuple[str, int, dict]:
+    """(model_id, seq_id, {loss_fn, forward_only, data: [(tokens, weights)]}) from the SDK's protobuf body; a
+    datum's tokens are model_input + its last target, weights[0] = 0 (the engine's Datum convention)."""
+    import numpy as np
+
+    from tinker.proto import tinker_public_pb2 as pb
+
+    msg = pb.ForwardBackwardRequest()
+    msg.ParseFromString(raw)
+    data = []
+    for i, datum in enumerate(msg.data):
+        tokens: list[int] = []
+        for chunk in datum.model_input:
+            if not chunk.HasField("encoded_text"):
+                raise UserError("only token (encoded_text) inputs are supported here")
+            tokens += np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist()
+        inputs = {name: _tensor(t) for name, t in datum.loss_fn_inputs.items()}
+        if "target_tokens" not in inputs:
+            raise UserError("cross_entropy needs loss_fn_inputs['target_tokens']")
+        targets = [int(x) for x in inputs["target_tokens"]]
+        weights = [float(x) for x in inputs["weights"]] if "weights" in inputs else [1.0] * len(targets)
+        if not tokens or len(targets) != len(tokens) or len(weights) != len(tokens):
+            raise UserError(f"datum {i}: model_input, target_tokens and weights must have the same length")
+        if targets[:-1] != tokens[1:]:
+            raise UserError(f"datum {i}: target_tokens must be model_input shifted by one (next-token targets)")
+        data.append((tokens + targets[-1:], [0.0] + weights))
+    return msg.model_id, msg.seq_id, {"loss_fn": msg.loss_fn, "forward_only": msg.forward_only, "data": data}
+
+
+def _tensor(msg) -> list:
+    import numpy as np
+
+    from tinker.proto import tinker_public_pb2 as pb
+
+    if msg.HasField("sparse_csr"):
+        raise UserError("sparse loss_fn_inputs are not supported here")
+    dtype = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}.get(msg.dtype)
+    if dtype is None:
+        raise UserError(f"unsupported tensor dtype {msg.dtype}")
+    return np.frombuffer(msg.dense, dtype=dtype).tolist()
+
+
+def forward_backward_output(logprobs: list[list[float]], metrics: dict[str, float]) -> bytes:
+    import numpy as np
+
+    from tinker.proto import tinker_public_pb2 as pb
+
+    out = pb.ForwardBackwardOutput()
+    out.loss_fn_output_type = "ArrayRecord"
+    record = out.loss_fn_outputs.add()
+    record.num_datums = len(logprobs)
+    field = record.fields["logprobs"]
+    arrays = [np.asarray(row, dtype=np.float32) for row in logprobs]
+    field.data = b"".join(a.tobytes() for a in arrays)
+    field.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64).tobytes()
+    field.dtype = pb.DTYPE_FLOAT32
+    for name, value in metrics.items():
+        out.metrics[name] = float(value)
+    return out.SerializeToString()
+
+
+def sample_response(sequences: list[tuple[list[int], str]], prompt_logprobs: list[float] | None) -> bytes:
+    import numpy as np
+
+    from tinker.proto import tinker_public_pb2 as pb
+
+    out = pb.SampleResponse()
+    for tokens, stop_reason in sequences:
+        seq = out.sequences.add()
+        seq.tokens = np.asarray(tokens, dtype=np.int32).tobytes()
+        seq.stop_reason = pb.STOP_REASON_STOP if stop_reason == "stop" else pb.STOP_REASON_LENGTH
+    if prompt_logprobs is not None:  # NaN reads back as None: the first token has no context
+        out.prompt_logprobs = np.asarray([float("nan")] + list(prompt_logprobs), dtype=np.float32).tobytes()
+    return out.SerializeToString()
+
+
+# -- HTTP --------------------------------------------------------------------------------------------------------
+CLIENT_CONFIG = {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
+                 "sample_use_retrieve_futures": False, "sample_join_sampling_session": False,
+                 "custom_loss_server_side": False, "parallel_fwdbwd_chunks": True}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, format, *args):  # noqa: A002 - the structured lines below replace these
+        pass
+
+    # -- plumbing
+    def _send(self, status: int, payload: Any = None, content_type: str = "application/json") -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps({} if payload is None else payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Content-Encoding", "").lower() == "zstd":
+            import zstandard
+
+            raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        return raw
+
+    def do_GET(self):  # noqa: N802
+        self._handle("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._handle("POST")
+
+    def do_DELETE(self):  # noqa: N802
+        self._handle("DELETE")
+
+    def _handle(self, method: str) -> None:
+        arrived = time.time()
+        path = urllib.parse.urlsplit(self.path).path
+        raw = self._body() if method != "GET" else b""
+        status = 500
+        try:
+            if path.startswith("/files/"):
+                return self._file(path)
+            if path == "/_local/stats":
+                return self._send(200, self.server.backend.snapshot())
+            if not path.startswith(API + "/"):
+                return self._send(404, {"detail": "not found"})
+            key = self.headers.get("X-API-Key") or ""
+            if not key.startswith("tml-"):
+                status = 401
+                return self._send(401, {"detail": "invalid API key: it must start with 'tml-'"})
+            route = path[len(API) + 1:]
+            fault = self.server.backend.inject_fault(route)
+            if fault is not None:
+                status = fault
+                _log().info("fault injected", route=route, status=fault)
+                return self._send(fault, {"detail": f"injected fault ({fault})"})
+            status, payload, content_type = self._route(method, route, raw, arrived)
+            self._send(status, payload, content_type)
+        except UserError as error:
+            status = 400
+            self._send(400, {"detail": str(error)})
+        except Exception as error:  # noqa: BLE001
+            _log().exception("handler failed", path=path)
+            self._send(500, {"detail": f"{type(error).__name__}: {error}"})
+        finally:
+            if not path.endswith(("retrieve_future", "session_heartbeat", "telemetry")) or status >= 400:
+                _log().info("request", method=method, path=path, status=status,
+                            ms=round((time.time() - arrived) * 1000, 1))
+
+    def _file(self, path: str) -> None:
+        parts = [urllib.parse.unquote(p) for p in path.split("/")[2:]]
+        if len(parts) != 4 or parts[1] != "external_weights" or any(p in ("", ".", "..") or "/" in p for p in parts):
+            return self._send(404, {"detail": "not found"})
+        target = self.server.backend.model_root(parts[0]) / parts[1] / parts[2] / parts[3]
+        if not target.is_file() or target.name == "meta.json":
+            return self._send(404, {"detail": "not found"})
+        self._send(200, target.read_bytes(), "application/octet-stream")
+
+    # -- the API
+    def _route(self, method: str, route: str, raw: bytes, arrived: float) -> tuple[int, Any, str]:
+        backend = self.server.backend
+        body = json.loads(raw) if raw and self.headers.get("Content-Type", "").startswith("application/json") else {}
+        if route == "client/config":
+            return 200, CLIENT_CONFIG, "application/json"
+        if route == "client/dynamic_config":
+            return 200, {}, "application/json"
+        if route == "healthz":
+            return 200, {"status": "ok"}, "application/json"
+        if route == "telemetry":
+            return 200, {"status": "accepted"}, "application/json"
+        if route == "get_server_capabilities":
+            from jobs.backends.model_files import PACKAGED_GGUF
+
+            models = [{"model_name": name, "trainable": True, "sampleable": True} for name in PACKAGED_GGUF]
+            return 200, {"supported_models": models}, "application/json"
+        if route == "create_session":
+            return 200, {"session_id": uuid.uuid4().hex[:16], "type": "create_session"}, "application/json"
+        if route == "session_heartbeat":
+            return 200, {"type": "session_heartbeat"}, "application/json"
+        if re.fullmatch(r"sessions/[^/]+/finish", route) or route == "cancel_future":
+            return 200, {}, "application/json"
+        if route == "create_model":
+            return self._create_model(body, arrived)
+        if route == "get_info":
+            return self._get_info(body)
+        if route == "forward_backward":
+            model_id, seq_id, parsed = parse_forward_backward(raw)
+            return self._training("forward_backward", model_id, seq_id, parsed, arrived)
+        if route in ("optim_step", "save_weights", "save_weights_for_sampler", "save_weights_external"):
+            return self._training(route, body.get("model_id"), body.get("seq_id"), body, arrived)
+        if route == "load_weights":
+            return self._load_weights(body, arrived)
+        if route == "create_sampling_session":
+            return self._create_sampling_session(body)
+        if match := re.fullmatch(r"samplers/([^/]+)", route):
+            sampler = backend.samplers.get(match.group(1))
+            if sampler is None:
+                return 404, {"detail": "no such sampler"}, "application/json"
+            return 200, {"sampler_id": match.group(1), "base_model": sampler["base_model"],
+                         "model_path": sampler["model_path"]}, "application/json"
+        if route == "asample":
+            return self._asample(body, arrived)
+        if route == "retrieve_future":
+            return self._retrieve(body)
+        if match := re.fullmatch(r"training_runs/([^/]+)/checkpoints/(.+)/external_weights_urls", route):
+            return self._external_urls(urllib.parse.unquote(match.group(1)), urllib.parse.unquote(match.group(2)))
+        return 404, {"detail": f"{method} /{route} is not implemented by this stand-in"}, "application/json"
+
+    @staticmethod
+    def _future(future: Future, **extra) -> tuple[int, Any, str]:
+        return 200, {"request_id": future.request_id, **extra}, "application/json"
+
+    def _create_model(self, body: dict, arrived: float):
+        backend = self.server.backend
+        model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
+        lora = body.get("lora_config") or {}
+        with backend.lock:
+            if model_id not in backend.models:
+                backend.models[model_id] = TrainModel(model_id, body["base_model"], int(lora.get("rank", 32)),
+                                                      int(lora.get("seed") or 0))
+        return self._future(backend.submit_new_model("create_model", model_id, body, arrived), model_id=model_id)
+
+    def _load_weights(self, body: dict, arrived: float):
+        backend = self.server.backend
+        if body.get("session_id") is not None:  # create-via-load: the new model's first request, no model_id
+            model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
+            with backend.lock:
+                if model_id not in backend.models:
+                    backend.models[model_id] = TrainModel(model_id, body.get("base_model") or "", 0, 0)
+            return self._future(backend.submit_new_model("load_new", model_id, body, arrived), model_id=model_id)
+        return self._training("load_weights", body.get("model_id"), body.get("seq_id"), body, arrived)
+
+    def _training(self, kind: str, model_id: str | None, seq_id: int | None, body: Any, arrived: float):
+        try:
+            future = self.server.backend.submit_training(kind, model_id or "", seq_id, body, arrived)
+        except KeyError:
+            return 404, {"detail": f"no model {model_id!r}"}, "application/json"
+        return self._future(future, model_id=model_id)
+
+    def _get_info(self, body: dict):
+        from jobs.backends.model_files import model_dir
+
+        model = self.server.backend.models.get(body.get("model_id"))
+        if model is None or model.engine is None:
+            return 404, {"detail": f"no model {body.get('model_id')!r}"}, "application/json"
+        return 200, {"type": "get_info", "model_id": model.model_id, "is_lora": True, "lora_rank": model.rank,
+                     "model_name": model.base_model,
+                     "model_data": {"arch": "llama", "model_name": model.base_model,
+                                    "tokenizer_id": str(model_dir(model.base_model))}}, "application/json"
+
+    def _create_sampling_session(self, body: dict):
+        backend = self.server.backend
+        sampling_id = f"{body['session_id']}:sample:{body['sampling_session_seq_id']}"
+        path, base = body.get("model_path"), body.get("base_model")
+        if path:
+            folder = backend.resolve(path, ("sampler_weights", "weights"))
+            meta = json.loads((folder / "meta.json").read_text())
+            entry = {"base_model": base or meta["base_model"], "model_path": path, "adapter": str(folder)}
+        elif base:
+            backend._check_base(base)
+            entry = {"base_model": base, "model_path": None, "adapter": None}
+        else:
+            raise UserError("create_sampling_session needs model_path or base_model")
+        with backend.lock:
+            backend.samplers[sampling_id] = entry
+        return 200, {"sampling_session_id": sampling_id, "type": "create_sampling_session"}, "application/json"
+
+    def _asample(self, body: dict, arrived: float):
+        backend = self.server.backend
+        session = body.get("sampling_session_id")
+        if session:
+            entry = backend.samplers.get(session)
+            if entry is None:
+                return 404, {"detail": f"no sampling session {session!r}"}, "application/json"
+        elif body.get("model_path"):
+            folder = backend.resolve(body["model_path"], ("sampler_weights", "weights"))
+            entry = {"base_model": json.loads((folder / "meta.json").read_text())["base_model"],
+                     "adapter": str(folder)}
+        elif body.get("base_model"):
+            entry = {"base_model": body["base_model"], "adapter": None}
+        else:
+            raise UserError("asample needs a sampling session, a model_path or a base_model")
+        num = int(body.get("num_samples") or 1)
+        params = body.get("sampling_params") or {}
+        future = backend.new_future(arrived)
+        ids = [f"{future.request_id}:{i}" for i in range(num)]
+        try:
+            prompt = [t for chunk in body["prompt"]["chunks"] for t in _chunk_tokens(chunk)]
+            if body.get("topk_prompt_logprobs") or body.get("topk_sample_logprobs") or body.get("prompt_alt_tokens_k") \
+                    or body.get("target_prompt_logprobs") or body.get("prompt_logprobs_last_n"):
+                raise UserError("top-k logprobs, target or alternative prompt tokens and prompt_logprobs_last_n are "
+                                "not supported here")
+            if int(params.get("top_k", -1)) not in (-1, 0):
+                raise UserError("top_k is not supported here")
+            _check_stop(params.get("stop"), entry["base_model"])
+            if not prompt or num < 1:
+                raise UserError("an empty prompt or num_samples < 1")
+            seed = params.get("seed")
+            if seed is None:
+                seed = backend._seed_rng.randrange(2**31)
+            seeds = [(int(seed) + j * 2**32) % 2**63 for j in range(num)]
+            job = SampleJob(future, (entry["base_model"], entry.get("adapter")), prompt,
+                            int(params.get("max_tokens") or 16), float(params.get("temperature", 1.0)),
+                            float(params.get("top_p", 1.0)), seeds, bool(body.get("prompt_logprobs")), arrived)
+        except UserError as error:
+            backend.futures[future.request_id] = future
+            future.fail(str(error), "user")
+            return self._future(future, sample_sequence_ids=ids)
+        seq = body.get("seq_id")
+        future = backend.submit_sample((session, seq) if session and seq is not None else None, job)
+        return self._future(future, sample_sequence_ids=[f"{future.request_id}:{i}" for i in range(num)])
+
+    def _retrieve(self, body: dict):
+        future = self.server.backend.futures.get(body.get("request_id"))
+        if future is None:  # gone (a server restart): the SDK re-submits what it can
+            return 410, {"detail": "unknown or expired request"}, "application/json"
+        deadline = time.time() + POLL_WAIT_S
+        if not future.done.wait(max(0.0, deadline - time.time())) or future.ready_at > deadline:
+            return 408, {"type": "try_again", "request_id": future.request_id, "queue_state": "active"}, \
+                "application/json"
+        time.sleep(max(0.0, future.ready_at - time.time()))
+        if future.error is not None:
+            return 200, {"error": future.error, "category": future.category}, "application/json"
+        if isinstance(future.payload, bytes):
+            return 200, future.payload, "application/x-protobuf"
+        return 200, future.payload, "application/json"
+
+    def _external_urls(self, model_id: str, checkpoint_id: str):
+        backend = self.server.backend
+        folder = backend.resolve(f"tinker://{model_id}/{checkpoint_id}", ("external_weights",))
+        base = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}/files"
+        urls = {f.name: f"{base}/{urllib.parse.quote(model_id)}/external_weights/{urllib.parse.quote(folder.name)}/"
+                        f"{urllib.parse.quote(f.name)}"
+                for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=7)
+        return 200, {"urls": urls, "expires": expires.isoformat()}, "application/json"
+
+
+def _chunk_tokens(chunk: dict) -> list[int]:
+    if chunk.get("type", "encoded_text") != "encoded_text":
+        raise UserError("only token (encoded_text) prompts are supported here")
+    return [int(t) for t in chunk["tokens"]]
+
+
+_EOS: dict[str, tuple[int, str]] = {}
+
+
+def _check_stop(stop, base_model: str) -> None:
+    """Only the end-of-turn token stops the engine: None, or a stop list of just its id or text."""
+    if stop is None:
+        return
+    if base_model not in _EOS:
+        from transformers import AutoTokenizer
+
+        from jobs.backends.model_files import model_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(base_model))
+        _EOS[base_model] = (tokenizer.eos_token_id, tokenizer.eos_token)
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not stops or any(s not in _EOS[base_model] for s in stops):
+        raise UserError(f"stop={stop!r}: this server stops only at the end-of-turn token "
+                        f"{_EOS[base_model][0]} ({_EOS[base_model][1]!r})")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], backend: Backend):
+        super().__init__(address, Handler)
+        self.backend = backend
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+
+# -- the process -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows.tinker_server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="checkpoints and stats live here")
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "localhost"],
+                        help="loopback only")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each result is available")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of requests answered 429/500")
+    parser.add_argument("--fault-seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--max-batch", type=int, default=64, help="sample rows per engine call, at most")
+    parser.add_argument("--engine-batch", type=int, default=16, help="the engine's own decoding batch")
+    parser.add_argument("--batch-window", type=float, default=0.02,
+                        help="seconds the worker waits for more sample requests before a batch")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.fault_rate < 1.0:
+        parser.error("--fault-rate must be in [0, 1)")
+    backend = Backend(args.data_dir.resolve(), latency=args.latency, fault_rate=args.fault_rate,
+                      fault_seed=args.fault_seed, dtype=args.dtype, max_batch=args.max_batch,
+                      engine_batch=args.engine_batch, batch_window=args.batch_window).start()
+    server = Server(("127.0.0.1", args.port), backend)
+
+    def stop(signum, _frame):
+        _log().info("stopping", signal=signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"tinker-server listening on {server.url}", flush=True)
+    _log().info("tinker-server started", url=server.url, data_dir=str(backend.data_dir), latency=args.latency,
+                fault_rate=args.fault_rate, fault_seed=args.fault_seed, dtype=args.dtype, max_batch=args.max_batch)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        backend.stop()
+        _log().info("tinker-server stopped")
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TinkerServer:
+    """The server as a subprocess (so stopping or killing a client never stops it), for tests and the runner:
+
+        with TinkerServer(data_dir, latency=0, fault_rate=0).start() as server:
+            env = server.env()  # TINKER_BASE_URL, TINKER_API_KEY (a placeholder tml- key), TINKER_TELEMETRY=0
+
+    Its output goes to `<data_dir>/tinker-server.log`; `stats()` reads the request and fault counts."""
+
+    def __init__(self, data_dir: Path, latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0,
+                 dtype: str = "auto", max_batch: int = 64, port: int | None = None, extra_args: list[str] | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or _free_port()
+        self.args = ["--latency", str(latency), "--fault-rate", str(fault_rate), "--fault-seed", str(fault_seed),
+                     "--dtype", dtype, "--max-batch", str(max_batch), *(extra_args or [])]
+        self.api_key = "tml-local-" + uuid.uuid4().hex[:12]
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "tinker-server.log"
+
+    def env(self) -> dict[str, str]:
+        return {"TINKER_BASE_URL": self.base_url, "TINKER_API_KEY": self.api_key, "TINKER_TELEMETRY": "0"}
+
+    def start(self, timeout: float = 60.0) -> TinkerServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+        with open(self.log_path, "ab") as sink:  # the child keeps its own descriptor
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "workflows.tinker_server", "--data-dir", str(self.data_dir),
+                 "--port", str(self.port), *self.args],
+                stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=env, cwd=repo, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"tinker server exited with {self._process.returncode}: see {self.log_path}")
+                try:
+                    urllib.request.urlopen(f"{self.base_url}/_local/stats", timeout=1).read()
+                    return self
+                except OSError:
+                    time.sleep(0.1)
+            raise RuntimeError(f"tinker server did not answer on {self.base_url} within {timeout:.0f}s")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.base_url}/_local/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> TinkerServer:
+        return self if self._process else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

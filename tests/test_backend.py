@@ -154,7 +154,7 @@ def test_a_rows_sampled_reply_does_not_depend_on_its_batch_companions(sampler, c
 
 
 def test_sum_reduction_is_the_mean_times_the_weight_and_so_are_its_gradients():
-    trainer = open_trainer(FLOAT32, CONFIG.train)
+    trainer = LocalEngine.for_training(FLOAT32, CONFIG.train)
     data = batch(trainer.renderer)
     # LoRA's B starts at zero, so A has no gradient yet: one step first makes every gradient non-zero
     trainer.forward_backward(data)
@@ -181,7 +181,7 @@ def test_sum_reduction_is_the_mean_times_the_weight_and_so_are_its_gradients():
 
 
 def test_optim_step_is_adamw_with_the_given_hyperparameters_and_clipping():
-    trainer = open_trainer(FLOAT32, CONFIG.train)
+    trainer = LocalEngine.for_training(FLOAT32, CONFIG.train)
     data = batch(trainer.renderer)
     trainer.forward_backward(data)
     trainer.optim_step(1e-3)

@@ -86,3 +86,29 @@ def test_killed_training_resumes_to_the_same_adapter(backend, tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     different = [name for name in resumed if not (resumed[name] == uninterrupted[name]).all()]
     assert not different, f"{len(different)} tensors differ after resuming"
+
+
+def teacher_replies(run_id: str) -> dict[str, str]:
+    return {row["id"]: row["reply"] for row in store_for(run_id).read_jsonl("student", "conversations.jsonl")}
+
+
+def test_tinker_one_request_in_ten_failing_changes_no_output(store_env, tinker_server, monkeypatch, tmp_path):
+    """The same phases against two stand-ins, one answering 10% of its requests 429 or 500 before doing any work:
+    the SDK retries, and the teacher's replies and the trained adapter come out bit for bit the same."""
+    from workflows.tinker_server import TinkerServer
+
+    outputs = {}
+    with TinkerServer(tmp_path / "faulty", fault_rate=0.1, fault_seed=7) as faulty:
+        for name, server in (("clean", tinker_server), ("faulty", faulty)):
+            for key, value in server.env().items():
+                monkeypatch.setenv(key, value)
+            run_id = f"faults-{name}-tinker"
+            prepare(run_id, "tinker")
+            finish(jobs("train", run_id=run_id, backend="tinker"))
+            outputs[name] = (teacher_replies(run_id), adapter(run_id, "tinker", tmp_path / name))
+        faults = faulty.stats()
+    assert sum(faults["faults"].values()) > 0, faults
+    (clean_replies, clean_adapter), (faulty_replies, faulty_adapter) = outputs["clean"], outputs["faulty"]
+    assert faulty_replies == clean_replies
+    assert faulty_adapter.keys() == clean_adapter.keys()
+    assert all((faulty_adapter[k] == clean_adapter[k]).all() for k in clean_adapter)

@@ -837,19 +837,21 @@ def _chunk_tokens(chunk: dict) -> list[int]:
 
 
 _EOS: dict[str, tuple[int, str]] = {}
+_EOS_LOCK = threading.Lock()  # the first concurrent requests would otherwise import transformers at once, which fails
 
 
 def _check_stop(stop, base_model: str) -> None:
     """Only the end-of-turn token stops the engine: None, or a stop list of just its id or text."""
     if stop is None:
         return
-    if base_model not in _EOS:
-        from transformers import AutoTokenizer
+    with _EOS_LOCK:
+        if base_model not in _EOS:
+            from transformers import AutoTokenizer
 
-        from jobs.backends.model_files import model_dir
+            from jobs.backends.model_files import model_dir
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir(base_model))
-        _EOS[base_model] = (tokenizer.eos_token_id, tokenizer.eos_token)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir(base_model))
+            _EOS[base_model] = (tokenizer.eos_token_id, tokenizer.eos_token)
     stops = [stop] if isinstance(stop, str) else list(stop)
     if not stops or any(s not in _EOS[base_model] for s in stops):
         raise UserError(f"stop={stop!r}: this server stops only at the end-of-turn token "

@@ -23,6 +23,8 @@ from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl
 
 CHECKPOINTS = "checkpoints.jsonl"
 ADAPTER = "adapter.json"  # the trained adapter's locations (`backends.base.Adapter`)
+# part of the fingerprint: a train unit written before its outputs took this shape is redone, not misread
+OUTPUT_LAYOUT = 2
 
 
 def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:
@@ -144,4 +146,5 @@ def read_adapter(config: PhaseConfig) -> Adapter:
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "train", ("model", "train"), ("split",), lambda out: build(config, out))
+    return run_unit(config, "train", ("model", "train"), ("split",), lambda out: build(config, out),
+                    extra_key={"layout": OUTPUT_LAYOUT})

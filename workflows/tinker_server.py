@@ -422,6 +422,7 @@ class Backend:
             model.engine.save_state(staging)  # adapter + optimizer + RNG
         else:
             model.engine.model.save_pretrained(staging)  # a PEFT adapter folder
+        (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub: not part of the weights
         (staging / "meta.json").write_text(json.dumps({"base_model": model.base_model, "rank": model.rank,
                                                        "alpha": LORA_ALPHA, "seed": model.seed,
                                                        "model_id": model.model_id, "kind": kind}))

@@ -264,6 +264,13 @@ class Backend:
             self.lock.notify_all()
             return job.future
 
+    def finish_session(self, session_id: str) -> None:
+        """A finished session's training models free their engines, after the requests already queued."""
+        with self.lock:
+            for model_id in [m for m in self.models if m.startswith(f"{session_id}:train:")]:
+                self.ready.append(Job("release", None, Future("release", 0.0), time.time(), model_id))
+            self.lock.notify_all()
+
     # -- the worker: training jobs in order, sampling in batches, oldest first
     def _work(self) -> None:
         while True:
@@ -342,8 +349,11 @@ class Backend:
             return self._create_model(model, body)
         if job.kind == "load_new":
             return self._load_new(model, body)
+        if job.kind == "release":
+            model.engine = None
+            return {}
         if model.engine is None:
-            raise UserError(f"model {model.model_id} failed to load")
+            raise UserError(f"model {model.model_id} failed to load, or its session has finished")
         return getattr(self, "_" + job.kind)(model, body)
 
     def _create_model(self, model: TrainModel, body: dict) -> dict:
@@ -672,7 +682,10 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"session_id": uuid.uuid4().hex[:16], "type": "create_session"}, "application/json"
         if route == "session_heartbeat":
             return 200, {"type": "session_heartbeat"}, "application/json"
-        if re.fullmatch(r"sessions/[^/]+/finish", route) or route == "cancel_future":
+        if match := re.fullmatch(r"sessions/([^/]+)/finish", route):
+            backend.finish_session(match.group(1))
+            return 200, {}, "application/json"
+        if route == "cancel_future":
             return 200, {}, "application/json"
         if route == "create_model":
             return self._create_model(body, arrived)

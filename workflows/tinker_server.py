@@ -471,6 +471,7 @@ class Backend:
             self.stats["sample_batches"] += 1
             self.stats["sample_rows"] += sum(len(j.seeds) for j in batch)
             self.stats["largest_sample_batch"] = max(self.stats["largest_sample_batch"], sum(len(j.seeds) for j in batch))
+            self._write_stats()
         groups: dict[tuple, list[SampleJob]] = {}
         for job in batch:
             groups.setdefault((job.key, job.max_tokens, job.temperature, job.top_p), []).append(job)
@@ -641,9 +642,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(fault, {"detail": f"injected fault ({fault})"})
             status, payload, content_type = self._route(method, route, raw, arrived)
             self._send(status, payload, content_type)
-        except UserError as error:
+        except (UserError, KeyError, ValueError, TypeError) as error:  # a request of the wrong shape: not retried
             status = 400
-            self._send(400, {"detail": str(error)})
+            self._send(400, {"detail": f"bad request: {error}"})
         except Exception as error:  # noqa: BLE001
             _log().exception("handler failed", path=path)
             self._send(500, {"detail": f"{type(error).__name__}: {error}"})

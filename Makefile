@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-ci chat review test test-fast bench render clean
+.PHONY: help setup run run-ci chat review test test-fast bench render clean tinker-server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -57,6 +57,15 @@ bench: setup ## the local engine against HF generate and TRL's SFTTrainer on thi
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml
 	cp workflows/pipeline.yaml helm/distill/files/pipeline.yaml
+
+# the Tinker stand-in's port, data folder and extra flags, e.g. TINKER_ARGS="--latency 0.2 --fault-rate 0.1"
+TINKER_PORT ?= 8765
+TINKER_DATA ?= .distill/tinker
+TINKER_ARGS ?=
+
+tinker-server: setup ## a Tinker-compatible API on loopback, backed by the local engine (stand-in for the hosted service)
+	@echo "export TINKER_BASE_URL=http://127.0.0.1:$(TINKER_PORT) TINKER_API_KEY=tml-local-placeholder TINKER_TELEMETRY=0"
+	$(PY) -m workflows.tinker_server --data-dir $(TINKER_DATA) --port $(TINKER_PORT) $(TINKER_ARGS)
 
 clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 	rm -rf .distill reports

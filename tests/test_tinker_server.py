@@ -188,7 +188,7 @@ def test_tinker_faults_and_latency_change_nothing_but_time(service, sampler, tmp
     clean_tc = service.create_lora_training_client(base_model=BASE, rank=RANK, seed=0).result()
     expected_losses = train_steps(clean_tc, data, 2)
     expected_sample = sample(service.create_sampling_client(base_model=BASE).result(), prompt, 42)
-    with TinkerServer(tmp_path / "faulty", dtype="float32", latency=0.2, fault_rate=0.3, fault_seed=3) as faulty, \
+    with TinkerServer(tmp_path / "faulty", dtype="float32", latency=0.2, fault_rate=0.3, fault_seed=7) as faulty, \
             tinker.ServiceClient(base_url=faulty.base_url, api_key=faulty.api_key) as svc:
         tc = svc.create_lora_training_client(base_model=BASE, rank=RANK, seed=0).result()
         assert train_steps(tc, data, 2) == pytest.approx(expected_losses, rel=1e-5)
@@ -199,7 +199,7 @@ def test_tinker_faults_and_latency_change_nothing_but_time(service, sampler, tmp
             replies = list(pool.map(lambda seed: sample(sc, prompt, seed), [42, 42, 43, 44]))
         assert replies[0] == replies[1] == expected_sample
         stats = faulty.stats()
-        assert sum(stats["faults"].values()) > 0, stats
+        assert sum(stats["faults"].values()) > 0, stats  # seed 7: normally the first forward_backward too
         assert json.loads((faulty.data_dir / "tinker-server-stats.json").read_text())["faults"] == stats["faults"]
         assert path.startswith("tinker://")
 

@@ -264,6 +264,13 @@ class Backend:
             self.lock.notify_all()
             return job.future
 
+    def finish_session(self, session_id: str) -> None:
+        """A finished session's training models free their engines, after the requests already queued."""
+        with self.lock:
+            for model_id in [m for m in self.models if m.startswith(f"{session_id}:train:")]:
+                self.ready.append(Job("release", None, Future("release", 0.0), time.time(), model_id))
+            self.lock.notify_all()
+
     # -- the worker: training jobs in order, sampling in batches, oldest first
     def _work(self) -> None:
         while True:
@@ -342,8 +349,11 @@ class Backend:
             return self._create_model(model, body)
         if job.kind == "load_new":
             return self._load_new(model, body)
+        if job.kind == "release":
+            model.engine = None
+            return {}
         if model.engine is None:
-            raise UserError(f"model {model.model_id} failed to load")
+            raise UserError(f"model {model.model_id} failed to load, or its session has finished")
         return getattr(self, "_" + job.kind)(model, body)
 
     def _create_model(self, model: TrainModel, body: dict) -> dict:
@@ -422,6 +432,7 @@ class Backend:
             model.engine.save_state(staging)  # adapter + optimizer + RNG
         else:
             model.engine.model.save_pretrained(staging)  # a PEFT adapter folder
+        (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub: not part of the weights
         (staging / "meta.json").write_text(json.dumps({"base_model": model.base_model, "rank": model.rank,
                                                        "alpha": LORA_ALPHA, "seed": model.seed,
                                                        "model_id": model.model_id, "kind": kind}))
@@ -460,6 +471,7 @@ class Backend:
             self.stats["sample_batches"] += 1
             self.stats["sample_rows"] += sum(len(j.seeds) for j in batch)
             self.stats["largest_sample_batch"] = max(self.stats["largest_sample_batch"], sum(len(j.seeds) for j in batch))
+            self._write_stats()
         groups: dict[tuple, list[SampleJob]] = {}
         for job in batch:
             groups.setdefault((job.key, job.max_tokens, job.temperature, job.top_p), []).append(job)
@@ -630,9 +642,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(fault, {"detail": f"injected fault ({fault})"})
             status, payload, content_type = self._route(method, route, raw, arrived)
             self._send(status, payload, content_type)
-        except UserError as error:
+        except (UserError, KeyError, ValueError, TypeError) as error:  # a request of the wrong shape: not retried
             status = 400
-            self._send(400, {"detail": str(error)})
+            self._send(400, {"detail": f"bad request: {error}"})
         except Exception as error:  # noqa: BLE001
             _log().exception("handler failed", path=path)
             self._send(500, {"detail": f"{type(error).__name__}: {error}"})
@@ -671,7 +683,10 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"session_id": uuid.uuid4().hex[:16], "type": "create_session"}, "application/json"
         if route == "session_heartbeat":
             return 200, {"type": "session_heartbeat"}, "application/json"
-        if re.fullmatch(r"sessions/[^/]+/finish", route) or route == "cancel_future":
+        if match := re.fullmatch(r"sessions/([^/]+)/finish", route):
+            backend.finish_session(match.group(1))
+            return 200, {}, "application/json"
+        if route == "cancel_future":
             return 200, {}, "application/json"
         if route == "create_model":
             return self._create_model(body, arrived)

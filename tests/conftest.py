@@ -32,10 +32,11 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tinker_server(tmp_path_factory):
-    """The local stand-in for the Tinker API (`workflows.tinker_server`), fault-free, for the whole session."""
+    """The local stand-in for the Tinker API (`workflows.tinker_server`), fault-free, in float32 like the ci profile,
+    for the whole session."""
     from workflows.tinker_server import TinkerServer
 
-    with TinkerServer(tmp_path_factory.mktemp("tinker")) as server:
+    with TinkerServer(tmp_path_factory.mktemp("tinker"), dtype="float32") as server:
         yield server
 
 

@@ -98,7 +98,7 @@ def test_tinker_one_request_in_ten_failing_changes_no_output(store_env, tinker_s
     from workflows.tinker_server import TinkerServer
 
     outputs = {}
-    with TinkerServer(tmp_path / "faulty", fault_rate=0.1, fault_seed=7) as faulty:
+    with TinkerServer(tmp_path / "faulty", fault_rate=0.1, fault_seed=7, dtype="float32") as faulty:
         for name, server in (("clean", tinker_server), ("faulty", faulty)):
             for key, value in server.env().items():
                 monkeypatch.setenv(key, value)

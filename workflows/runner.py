@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             layers = user_layers(args.config, args.set)
             config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
-            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3, tinker_service(args, data) as tinker:
+            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3, tinker_service(args.tinker_server, pipeline.model.dtype, data) as tinker:
                 os.environ.update(s3.env())
                 run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
                 print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")
@@ -476,14 +476,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def tinker_service(args, data: Path) -> Iterator[dict[str, str]]:
+def tinker_service(wanted: bool, dtype: str, data: Path) -> Iterator[dict[str, str]]:
     """With --tinker-server, the local stand-in for the Tinker API and the variables that point the steps at it."""
-    if not args.tinker_server:
+    if not wanted:
         yield {}
         return
     from workflows.tinker_server import TinkerServer
 
-    with TinkerServer(data / "tinker") as server:
+    # the stand-in computes in the run's model.dtype, as the local engine would
+    with TinkerServer(data / "tinker", dtype=dtype) as server:
         print(f"Tinker API: the local stand-in at {server.base_url} (backed by the local engine)")
         yield server.env()
 

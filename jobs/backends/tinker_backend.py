@@ -175,8 +175,10 @@ class TinkerBackend:
 
     def adapter_files(self, adapter: Adapter, folder: Path) -> Path:
         import httpx
+        import tinker
 
-        urls = self.service.create_rest_client().get_external_weights_urls(adapter.download).result().urls
+        rest = tinker.RestClient(base_url=self.settings.base_url or None)
+        urls = rest.get_external_weights_urls(adapter.download).result().urls
         missing = [name for name in ADAPTER_FILES if name not in urls]
         if missing:
             raise RuntimeError(f"{adapter.download}: the exported weights lack {', '.join(missing)}")

@@ -245,3 +245,20 @@ def test_byte_order_mark_windows_line_ends_and_control_token_text_are_accepted(s
     assert len(kept) == len(rows) and kept[0]["prompt"] == "What is a symphony to you?"
     assert kept[2]["prompt"].startswith("<|im_start|>system")  # kept as text; the renderer keeps it text
     assert store.read_json("ingest", "card.json")["name"] == "Mozart"
+
+
+@pytest.mark.parametrize("key", [None, "sk-not-a-tinker-key", "tml-", "tml-has a space"],
+                         ids=["missing", "not-tml", "prefix-only", "space"])
+def test_tinker_api_key_missing_or_malformed_is_one_line_before_any_work(key, store_env, monkeypatch):
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    if key is not None:
+        monkeypatch.setenv("TINKER_API_KEY", key)
+    monkeypatch.setenv("TINKER_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: no request may be made
+    before = manifests()
+    result = jobs("ingest", "--profile", "ci", "--run-id", "bad-tinker-key", "--backend", "tinker")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "TINKER_API_KEY" in lines[0], lines[0]
+    if key and key != "tml-":  # the prefix alone is what the message itself names
+        assert key not in result.stdout + result.stderr
+    assert store_for("bad-tinker-key").manifest("ingest") is None and manifests() == before

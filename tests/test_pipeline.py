@@ -111,13 +111,17 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# how far the tinker backend's figures may be from the local engine's on the same inputs: the engine underneath
-# is the same and every prompt samples with its own seed, but requests are batched differently on the server,
-# and a batch's shapes move float sums by an ulp, which can flip a sampled token now and then
-TINKER_TOLERANCE = {"first_loss": 0.05, "similarity_student": 0.05, "similarity_base": 0.05, "nll_student": 0.05,
-                    "nll_base": 0.05, "nll_teacher": 0.05, "persona_similarity_student": 0.05}
+# how far the tinker backend's figures may be from the local engine's on the same inputs. The engine underneath is
+# the same, in float32, and every prompt samples with its own seed, so they have come out identical; but the
+# stand-in batches requests as they arrive, and another batch shape can round a float sum differently and flip a
+# sampled token now and then: the test allows that much
+TINKER_TOLERANCE = 0.02
+# figures that are the backend's name or wall-clock time, not results
+NOT_RESULTS = {"backend", "device", "dtype", "latency_ratio", "latency_with_card_s", "latency_without_card_s",
+               "prefill_ratio", "prefill_with_card_s", "prefill_without_card_s"}
 
 
+@pytest.mark.timeout(1800)  # two whole ci runs (the local one shared with the tests above) in its set-up
 def test_tinker_backend_runs_the_ci_profile_and_agrees_with_the_local_engine(ci_run, tinker_run):
     assert "Tinker API: the local stand-in at http://127.0.0.1:" in tinker_run["stdout"]
     for unit in (*PHASES, "teacher/shard-00000", "teacher/shard-00001"):
@@ -130,13 +134,12 @@ def test_tinker_backend_runs_the_ci_profile_and_agrees_with_the_local_engine(ci_
     tinker_replies = {r["id"]: r["reply"] for r in jsonl(tinker_run["runs"] / "student" / "conversations.jsonl")}
     assert local_replies.keys() == tinker_replies.keys()
     same = sum(local_replies[k] == tinker_replies[k] for k in local_replies) / len(local_replies)
-    assert same >= 0.8, f"only {same:.0%} of the teacher's replies agree"
-    figures = {**manifest(ci_run, "train")["metrics"], **manifest(ci_run, "evaluate")["metrics"]}
-    tinker_figures = {**manifest(tinker_run, "train")["metrics"], **manifest(tinker_run, "evaluate")["metrics"]}
-    for name, tolerance in TINKER_TOLERANCE.items():
-        assert abs(figures[name] - tinker_figures[name]) <= tolerance, (name, figures[name], tinker_figures[name])
-    for name in ("prompt_tokens_with_card", "prompt_tokens_without_card", "eval_prompts", "train_rows"):
-        assert figures[name] == tinker_figures[name], name
+    assert same >= 0.9, f"only {same:.0%} of the teacher's replies agree"
+    for unit, names in (("train", ("first_loss", "last_loss", "val_loss_last", "train_tokens")), ("evaluate", None)):
+        local, tinker = manifest(ci_run, unit)["metrics"], manifest(tinker_run, unit)["metrics"]
+        for name in names or sorted(set(local) - NOT_RESULTS):
+            a, b = local[name], tinker[name]
+            assert (abs(a - b) <= TINKER_TOLERANCE * max(1.0, abs(a)) if isinstance(a, float) else a == b), (name, a, b)
 
 
 def test_every_phase_finished_with_a_manifest(ci_run):

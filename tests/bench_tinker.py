@@ -63,7 +63,8 @@ def main() -> None:
         sample_ideal = args.prompts / (math.ceil(args.prompts / args.in_flight) * args.latency)
 
         trainer = backend.trainer(TrainConfig(lora_rank=8))
-        rows = [Datum(p + render.reply("Ja, ja."), [0.0] * len(p) + [1.0] * 4) for p in prompts[:4]]
+        reply = render.reply("Ja, ja, so ist es.")
+        rows = [Datum(p + reply, [0.0] * len(p) + [1.0] * len(reply)) for p in prompts[:4]]
         trainer.forward_backward(rows).result()  # warm-up: the first step builds the optimizer
         trainer.optim_step(1e-4).result()
         started = time.perf_counter()

@@ -147,8 +147,10 @@ class TinkerBackend:
         from jobs.backends.model_files import tokenizer_dir
 
         self.model, self.settings = model, settings
+        # resolved here and passed on: the SDK caches its REST connections by the arguments it is given
+        self.base_url = settings.base_url or os.environ.get("TINKER_BASE_URL") or None
         try:
-            self.service = tinker.ServiceClient(base_url=settings.base_url or None)
+            self.service = tinker.ServiceClient(base_url=self.base_url)
         except tinker.AuthenticationError:
             raise InputError(f"${KEY_ENV} was refused by the Tinker API") from None
         except tinker.APIConnectionError as exc:
@@ -177,7 +179,7 @@ class TinkerBackend:
         import httpx
         import tinker
 
-        rest = tinker.RestClient(base_url=self.settings.base_url or None)
+        rest = tinker.RestClient(base_url=self.base_url, api_key=os.environ[KEY_ENV])
         urls = rest.get_external_weights_urls(adapter.download).result().urls
         missing = [name for name in ADAPTER_FILES if name not in urls]
         if missing:

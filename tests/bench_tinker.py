@@ -10,7 +10,7 @@ Prints both against their ideal; the goal is at least 90%. The requests are kept
 sampled, short rows trained) so that the engine's own compute stays well below L, as it is on the hosted
 service where L is queueing and network time.
 
-    .venv/bin/python tests/bench_tinker.py [--latency 2] [--in-flight 32] [--prompts 128] [--steps 8]
+    .venv/bin/python tests/bench_tinker.py [--latency 5] [--in-flight 32] [--prompts 96] [--steps 6]
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--latency", type=float, default=2.0, help="seconds added to every request (default 2)")
+    p.add_argument("--latency", type=float, default=5.0, help="seconds added to every request (default 5)")
     p.add_argument("--in-flight", type=int, default=32, help="sampling requests in flight (default 32)")
-    p.add_argument("--prompts", type=int, default=128, help="prompts sampled (default 128)")
+    p.add_argument("--prompts", type=int, default=96, help="prompts sampled (default 96)")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens sampled per prompt (default 4)")
-    p.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
+    p.add_argument("--steps", type=int, default=6, help="training steps (default 6)")
     args = p.parse_args()
 
     from jobs.backends.tinker_backend import TinkerBackend

@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
+# your own character card (YAML, Character Card V2/V3 JSON or PNG) and, optionally, its prompts (JSONL/Parquet)
+CARD ?=
+PROMPTS ?=
 BENCH_ARGS ?=
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
@@ -28,8 +31,8 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
-run: setup ## run the whole pipeline locally (PROFILE=demo); prints where the report is
-	$(PY) -m workflows.runner --profile $(PROFILE)
+run: setup ## run the whole pipeline locally (PROFILE=demo; CARD=your card [PROMPTS=your prompts]); prints the report
+	$(PY) -m workflows.runner --profile $(PROFILE) $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)

@@ -393,6 +393,7 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.backends.model_files import cache_root
+    from jobs.card import card_bytes, read_card
     from jobs.cli import OneLineParser, derive_run_id
     from jobs.config import PROFILES, load_pipeline_config, user_layers
     from jobs.store import ArtifactStore, StoreSettings, check_run_id
@@ -402,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="demo", choices=PROFILES)
     p.add_argument("--config", help="YAML file merged over the profile")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--card", help="a character card: YAML, Character Card V2/V3 JSON or a PNG with one "
+                                  "(sets ingest.card)")
+    p.add_argument("--prompts", help="a JSONL/Parquet prompt file, or `synthesize` (sets ingest.prompts; with --card "
+                                     "alone the prompts are synthesized)")
     p.add_argument("--run-id", help="default: derived from card, prompts and config")
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
@@ -417,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             args = p.parse_args(argv)
             if args.run_id is not None:
                 check_run_id(args.run_id)  # before anything is written
-            pipeline = load_pipeline_config(args.profile, args.config, args.set)
-            layers = user_layers(args.config, args.set)
+            overrides = [*args.set, *input_overrides(args.card, args.prompts)]
+            pipeline = load_pipeline_config(args.profile, args.config, overrides)
+            layers = user_layers(args.config, overrides)
+            if not pipeline.ingest.card.startswith("s3://"):  # a bad card is refused before anything starts
+                read_card(card_bytes(pipeline.ingest, StoreSettings()), pipeline.ingest.card)
             config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
             with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3:
@@ -463,6 +471,18 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{r.step.label} {r.seconds:.0f}s" for r in results))
     print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
     return 0
+
+
+def input_overrides(card: str | None, prompts: str | None) -> list[str]:
+    """--card and --prompts as settings. A local path is made absolute, as the steps may run in another folder;
+    JSON quoting keeps it a string whatever characters it holds (JSON is YAML)."""
+    from jobs.prompts import SYNTHESIZE
+
+    def value(source: str) -> str:
+        named = source == SYNTHESIZE or source.startswith(("s3://", "hf:", "builtin:"))
+        return json.dumps(source if named else str(Path(source).resolve()))
+
+    return [f"ingest.{key}={value(source)}" for key, source in (("card", card), ("prompts", prompts)) if source]
 
 
 def _fault_summary(s3, runner: Runner) -> None:

@@ -46,7 +46,7 @@ class SynthesisConfig(Section):
     batch_size: int = Field(64, ge=1, le=512)
     seed: int = 0
     # a round asks once for every slot still open; slots still open after the last round are reported
-    max_rounds: int = Field(8, ge=1, le=100)
+    max_rounds: int = Field(12, ge=1, le=100)
     # a candidate whose embedding has at least this cosine similarity to a kept prompt is a near-duplicate
     similarity: float = Field(0.9, gt=0.0, le=1.0)
 

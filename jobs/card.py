@@ -41,7 +41,7 @@ many may me might more most much must my myself never no nor not now of off ofte
 ourselves out over own people same says she should since so some still such than that the their theirs them
 themselves then there these they this those through to too under until up upon very was way we well were what
 when where which while who whom why will with would yet you your yours yourself yourselves user char speak
-speaks answer answers always never first person years""".split())
+speaks answer answers always never first person years behind""".split())
 
 
 class CharacterCard(BaseModel):

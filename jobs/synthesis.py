@@ -4,9 +4,9 @@ SmolLM2-135M does not follow "write 240 varied questions", but it continues a pa
 few-shot document already begun in the assistant's turn, worked examples of every kind ("Kind: ... Topic: ...
 Question: ..."), ending in an open "Question:" for one (kind, topic) slot; the first line it writes is the
 candidate. The examples are the same for every row of a round (shuffled per round), so the engine computes
-them once. Candidates are audited (one question, length bounds, on its topic, not a copied example), then
-deduplicated exactly and by embedding similarity against everything kept so far (the user's prompts
-included); rounds repeat for the slots still open, each with a new seed.
+them once. Candidates are audited (one question, length bounds, on its topic and of its kind, not a copied
+example), then deduplicated exactly and by embedding similarity against everything kept so far (the given
+prompts included); rounds repeat for the slots still open, each with a new seed and more tries per slot.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from jobs.card import CharacterCard
+from jobs.card import STOPWORDS, CharacterCard
 from jobs.config import IngestConfig, ModelConfig
 
 # kind -> (label in the few-shot document, worked examples as (topic, question)); the examples are about other
@@ -63,8 +63,6 @@ BREAK = ("being a program", "your real name", "your training data", "the company
          "pretending", "being a chatbot", "the role you play")
 CARD_KINDS = ("life", "opinion", "advice", "small_talk")
 MAX_TRIES = 4  # the most requests one open slot gets in a round
-STOPWORDS = frozenset("the and for with about your their from into over under what when this that these those "
-                      "have been other some being behind".split())
 
 
 @dataclass(frozen=True)
@@ -91,8 +89,9 @@ def plan(card: CharacterCard, count: int) -> list[Slot]:
     kinds, slots, walked = list(KINDS), [], Counter()
     for number in range(count):
         kind = kinds[number % len(kinds)]
-        step = walked["card" if kind in CARD_KINDS else kind]
-        walked["card" if kind in CARD_KINDS else kind] += 1
+        walk = "card" if kind in CARD_KINDS else kind
+        step = walked[walk]
+        walked[walk] += 1
         slots.append(Slot(kind, pools[kind], step + step // len(pools[kind])))
     return slots
 

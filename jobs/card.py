@@ -3,7 +3,7 @@
 Three formats, told apart by their bytes (not the file name): the project's YAML card; Character Card V2/V3
 JSON (`spec: chara_card_v2` / `chara_card_v3`, fields under `data`); and such a card in a PNG's `tEXt` chunk
 (`ccv3` for V3, `chara` for V2, base64 JSON). Each becomes one `CharacterCard`; `read_card` also says which
-source field went where (README: "Character cards"). `{{char}}` and `{{user}}` are substituted in every text.
+source field went where (README: "Your own character"). `{{char}}` and `{{user}}` are substituted in every text.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class _V2Data(BaseModel):
         return value
 
 
-# V2/V3 field -> the CharacterCard field it fills (README: "Character cards"); fields not listed are not read
+# V2/V3 field -> the CharacterCard field it fills (README: "Your own character"); fields not listed are not read
 V2_MAPPING = {
     "data.name": "name",
     "data.system_prompt": "system_prompt (first paragraph; {{original}} dropped)",
@@ -137,7 +137,7 @@ def read_card(data: bytes, where: str) -> ReadCard:
         keyword, payload = _png_card(data, where)
         inner = f"{where} (tEXt chunk {keyword!r})"
         try:
-            text = base64.b64decode(payload, validate=True)
+            text = base64.b64decode(b"".join(payload.split()), validate=True)  # wrapped lines are fine
         except (binascii.Error, ValueError):
             raise InputError(f"{inner}: not valid base64") from None
         read = _chara_card(text, inner)
@@ -214,12 +214,14 @@ def _finished(card: dict, char: str, description: str) -> dict:
     return done
 
 
+# capitalised words in a row ("Augustus De Morgan"), not at the start of the text, a line or a sentence
+NAME = re.compile(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b([A-Z][\w'-]+(?: (?:de |van |von |of )?[A-Z][\w'-]+)*)")
+
+
 def derived_topics(text: str) -> list[str]:
     """Topics a description suggests, most frequent first: the names in it (capitalised words not opening a
     sentence, e.g. "Charles Babbage"), then its longer ordinary words."""
-    names = Counter(m.group(1) for m in re.finditer(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b([A-Z][\w'-]+(?: (?:de |van |von |of )?"
-                                                     r"[A-Z][\w'-]+)*)", text)
-                    if m.group(1).lower() not in STOPWORDS)
+    names = Counter(m.group(1) for m in NAME.finditer(text) if m.group(1).lower() not in STOPWORDS)
     words = Counter(w for w in re.findall(r"\b[a-z][a-z'-]{4,}\b", text) if w not in STOPWORDS)
     return [t for t, _ in names.most_common()] + [w for w, _ in words.most_common()]
 

@@ -79,7 +79,8 @@ def test_topics_are_derived_from_the_description_when_too_few_are_declared():
 
 
 MALFORMED = {
-    "bad JSON": (b'{"spec": "chara_card_v2", "data": {"name": "A",}}', "c.json:1:48: not valid JSON (Expecting property name"),
+    "bad JSON": (b'{"spec": "chara_card_v2", "data": {"name": "A",}}',
+                 "c.json:1:48: not valid JSON (Expecting property name"),
     "wrong spec": (json.dumps({**V2, "spec": "chara_card_v9"}).encode(),
                    "c.json: spec 'chara_card_v9': expected a Character Card with spec chara_card_v2 or chara_card_v3"),
     "no spec": (json.dumps({"data": V2["data"]}).encode(), "c.json: no 'spec' field"),

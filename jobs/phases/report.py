@@ -95,22 +95,23 @@ def figures(train: dict, ev: dict, audit: dict) -> list[tuple[str, str]]:
 
 def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
     """Ingest's figures: the card's format and field mapping, its size, and where the prompts came from."""
-    card = profile["card"]
+    card, synthesis = profile["card"], profile.get("synthesis")
     rows = [("card", f"{card['source']} ({card['format']})"),
             *((f"card field {source}", target) for source, target in card["mapping"].items()),
-            ("teacher system prompt", f"{card['system_prompt_chars']} characters, about {card['system_prompt_tokens']} "
-                                      f"tokens ({card['tokens_counted_by']})"),
-            ("prompts", f"{profile['rows_kept']} from {profile['source']} ({profile['rows_read']} read; the profile "
-                        f"needs at least {profile['needed']})")]
-    synthesis = profile.get("synthesis")
+            ("teacher system prompt", f"{card['system_prompt_chars']} characters, about "
+                                      f"{card['system_prompt_tokens']} tokens ({card['tokens_counted_by']})"),
+            ("prompts", f"{profile['rows_kept']} from {profile['source']} ({profile['rows_read']} read; the "
+                        f"profile needs at least {profile['needed']})")]
     if synthesis:
         settings = ", ".join(f"{k}={v}" for k, v in synthesis["settings"].items())
-        rows += [("synthesized prompts", f"{synthesis['written']} of {synthesis['asked']} asked, {synthesis['rounds']} "
-                                         f"rounds, {synthesis['wall_s']:.0f}s ({settings})"),
-                 ("synthesized, by kind", ", ".join(f"{k} {v}" for k, v in synthesis["kinds"].items())),
-                 ("synthesized, by card topic", ", ".join(f"{k} {v}" for k, v in synthesis["topics"].items())),
-                 ("synthesis candidates refused", ", ".join(f"{k} {v}" for k, v in synthesis["refused"].items())
-                  or "none")]
+        counts = {key: ", ".join(f"{k} {v}" for k, v in synthesis[key].items()) or "none"
+                  for key in ("kinds", "topics", "refused")}
+        rows += [("synthesized prompts", f"{synthesis['written']} of {synthesis['asked']} asked, "
+                                         f"{synthesis['rounds']} rounds, {synthesis['wall_s']:.0f}s ({settings})"),
+                 ("synthesized, by kind", counts["kinds"]),
+                 ("synthesized, by card topic", counts["topics"]),
+                 ("card topics without a synthesized prompt", ", ".join(synthesis["topics_missing"]) or "none"),
+                 ("synthesis candidates refused", counts["refused"])]
     return rows
 
 

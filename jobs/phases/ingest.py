@@ -117,8 +117,8 @@ def build(config: PhaseConfig, read: ReadCard, source: str, rows_read: int, kept
                "words": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
                "card": {"source": ingest.card, "format": read.format, "mapping": read.mapping,
                         "system_prompt_chars": len(system), "system_prompt_tokens": estimate_tokens(system),
-                        "tokens_counted_by": f"estimate, {BYTES_PER_TOKEN:g} UTF-8 bytes a token (ingest has no "
-                                             "tokenizer; the report's per-request counts are exact)"}}
+                        "tokens_counted_by": f"estimated at {BYTES_PER_TOKEN:g} UTF-8 bytes a token: ingest loads "
+                                             "no tokenizer; the report's per-request token counts are exact"}}
     out.write_json("card.json", read.card.model_dump())
     out.write_jsonl("prompts.jsonl", kept)
     if synthesis is not None:

@@ -99,7 +99,7 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
     rows = [("card", f"{card['source']} ({card['format']})"),
             *((f"card field {source}", target) for source, target in card["mapping"].items()),
             ("teacher system prompt", f"{card['system_prompt_chars']} characters, about "
-                                      f"{card['system_prompt_tokens']} tokens ({card['tokens_counted_by']})"),
+                                      f"{card['system_prompt_tokens']} tokens, {card['tokens_counted_by']}"),
             ("prompts", f"{profile['rows_kept']} from {profile['source']} ({profile['rows_read']} read; the "
                         f"profile needs at least {profile['needed']})")]
     if synthesis:

@@ -7,6 +7,9 @@ PROFILE ?= demo
 # the local stand-in (workflows/tinker_server.py) instead of $TINKER_BASE_URL or the hosted service
 BACKEND ?=
 TINKER_SERVER ?=
+# your own character card (YAML, Character Card V2/V3 JSON or PNG) and, optionally, its prompts (JSONL/Parquet)
+CARD ?=
+PROMPTS ?=
 BENCH_ARGS ?=
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
@@ -32,8 +35,9 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
-run: setup ## run the whole pipeline locally (PROFILE=demo, BACKEND=tinker TINKER_SERVER=1); prints where the report is
-	$(PY) -m workflows.runner --profile $(PROFILE) $(if $(BACKEND),--backend $(BACKEND)) $(if $(TINKER_SERVER),--tinker-server)
+run: setup ## run the whole pipeline locally (PROFILE=demo; CARD=your card [PROMPTS=...]; BACKEND=tinker TINKER_SERVER=1)
+	$(PY) -m workflows.runner --profile $(PROFILE) $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
+	  $(if $(BACKEND),--backend $(BACKEND)) $(if $(TINKER_SERVER),--tinker-server)
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)

@@ -1,21 +1,57 @@
-"""The character card: who the teacher plays. YAML with name, system_prompt, style_rules, topics."""
+"""The character card: who the teacher plays.
+
+Three formats, told apart by their bytes (not the file name): the project's YAML card; Character Card V2/V3
+JSON (`spec: chara_card_v2` / `chara_card_v3`, fields under `data`); and such a card in a PNG's `tEXt` chunk
+(`ccv3` for V3, `chara` for V2, base64 JSON). Each becomes one `CharacterCard`; `read_card` also says which
+source field went where (README: "Your own character"). `{{char}}` and `{{user}}` are substituted in every text.
+"""
 
 from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.assets import builtin
 from jobs.config import IngestConfig
 from jobs.errors import InputError
-from jobs.inputs import load_yaml
+from jobs.inputs import decode_text, load_yaml
 from jobs.store import StoreSettings, fetch_source
+
+USER_NAME = "User"  # what {{user}} becomes: the teacher talks to one anonymous user
+SPECS = ("chara_card_v2", "chara_card_v3")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KEYWORDS = ("ccv3", "chara")  # V3's chunk first: a V3 writer keeps a V2 copy in `chara` for old readers
+MIN_TOPICS = 6  # fewer declared topics (YAML `topics`, V2/V3 `tags`) are filled up from the description
+MIN_SYSTEM_CHARS = 20
+# V2/V3 tags that say what kind of card it is, not what the character talks about
+META_TAGS = frozenset("male female nsfw sfw oc original character human english roleplay rp bot chatbot ai other "
+                      "non-binary anime".split())
+STOPWORDS = frozenset("""a about above after again against all also always am an and any are as at be because been
+before being below between both but by can could did do does doing down during each every few for from further
+had has have having he her here hers herself him himself his how i if in into is it its itself just know like
+many may me might more most much must my myself never no nor not now of off often on once only or other our ours
+ourselves out over own people same says she should since so some still such than that the their theirs them
+themselves then there these they this those through to too under until up upon very was way we well were what
+when where which while who whom why will with would yet you your yours yourself yourselves user char speak
+speaks answer answers always never first person years behind""".split())
 
 
 class CharacterCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    system_prompt: str = Field(min_length=20)
+    system_prompt: str = Field(min_length=MIN_SYSTEM_CHARS)
+    personality: str = ""
+    scenario: str = ""
+    example_dialogue: str = ""
     style_rules: list[str] = []
     topics: list[str] = []
     greeting: str = ""
@@ -28,9 +64,61 @@ class CharacterCard(BaseModel):
         return value.strip()
 
     def teacher_system_prompt(self) -> str:
-        """The full text the teacher gets as its system message: the prompt plus the style rules."""
+        """The full text the teacher gets as its system message, in this order: the prompt, the personality, the
+        scenario, the example dialogue, the style rules (empty parts left out)."""
         rules = "".join(f"\n- {rule}" for rule in self.style_rules)
-        return self.system_prompt + (f"\n\nStyle rules:{rules}" if rules else "")
+        parts = [self.system_prompt,
+                 f"{self.name}'s personality: {self.personality}" if self.personality else "",
+                 f"Scenario: {self.scenario}" if self.scenario else "",
+                 f"Example dialogue:\n{self.example_dialogue}" if self.example_dialogue else "",
+                 f"Style rules:{rules}" if rules else ""]
+        return "\n\n".join(part for part in parts if part)
+
+
+class _V2Data(BaseModel):
+    """The fields of Character Card V2 (and V3, which adds to them) that ingest reads; others are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    personality: str = ""
+    scenario: str = ""
+    first_mes: str = ""
+    mes_example: str = ""
+    system_prompt: str = ""
+    post_history_instructions: str = ""
+    tags: list[str] = []
+    nickname: str = ""  # V3: what {{char}} stands for when set
+
+    @field_validator("name", "description")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+# V2/V3 field -> the CharacterCard field it fills (README: "Your own character"); fields not listed are not read
+V2_MAPPING = {
+    "data.name": "name",
+    "data.system_prompt": "system_prompt (first paragraph; {{original}} dropped)",
+    "data.description": "system_prompt (after data.system_prompt)",
+    "data.personality": "personality",
+    "data.scenario": "scenario",
+    "data.mes_example": "example_dialogue (<START> lines dropped)",
+    "data.post_history_instructions": "style_rules (one rule a line)",
+    "data.first_mes": "greeting (not sent to the teacher)",
+    "data.tags": "topics (meta tags such as 'female' or 'nsfw' dropped)",
+    "data.nickname": "{{char}} (V3)",
+}
+
+
+@dataclass(frozen=True)
+class ReadCard:
+    card: CharacterCard
+    format: str  # yaml, chara_card_v2, chara_card_v3; "... in PNG" when embedded
+    mapping: dict[str, str]  # source field -> where it went, for the fields the card fills
 
 
 def card_bytes(ingest: IngestConfig, settings: StoreSettings) -> bytes:
@@ -40,13 +128,137 @@ def card_bytes(ingest: IngestConfig, settings: StoreSettings) -> bytes:
 
 
 def parse_card(data: bytes, where: str) -> CharacterCard:
+    return read_card(data, where).card
+
+
+def read_card(data: bytes, where: str) -> ReadCard:
+    """The card in `data`, whichever format; bad input is one InputError naming `where` and the fault."""
+    if data.startswith(PNG_SIGNATURE):
+        keyword, payload = _png_card(data, where)
+        inner = f"{where} (tEXt chunk {keyword!r})"
+        try:
+            text = base64.b64decode(b"".join(payload.split()), validate=True)  # wrapped lines are fine
+        except (binascii.Error, ValueError):
+            raise InputError(f"{inner}: not valid base64") from None
+        read = _chara_card(text, inner)
+        return ReadCard(read.card, f"{read.format} in PNG", read.mapping)
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return _chara_card(data, where)
+    return _yaml_card(data, where)
+
+
+def _yaml_card(data: bytes, where: str) -> ReadCard:
     tree = load_yaml(data, where)
     if not isinstance(tree, dict):
-        raise InputError(f"{where}: a character card must be a YAML mapping")
+        raise InputError(f"{where}: a character card must be a YAML mapping, Character Card V2/V3 JSON or a PNG "
+                         "with one")
+    card = _validated(CharacterCard, tree, where)
+    finished = _finished(card.model_dump(), card.name, card.system_prompt)
+    mapping = {field: field for field, value in tree.items() if value}
+    if len(finished["topics"]) > len(card.topics):
+        mapping["system_prompt"] += ", topics (derived words)"
+    return ReadCard(_validated(CharacterCard, finished, where), "yaml", mapping)
+
+
+def _chara_card(data: bytes, where: str) -> ReadCard:
     try:
-        return CharacterCard.model_validate(tree)
+        tree = json.loads(decode_text(data, where))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{where}: not valid JSON (nested too deeply)") from None
+    if not isinstance(tree, dict):
+        raise InputError(f"{where}: a character card must be a JSON object")
+    spec = tree.get("spec")
+    if spec not in SPECS:
+        found = "no 'spec' field" if spec is None else f"spec {spec!r}"
+        raise InputError(f"{where}: {found}: expected a Character Card with spec {' or '.join(SPECS)}")
+    if not isinstance(tree.get("data"), dict):
+        raise InputError(f"{where}: card field data is missing or not an object")
+    fields = _validated(_V2Data, tree["data"], where, "data.")
+    system = "\n\n".join(part.strip() for part in (fields.system_prompt.replace("{{original}}", ""),
+                                                    fields.description) if part.strip())
+    if len(system) < MIN_SYSTEM_CHARS:
+        raise InputError(f"{where}: card field data.description is too short: with data.system_prompt it makes "
+                         f"{len(system)} characters of system prompt, under {MIN_SYSTEM_CHARS}")
+    rules = [line.strip().lstrip("-*• ").strip() for line in fields.post_history_instructions.splitlines()]
+    dialogue = "\n".join(line for line in fields.mes_example.strip().splitlines() if line.strip() != "<START>")
+    card = {"name": fields.name.strip(), "system_prompt": system, "personality": fields.personality.strip(),
+            "scenario": fields.scenario.strip(), "example_dialogue": re.sub(r"\n{3,}", "\n\n", dialogue).strip(),
+            "style_rules": [rule for rule in rules if rule], "greeting": fields.first_mes.strip(),
+            "topics": [tag.strip() for tag in fields.tags if tag.strip() and tag.strip().lower() not in META_TAGS]}
+    mapping = {source: target for source, target in V2_MAPPING.items()
+               if getattr(fields, source.removeprefix("data."))}
+    mapping |= {f"data.{key}": "not used" for key, value in (fields.model_extra or {}).items() if value}
+    finished = _finished(card, fields.nickname.strip() or card["name"], fields.description)
+    if len(finished["topics"]) > len(card["topics"]):
+        mapping["data.description"] += ", topics (derived words)"
+    return ReadCard(_validated(CharacterCard, finished, where), spec, mapping)
+
+
+def _finished(card: dict, char: str, description: str) -> dict:
+    """The card's fields with placeholders substituted and topics filled up from the description."""
+    def fill(text: str) -> str:
+        text = re.sub(r"\{\{char\}\}", lambda _: char, text, flags=re.IGNORECASE)
+        return re.sub(r"\{\{user\}\}", USER_NAME, text, flags=re.IGNORECASE).strip()
+
+    done = {key: [fill(v) for v in value] if isinstance(value, list) else fill(value) if key != "name" else value
+            for key, value in card.items()}
+    done["topics"] = list(dict.fromkeys(done["topics"]))
+    if len(done["topics"]) < MIN_TOPICS:
+        taken = {t.lower() for t in done["topics"]}
+        names = {w.lower() for w in re.findall(r"\w+", f"{card['name']} {char}")}
+        derived = [t for t in derived_topics(fill(description)) if t.lower() not in taken
+                   and not names & {w.lower() for w in t.split()}]
+        done["topics"] += derived[:MIN_TOPICS - len(done["topics"])]
+    return done
+
+
+# capitalised words in a row ("Augustus De Morgan"), not at the start of the text, a line or a sentence
+NAME = re.compile(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b([A-Z][\w'-]+(?: (?:de |van |von |of )?[A-Z][\w'-]+)*)")
+
+
+def derived_topics(text: str) -> list[str]:
+    """Topics a description suggests, most frequent first: the names in it (capitalised words not opening a
+    sentence, e.g. "Charles Babbage"), then its longer ordinary words."""
+    names = Counter(m.group(1) for m in NAME.finditer(text) if m.group(1).lower() not in STOPWORDS)
+    words = Counter(w for w in re.findall(r"\b[a-z][a-z'-]{4,}\b", text) if w not in STOPWORDS)
+    return [t for t, _ in names.most_common()] + [w for w, _ in words.most_common()]
+
+
+def _validated(model: type[BaseModel], tree: dict, where: str, prefix: str = ""):
+    try:
+        return model.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = prefix + ".".join(str(p) for p in first["loc"])
         message = "is missing" if first["type"] == "missing" else first["msg"]
         raise InputError(f"{where}: card field {field} {message}") from None
+
+
+def _png_card(data: bytes, where: str) -> tuple[str, bytes]:
+    """(keyword, base64 text) of the card's tEXt chunk, read with the standard library; every chunk's CRC is
+    checked, so a damaged file is refused rather than half read."""
+    found: dict[str, bytes] = {}
+    position = len(PNG_SIGNATURE)
+    while position < len(data):
+        if position + 12 > len(data):
+            raise InputError(f"{where}: not a valid PNG (cut off at byte {position})")
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        crc = data[position + 8 + length:position + 12 + length]
+        if len(crc) < 4:
+            raise InputError(f"{where}: not a valid PNG (chunk {kind!r} cut off at byte {position})")
+        if zlib.crc32(kind + body) != struct.unpack(">I", crc)[0]:
+            raise InputError(f"{where}: not a valid PNG (chunk {kind.decode('latin-1')!r} at byte {position} fails "
+                             "its CRC)")
+        if kind == b"tEXt":
+            keyword, _, text = body.partition(b"\0")
+            found.setdefault(keyword.decode("latin-1").lower(), text)
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    for keyword in PNG_KEYWORDS:
+        if keyword in found:
+            return keyword, found[keyword]
+    raise InputError(f"{where}: the PNG carries no character card (no tEXt chunk {' or '.join(PNG_KEYWORDS)})")

@@ -38,9 +38,28 @@ class ModelConfig(Section):
     context_tokens: int = Field(8192, ge=256)
 
 
+class SynthesisConfig(Section):
+    """How the teacher engine writes prompts for a card (`jobs.synthesis`)."""
+
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=8, le=256)
+    batch_size: int = Field(64, ge=1, le=512)
+    seed: int = 0
+    # a round asks once for every slot still open; slots still open after the last round are reported
+    max_rounds: int = Field(12, ge=1, le=100)
+    # a candidate whose embedding has at least this cosine similarity to a kept prompt is a near-duplicate
+    similarity: float = Field(0.9, gt=0.0, le=1.0)
+
+
 class IngestConfig(Section):
     card: str = "builtin:beethoven"
-    prompts: str = "builtin:beethoven"
+    # a JSONL/Parquet file or S3 object, hf:<dataset>:<split>:<column>, builtin:<name> or `synthesize`; empty:
+    # the shipped set for a built-in card, synthesized for any other
+    prompts: str = ""
+    # synthesize what a given prompt set lacks of ingest.limit
+    top_up: bool = False
+    synthesis: SynthesisConfig = SynthesisConfig()
     limit: int = Field(0, ge=0)  # 0: all prompts
     shards: int = Field(2, ge=1, le=256)
     min_words: int = Field(2, ge=1)

@@ -1,4 +1,5 @@
-"""Prompt sources: the shipped set, JSONL or Parquet on disk or in S3, or a `datasets` name.
+"""Prompt sources: the shipped set, JSONL or Parquet on disk or in S3, a `datasets` name, or none (`synthesize`:
+ingest has the teacher engine write them).
 
 Every row needs a non-empty `prompt` string; `id` is optional. A bad row stops ingest with its file and
 line (JSONL) or row number (Parquet, datasets).
@@ -14,13 +15,22 @@ from jobs.errors import InputError, TransientError
 from jobs.inputs import MB, too_big
 from jobs.store import StoreSettings, fetch_source, parse_jsonl
 
+SYNTHESIZE = "synthesize"
+
+
+def prompt_source(ingest: IngestConfig) -> str:
+    """`ingest.prompts`, or when it is empty the card's own: the shipped set of a built-in card, else synthesized."""
+    if ingest.prompts:
+        return ingest.prompts
+    return ingest.card if ingest.card.startswith("builtin:") else SYNTHESIZE
+
 
 def source_bytes(ingest: IngestConfig, settings: StoreSettings) -> bytes:
-    """The raw bytes behind a file source (used for the run id); `hf:` sources have none."""
-    source = ingest.prompts
+    """The raw bytes behind a file source (used for the run id); `hf:` and synthesized sources have none."""
+    source = prompt_source(ingest)
     if source.startswith("builtin:"):
         return builtin(source, "prompts", ".jsonl")
-    if source.startswith("hf:"):
+    if source.startswith("hf:") or source == SYNTHESIZE:
         return source.encode()
     return fetch_source(settings, source, ingest.max_input_mb)
 
@@ -70,7 +80,7 @@ def _dataset_rows(source: str) -> list[dict]:
 
 
 def load_prompts(ingest: IngestConfig, settings: StoreSettings) -> list[dict]:
-    source = ingest.prompts
+    source = prompt_source(ingest)
     if source.startswith("hf:"):
         rows = _dataset_rows(source)
     elif source.endswith(".parquet"):

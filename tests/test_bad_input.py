@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from card_png import card_png, png
 from conftest import REPO, store_for
 from jobs.store import MANIFEST
 
@@ -55,8 +56,14 @@ def prompts(tmp: Path, data: str | bytes, name: str = "prompts.jsonl") -> str:
     return f"ingest.prompts={write(tmp / name, data)}"
 
 
-def card(tmp: Path, data: str | bytes) -> str:
-    return f"ingest.card={write(tmp / 'card.yaml', data)}"
+def card(tmp: Path, data: str | bytes, name: str = "card.yaml") -> str:
+    return f"ingest.card={write(tmp / name, data)}"
+
+
+def chara(**data) -> str:
+    """A Character Card V2 with these `data` fields over a valid one."""
+    return json.dumps({"spec": "chara_card_v2", "data": {"name": "Mozart", "description": CARD.split(": ")[-1],
+                                                         **data}})
 
 
 def sparse(path: Path, size: int) -> Path:
@@ -109,10 +116,11 @@ CASES = {
     "all-prompts-too-short": (lambda t, r: ingest(r, prompts(t, "".join(json.dumps({"prompt": f"w{i}"}) + "\n"
                                                                         for i in range(30)))),
                               ["prompts {tmp}/prompts.jsonl: 0 usable of 30 read", "30 under ingest.min_words=2",
-                               "profile ci needs at least 6"]),
+                               "profile ci needs at least 8 (split.eval_count=4 held out and as many to train): set "
+                               "ingest.top_up=true to synthesize the other 24, or ingest.prompts=synthesize"]),
     "fifty-copies-of-one-prompt": (lambda t, r: ingest(r, prompts(t, (PROMPT + "\n") * 50)),
                                    ["prompts {tmp}/prompts.jsonl: 1 usable of 50 read (49 duplicate",
-                                    "needs at least 6"]),
+                                    "needs at least 8"]),
     "one-other-prompt-160000-chars": (lambda t, r: ingest(r, prompts(t, (PROMPT + "\n") * 5 + json.dumps(
                                           {"prompt": "Tell me " + "x" * 160_000}) + "\n")),
                                       ["{tmp}/prompts.jsonl: 1 usable of 6 read", "1 over ingest.max_words=80 or "
@@ -164,6 +172,24 @@ CASES = {
     "card-never-ends": (lambda t, r: ingest(r, "ingest.card=/dev/zero"),
                         ["/dev/zero: more than 16 MB, over the 16 MB input cap"]),
     "card-is-a-folder": (lambda t, r: ingest(r, f"ingest.card={t}"), ["{tmp}: cannot read"]),
+    "card-v2-bad-json": (lambda t, r: ingest(r, card(t, chara()[:-2], "card.json")),
+                         ["{tmp}/card.json:1:", "not valid JSON"]),
+    "card-v2-wrong-spec": (lambda t, r: ingest(r, card(t, chara().replace("chara_card_v2", "tavern"), "card.json")),
+                           ["{tmp}/card.json: spec 'tavern': expected a Character Card with spec chara_card_v2 or "
+                            "chara_card_v3"]),
+    "card-v2-without-name": (lambda t, r: ingest(r, card(t, chara(name=""), "card.json")),
+                             ["{tmp}/card.json: card field data.name"]),
+    "card-v3-without-description": (lambda t, r: ingest(r, card(t, chara(description=None).replace(
+                                        "chara_card_v2", "chara_card_v3"), "card.json")),
+                                    ["{tmp}/card.json: card field data.description"]),
+    "card-png-without-card": (lambda t, r: ingest(r, card(t, png({"Title": b"a picture"}), "card.png")),
+                              ["{tmp}/card.png: the PNG carries no character card"]),
+    "card-png-bad-base64": (lambda t, r: ingest(r, card(t, png({"chara": b"%%%"}), "card.png")),
+                            ["{tmp}/card.png (tEXt chunk 'chara'): not valid base64"]),
+    "card-png-damaged": (lambda t, r: ingest(r, card(t, card_png(chara=chara().encode())[:-20], "card.png")),
+                         ["{tmp}/card.png: not a valid PNG"]),
+    "synthesis-without-a-limit": (lambda t, r: ingest(r, "ingest.prompts=synthesize", "ingest.limit=0"),
+                                  ["ingest.limit is 0: synthesis needs it to say how many prompts to write"]),
     # settings and arguments
     "run-id-with-unsafe-characters": (lambda t, r: jobs("ingest", "--profile", "ci", "--run-id", "a b*?#%"),
                                       ["run id 'a b*?#%' is not valid"]),
@@ -193,11 +219,20 @@ CASES = {
                                ["run id '../../escape-test' is not valid"]),
     "runner-bad-fault-plan": (lambda t, r: runner("--s3-faults", "0.1:fire", "--data-dir", str(t / "data")),
                               ["fault plan '0.1:fire'"]),
-    # through the steps: the runner's code is the failed step's
+    # a local card is read before the runner starts anything
     "runner-card-yaml-error": (lambda t, r: runner(f"--set={card(t, CARD + 'topics: opera: symphony')}",
-                                                   "--data-dir", str(t / "store")),
-                               ["ingest failed with exit code 2 after 1 attempt(s): error: {tmp}/card.yaml:3:14: "
-                                "not valid YAML"]),
+                                                   "--data-dir", str(t / "data")),
+                               ["{tmp}/card.yaml:3:14: not valid YAML"]),
+    "runner-card-png-without-card": (lambda t, r: runner("--card", str(write(t / "c.png", png({}))),
+                                                         "--data-dir", str(t / "data")),
+                                     ["{tmp}/c.png: the PNG carries no character card"]),
+    "runner-card-missing": (lambda t, r: runner("--card", "nope.json", "--data-dir", str(t / "data")),
+                            [f"{REPO}/nope.json: cannot read (No such file or directory)"]),
+    # through the steps: the runner's code is the failed step's
+    "runner-prompt-file-error": (lambda t, r: runner("--prompts", prompts(t, PROMPT + "\n{").split("=", 1)[1],
+                                                     "--data-dir", str(t / "store")),
+                                 ["ingest failed with exit code 2 after 1 attempt(s): error: {tmp}/prompts.jsonl:2: "
+                                  "not valid JSON"]),
 }
 
 

@@ -31,7 +31,8 @@ from jobs.phases import PHASES
 NAME = "distill"
 OUTPUTS = "/tmp/outputs"
 # every phase runs in its own image `<registry>/<phase>:<tag>`; these drive a model and get engine resources
-ENGINE_PHASES = {"preflight", "teacher", "train", "evaluate", "export"}
+# (ingest too: it synthesizes prompts with the teacher engine when a card comes without enough)
+ENGINE_PHASES = {"preflight", "ingest", "teacher", "train", "evaluate", "export"}
 # figures each step exposes as output parameters (shown in the Argo UI); all are keys of the phase's metrics
 FIGURES = {"ingest": ("prompts", "shards"), "audit": ("kept", "dropped"), "train": ("first_loss", "last_loss"),
            "evaluate": ("similarity_student", "token_reduction", "cost_ratio"), "publish": ("mode", "files")}

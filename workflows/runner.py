@@ -395,6 +395,7 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.backends.model_files import cache_root
+    from jobs.card import card_bytes, read_card
     from jobs.cli import OneLineParser, derive_run_id
     from jobs.config import PROFILES, load_pipeline_config, user_layers
     from jobs.store import ArtifactStore, StoreSettings, check_run_id
@@ -409,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tinker-server", action="store_true",
                    help="serve the Tinker API for this run from the local stand-in (workflows.tinker_server) on "
                         "loopback, backed by the local engine; otherwise $TINKER_BASE_URL or the hosted service")
+    p.add_argument("--card", help="a character card: YAML, Character Card V2/V3 JSON or a PNG with one "
+                                  "(sets ingest.card)")
+    p.add_argument("--prompts", help="a JSONL/Parquet prompt file, or `synthesize` (sets ingest.prompts; with --card "
+                                     "alone the prompts are synthesized)")
     p.add_argument("--run-id", help="default: derived from card, prompts and config")
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
@@ -424,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             args = p.parse_args(argv)
             if args.run_id is not None:
                 check_run_id(args.run_id)  # before anything is written
+            overrides = [*args.set, *input_overrides(args.card, args.prompts)]
             backend = [f"model.backend={args.backend}"] if args.backend else []
-            pipeline = load_pipeline_config(args.profile, args.config, [*args.set, *backend])
-            layers = user_layers(args.config, args.set)
+            pipeline = load_pipeline_config(args.profile, args.config, [*overrides, *backend])
+            layers = user_layers(args.config, overrides)
+            if not pipeline.ingest.card.startswith("s3://"):  # a bad card is refused before anything starts
+                read_card(card_bytes(pipeline.ingest, StoreSettings()), pipeline.ingest.card)
             config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
             with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3, tinker_service(args.tinker_server, pipeline.model.dtype, data) as tinker:
@@ -487,6 +495,18 @@ def tinker_service(wanted: bool, dtype: str, data: Path) -> Iterator[dict[str, s
     with TinkerServer(data / "tinker", dtype=dtype) as server:
         print(f"Tinker API: the local stand-in at {server.base_url} (backed by the local engine)")
         yield server.env()
+
+
+def input_overrides(card: str | None, prompts: str | None) -> list[str]:
+    """--card and --prompts as settings. A local path is made absolute, as the steps may run in another folder;
+    JSON quoting keeps it a string whatever characters it holds (JSON is YAML)."""
+    from jobs.prompts import SYNTHESIZE
+
+    def value(source: str) -> str:
+        named = source == SYNTHESIZE or source.startswith(("s3://", "hf:", "builtin:"))
+        return json.dumps(source if named else str(Path(source).resolve()))
+
+    return [f"ingest.{key}={value(source)}" for key, source in (("card", card), ("prompts", prompts)) if source]
 
 
 def _fault_summary(s3, runner: Runner) -> None:

@@ -41,8 +41,12 @@ def _model():
     return SentenceTransformer(_model_path(), device="cpu")
 
 
+def embed(texts: list[str]):
+    """Unit-length embeddings, one row per text (a numpy array): their dot products are cosine similarities."""
+    return _model().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
 def cosine_to_reference(texts: list[str], references: list[str]) -> list[float]:
     """Cosine similarity of each text to the reference at the same index (empty text scores 0)."""
-    a = _model().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    b = _model().encode(references, normalize_embeddings=True, convert_to_numpy=True)
+    a, b = embed(texts), embed(references)
     return [round(float(x @ y), 5) if text.strip() else 0.0 for x, y, text in zip(a, b, texts, strict=True)]

@@ -47,7 +47,8 @@ class Renderer:
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    def prompt(self, user: str, system: str | None = None) -> list[int]:
+    def prompt(self, user: str, system: str | None = None, reply_prefix: str = "") -> list[int]:
+        """The chat up to the assistant's turn; `reply_prefix` is text that turn has already begun with."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         # render the template around stand-ins, then tokenize its markup and each message's text separately
         marks = [f"\x1f{uuid.uuid4().hex}\x1f" for _ in messages]
@@ -64,6 +65,7 @@ class Renderer:
                 tokens += self._text(contents[piece])
             elif piece:
                 tokens += self.tokenizer.encode(piece, add_special_tokens=False)
+        tokens += self._text(reply_prefix)
         if self.context_tokens is not None and len(tokens) > self.context_tokens:
             raise InputError(f"a prompt of {len(tokens)} tokens (system message included) is longer than the "
                              f"model's context of {self.context_tokens} tokens")

@@ -105,10 +105,34 @@ def usage(config: PhaseConfig) -> tuple[dict[str, int], float]:
     return tokens, dollars
 
 
+def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
+    """Ingest's figures: the card's format and field mapping, its size, and where the prompts came from."""
+    card, synthesis = profile["card"], profile.get("synthesis")
+    rows = [("card", f"{card['source']} ({card['format']})"),
+            *((f"card field {source}", target) for source, target in card["mapping"].items()),
+            ("teacher system prompt", f"{card['system_prompt_chars']} characters, about "
+                                      f"{card['system_prompt_tokens']} tokens, {card['tokens_counted_by']}"),
+            ("prompts", f"{profile['rows_kept']} from {profile['source']} ({profile['rows_read']} read; the "
+                        f"profile needs at least {profile['needed']})")]
+    if synthesis:
+        settings = ", ".join(f"{k}={v}" for k, v in synthesis["settings"].items())
+        counts = {key: ", ".join(f"{k} {v}" for k, v in synthesis[key].items()) or "none"
+                  for key in ("kinds", "topics", "refused")}
+        rows += [("synthesized prompts", f"{synthesis['written']} of {synthesis['asked']} asked, "
+                                         f"{synthesis['rounds']} rounds, {synthesis['wall_s']:.0f}s ({settings})"),
+                 ("synthesized, by kind", counts["kinds"]),
+                 ("synthesized, by card topic", counts["topics"]),
+                 ("card topics without a synthesized prompt", ", ".join(synthesis["topics_missing"]) or "none"),
+                 ("synthesis candidates refused", counts["refused"])]
+    return rows
+
+
 def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
-                    notes: str) -> str:
+                    notes: str, ingest: list[tuple[str, str]]) -> str:
     lines = [f"# {title}", "", notes, "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Card and prompts", "", "| what | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in ingest]
     lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![nll](nll.png)", "",
               "## Phase wall times", "", "| unit | seconds |", "|---|---|"]
     lines += [f"| {unit} | {sec:.1f} |" for unit, sec in times]
@@ -120,9 +144,10 @@ def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[s
 
 
 def render_html(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
-                notes: str) -> str:
+                notes: str, ingest: list[tuple[str, str]]) -> str:
     e = html.escape
     table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)
+    card = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in ingest)
     timing = "".join(f"<tr><td>{e(u)}</td><td>{s:.1f}</td></tr>" for u, s in times)
     sample_html = "".join(
         f"<div class='s'><p><b>Prompt:</b> {e(s['prompt'])}</p><table><tr><th>teacher</th><th>student</th>"
@@ -132,7 +157,7 @@ def render_html(title: str, rows: list[tuple[str, str]], times: list[tuple[str, 
             "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
             "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
             "vertical-align:top}img{max-width:100%}.s td{width:33%}</style></head><body>"
-            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>"
+            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table><h2>Card and prompts</h2><table>{card}</table>"
             "<img src='loss.png' alt='loss curve'><img src='similarity.png' alt='similarity histograms'>"
             f"<img src='nll.png' alt='NLL bars'><h2>Phase wall times</h2><table>{timing}</table>"
             f"<h2>Samples (held-out prompts)</h2>{sample_html}</body></html>")
@@ -161,8 +186,9 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     samples = sorted(replies, key=lambda r: -r["similarity_student"])[:3] + replies[:2]
     for name, data in plots(history, val, replies, ev).items():
         out.write_bytes(name, data)
-    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes).encode())
-    out.write_bytes("report.html", render_html(title, rows, times, samples, notes).encode())
+    ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
+    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes, ingest).encode())
+    out.write_bytes("report.html", render_html(title, rows, times, samples, notes, ingest).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
                         **tokens, "tinker_cost_usd": round(dollars, 6),
                         "similarity_median_student": statistics.median(r["similarity_student"] for r in replies)})

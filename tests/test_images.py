@@ -119,7 +119,7 @@ def test_container_mode_runs_the_template_command_with_the_pod_environment(tmp_p
     template = next(t for t in TEMPLATE["spec"]["templates"] if t["name"] == "train")
     values = {"workflow.parameters.image-registry": REGISTRY, "workflow.parameters.image-tag": "9.9",
               "workflow.parameters.profile": "ci", "workflow.parameters.run-id": "r1",
-              "workflow.parameters.config": "{}"}
+              "workflow.parameters.config": "{}", "workflow.parameters.backend": ""}
     step = Step("train", template, None, values)
     env = executor.pod_environment(step, threads=3)
     assert "SOMETHING_ON_THIS_MACHINE" not in env and "PATH" not in env
@@ -131,7 +131,7 @@ def test_container_mode_runs_the_template_command_with_the_pod_environment(tmp_p
     executor._local.container, executor._local.pod_env = "c1", env
     argv = executor.command(step)
     assert argv[argv.index("--") + 1:] == ["python", "-m", "jobs", "train", "--profile", "ci", "--run-id", "r1",
-                                           "--config-yaml", "{}"]  # the template's, no interpreter swapped in
+                                           "--config-yaml", "{}", "--backend", ""]  # the template's, as it is
     assert argv[argv.index("--user") + 1] == str(POD_USER)
     assert f"{tmp_path / 'cache'}:/cache" in argv and f"{tmp_path / 'work' / 'train' / 'tmp'}:/tmp" in argv
     assert not any("local-secret" in a for a in argv)  # the secret is in the container's config, not argv

@@ -452,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"container mode: every step in its image, with {executor.engine}")
                 else:
                     executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
-                runner = Runner(doc, {"run-id": run_id, "profile": args.profile, "config": config_yaml,
-                                      "backend": args.backend},
+                parameters = {"run-id": run_id, "profile": args.profile, "config": config_yaml,
+                              **({"backend": args.backend} if args.backend else {})}
+                runner = Runner(doc, parameters,
                                 executor, data / "logs" / run_id)
                 try:
                     results = runner.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,7 +103,7 @@ def tinker_run(tmp_path_factory):
     data, reports = tmp_path_factory.mktemp("tinker-data"), tmp_path_factory.mktemp("tinker-reports")
     result, seconds = run_pipeline(data, reports, "--backend", "tinker", "--tinker-server")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_id = result.stdout.split()[1].rstrip(":")
+    run_id = re.search(r"^run (\S+):", result.stdout, re.MULTILINE).group(1)  # after the stand-in's own line
     return {"data": data, "reports": reports, "stdout": result.stdout, "run_id": run_id, "seconds": seconds,
             "runs": data / "s3" / "distill" / "runs" / run_id}
 

@@ -12,22 +12,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from workflows.fault_proxy import FaultPlan, FaultProxy
+from workflows.loopback import free_port, stop_process, wait_until_answering
 from workflows.signals import Stopped, stop_on_signals
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rclone_binary() -> str:
@@ -40,7 +31,7 @@ def rclone_binary() -> str:
 class LocalS3:
     def __init__(self, root: Path, bucket: str = "distill", faults: FaultPlan | None = None):
         self.root, self.bucket, self.faults = root, bucket, faults
-        self.port = _free_port()
+        self.port = free_port()
         self.access_key = os.environ.get("DISTILL_S3_ACCESS_KEY") or "local-" + secrets.token_hex(6)
         self.secret_key = os.environ.get("DISTILL_S3_SECRET_KEY") or secrets.token_hex(16)
         self._process: subprocess.Popen | None = None
@@ -75,28 +66,12 @@ class LocalS3:
                 # the key pair through rclone's environment, not its command line (which `ps` shows)
                 env={**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'},  # a CSV field
                 stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited with {self._process.returncode}: see {log}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}", timeout=1)
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (403 without a signature): up
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"rclone serve s3 did not answer on {self.endpoint} within {timeout:.0f}s")
+        wait_until_answering(self._process, f"http://127.0.0.1:{self.port}", timeout, "rclone serve s3", log)
 
     def stop(self) -> None:
         if self.proxy:
             self.proxy.stop()
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+        stop_process(self._process, grace=10)
 
     def __enter__(self) -> LocalS3:
         return self.start()

@@ -57,7 +57,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -68,6 +67,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from workflows.loopback import free_port, stop_process, wait_until_answering
 
 API = "/api/v1"
 LORA_ALPHA = 32
@@ -625,8 +626,10 @@ class Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             if path.startswith("/files/"):
-                return self._file(path)
+                status, payload, content_type = self._file(path)
+                return self._send(status, payload, content_type)
             if path == "/_local/stats":
+                status = 200
                 return self._send(200, self.server.backend.snapshot())
             if not path.startswith(API + "/"):
                 return self._send(404, {"detail": "not found"})
@@ -653,14 +656,14 @@ class Handler(BaseHTTPRequestHandler):
                 _log().info("request", method=method, path=path, status=status,
                             ms=round((time.time() - arrived) * 1000, 1))
 
-    def _file(self, path: str) -> None:
+    def _file(self, path: str) -> tuple[int, Any, str]:
         parts = [urllib.parse.unquote(p) for p in path.split("/")[2:]]
         if len(parts) != 4 or parts[1] != "external_weights" or any(p in ("", ".", "..") or "/" in p for p in parts):
-            return self._send(404, {"detail": "not found"})
+            return 404, {"detail": "not found"}, "application/json"
         target = self.server.backend.model_root(parts[0]) / parts[1] / parts[2] / parts[3]
         if not target.is_file() or target.name == "meta.json":
-            return self._send(404, {"detail": "not found"})
-        self._send(200, target.read_bytes(), "application/octet-stream")
+            return 404, {"detail": "not found"}, "application/json"
+        return 200, target.read_bytes(), "application/octet-stream"
 
     # -- the API
     def _route(self, method: str, route: str, raw: bytes, arrived: float) -> tuple[int, Any, str]:
@@ -928,12 +931,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TinkerServer:
     """The server as a subprocess (so stopping or killing a client never stops it), for tests and the runner:
 
@@ -945,7 +942,7 @@ class TinkerServer:
     def __init__(self, data_dir: Path, latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0,
                  dtype: str = "auto", max_batch: int = 64, port: int | None = None, extra_args: list[str] | None = None):
         self.data_dir = Path(data_dir).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.args = ["--latency", str(latency), "--fault-rate", str(fault_rate), "--fault-seed", str(fault_seed),
                      "--dtype", dtype, "--max-batch", str(max_batch), *(extra_args or [])]
         self.api_key = "tml-local-" + uuid.uuid4().hex[:12]
@@ -972,16 +969,9 @@ class TinkerServer:
                  "--port", str(self.port), *self.args],
                 stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=env, cwd=repo, start_new_session=True)
         try:
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                if self._process.poll() is not None:
-                    raise RuntimeError(f"tinker server exited with {self._process.returncode}: see {self.log_path}")
-                try:
-                    urllib.request.urlopen(f"{self.base_url}/_local/stats", timeout=1).read()
-                    return self
-                except OSError:
-                    time.sleep(0.1)
-            raise RuntimeError(f"tinker server did not answer on {self.base_url} within {timeout:.0f}s")
+            wait_until_answering(self._process, f"{self.base_url}/_local/stats", timeout, "tinker server",
+                                 self.log_path)
+            return self
         except BaseException:
             self.stop()
             raise
@@ -991,13 +981,7 @@ class TinkerServer:
             return json.loads(response.read())
 
     def stop(self) -> None:
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        stop_process(self._process, grace=30)
 
     def __enter__(self) -> TinkerServer:
         return self if self._process else self.start()

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.config import PROFILES, PipelineConfig, digest, load_pipeline_config
+from jobs.config import PROFILES, PipelineConfig, backend_override, digest, load_pipeline_config
 from jobs.errors import InputError, TransientError
 from jobs.phases import PHASES
 from jobs.store import StoreSettings, check_run_id, sha256_bytes
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         if args.run_id is not None:
             check_run_id(args.run_id)
-        overrides = [*args.set, *([f"model.backend={args.backend}"] if args.backend else [])]
+        overrides = [*args.set, *backend_override(args.backend)]
         pipeline = load_pipeline_config(args.profile, args.config, overrides, inline=args.config_yaml)
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)

@@ -225,6 +225,11 @@ def user_layers(config_file: str | None = None, overrides: list[str] | tuple[str
     return tree
 
 
+def backend_override(backend: str) -> list[str]:
+    """The `--backend` option of the CLIs as a setting: empty keeps the profile's and config's."""
+    return [f"model.backend={backend}"] if backend else []
+
+
 def load_pipeline_config(profile: str = "demo", config_file: str | None = None,
                          overrides: list[str] | tuple[str, ...] = (), inline: str = "") -> PipelineConfig:
     """The named built-in profile with the user's layers on top, validated."""

@@ -210,12 +210,12 @@ def test_hardened_pod_security():
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
 def test_each_scenario_runs_a_config_the_phases_accept(values):
     """The parameters the chart's scheduled runs pass are what every phase loads (`python -m jobs` does the same)."""
-    from jobs.config import load_pipeline_config
+    from jobs.config import backend_override, load_pipeline_config
 
     (cron,) = by_kind(template(values), "CronWorkflow")
     params = {p["name"]: p["value"] for p in cron["spec"]["workflowSpec"]["arguments"]["parameters"]}
-    backend = [f"model.backend={params['backend']}"] if params["backend"] else []
-    pipeline = load_pipeline_config(params["profile"], overrides=backend, inline=params["config"])
+    pipeline = load_pipeline_config(params["profile"], overrides=backend_override(params["backend"]),
+                                    inline=params["config"])
     if values.name == "tinker-values.yaml":
         assert pipeline.model.backend == "tinker" and pipeline.train.steps == 1000
 

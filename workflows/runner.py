@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.backends.model_files import cache_root
     from jobs.card import card_bytes, read_card
     from jobs.cli import OneLineParser, derive_run_id
-    from jobs.config import PROFILES, load_pipeline_config, user_layers
+    from jobs.config import PROFILES, backend_override, load_pipeline_config, user_layers
     from jobs.store import ArtifactStore, StoreSettings, check_run_id
     from workflows.local_s3 import LocalS3, add_fault_arguments, fault_plan
 
@@ -430,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_id is not None:
                 check_run_id(args.run_id)  # before anything is written
             overrides = [*args.set, *input_overrides(args.card, args.prompts)]
-            backend = [f"model.backend={args.backend}"] if args.backend else []
-            pipeline = load_pipeline_config(args.profile, args.config, [*overrides, *backend])
+            pipeline = load_pipeline_config(args.profile, args.config, [*overrides, *backend_override(args.backend)])
             layers = user_layers(args.config, overrides)
             if not pipeline.ingest.card.startswith("s3://"):  # a bad card is refused before anything starts
                 read_card(card_bytes(pipeline.ingest, StoreSettings()), pipeline.ingest.card)
             config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
-            with LocalS3(data / "s3", faults=fault_plan(args, p)) as s3, tinker_service(args.tinker_server, pipeline.model.dtype, data) as tinker:
+            with (LocalS3(data / "s3", faults=fault_plan(args, p)) as s3,
+                  tinker_service(args.tinker_server, pipeline.model.dtype, data) as tinker):
                 os.environ.update(s3.env())
                 run_id = args.run_id or derive_run_id(pipeline, StoreSettings.from_env())
                 print(f"run {run_id}: profile {args.profile}, S3 {s3.endpoint} over {data / 's3'}")

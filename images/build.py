@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import __version__  # noqa: E402
 from jobs.phases import PHASES  # noqa: E402
-from workflows.containers import detect_engine, engine_cmd, engine_env, image_exists, inspect_image  # noqa: E402
+from workflows.containers import (SOURCES_LABEL, detect_engine, engine_cmd, engine_env, image_exists,  # noqa: E402
+                                  inspect_image, source_digest)
 from workflows.pipeline import ENGINE_PHASES  # noqa: E402
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
@@ -51,8 +52,6 @@ STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 STANDIN_LABEL = "io.distill.stand-in"
 INPUTS_LABEL = "io.distill.inputs"
 TORCH_WHEEL = "torch-2.13.0+cpu-*.whl"
-# what the base image copies from the build context (see images/base/Dockerfile)
-SOURCES = ("pyproject.toml", "jobs", "workflows")
 
 
 def say(text: str) -> None:
@@ -187,19 +186,6 @@ def revision() -> str:
         return "unknown"
 
 
-def source_digest() -> str:
-    """Hash of what the base image copies in (ignoring caches that .dockerignore leaves out)."""
-    digest = hashlib.sha256()
-    for top in SOURCES:
-        path = ROOT / top
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            if "__pycache__" in file.parts or file.suffix == ".pyc":
-                continue
-            digest.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 def build_settings(engine: str) -> tuple[dict[str, str], list[str]]:
     """Build arguments and (buildah/podman) build-time mounts for certificates and the torch wheel."""
     args: dict[str, str] = {}
@@ -226,10 +212,11 @@ def declared_args(name: str, args: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in args.items() if re.search(rf"^ARG\s+{k}\b", text, re.MULTILINE)}
 
 
-def build_image(engine: str, name: str, ref: str, args: dict[str, str], mounts: list[str], inputs: str) -> None:
+def build_image(engine: str, name: str, ref: str, args: dict[str, str], mounts: list[str],
+                labels: dict[str, str]) -> None:
     dockerfile = ROOT / "images" / name / "Dockerfile"
     flags = [f for k, v in args.items() for f in ("--build-arg", f"{k}={v}")]
-    flags += ["--label", f"{INPUTS_LABEL}={inputs}"]
+    flags += [f for k, v in labels.items() for f in ("--label", f"{k}={v}")]
     if engine == "buildah":
         argv = [*engine_cmd(engine), "bud", "--pull=never", "--isolation", engine_env(engine)["BUILDAH_ISOLATION"],
                 "--format", "oci", *mounts, *flags, "-f", str(dockerfile), "-t", ref, str(ROOT)]
@@ -307,20 +294,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     parent_ids = {"": inspect_image(engine, BASE_IMAGE)["id"]}
-    sources = source_digest()
+    # the base labels itself with the source it copies in; every image over it inherits the label, which the
+    # image tests compare with the tree they test
+    sources = {SOURCES_LABEL: source_digest()}
     for name in build_order(args.only):
         ref = f"{args.registry}/{name}:{args.tag}"
         dockerfile = (ROOT / "images" / name / "Dockerfile").read_bytes()
         args_here = declared_args(name, build_args)
+        labels_here = sources if name == "base" else {}
         inputs = hashlib.sha256(b"\0".join([
             dockerfile, repr(sorted(args_here.items())).encode(), parent_ids[parent_of(name)].encode(),
-            (sources if name == "base" else "").encode()])).hexdigest()[:16]
+            repr(sorted(labels_here.items())).encode()])).hexdigest()[:16]
         t0 = time.time()
         kept = (not args.force and image_exists(engine, ref)
                 and inspect_image(engine, ref)["labels"].get(INPUTS_LABEL) == inputs)
         if not kept:
             say(f"building {ref} ...")
-            build_image(engine, name, ref, args_here, mounts, inputs)
+            build_image(engine, name, ref, args_here, mounts, {INPUTS_LABEL: inputs, **labels_here})
         info = inspect_image(engine, ref)
         parent_ids[name] = info["id"]
         took = time.time() - t0

@@ -24,7 +24,8 @@ import yaml
 from jobs import __version__
 from jobs.backends.model_files import cache_root
 from jobs.phases import PHASES
-from workflows.containers import ContainerExecutor, detect_engine, engine_cmd, engine_env, image_exists, inspect_image
+from workflows.containers import (SOURCES_LABEL, ContainerExecutor, detect_engine, engine_cmd, engine_env, image_exists,
+                                  inspect_image, source_digest)
 from workflows.pipeline import ENGINE_PHASES
 from workflows.runner import RENDERED, Step
 
@@ -70,7 +71,11 @@ def engine() -> str:
 def images(engine) -> dict[str, dict]:
     missing = [name for name in (*LAYERS, *PHASES) if not image_exists(engine, ref(name))]
     need(not missing, f"images not built ({', '.join(missing)}): run `make images`")
-    return {name: inspect_image(engine, ref(name)) for name in (*LAYERS, *PHASES)}
+    found = {name: inspect_image(engine, ref(name)) for name in (*LAYERS, *PHASES)}
+    # images left from an older tree would test that tree's code, not this one's
+    stale = [name for name, info in found.items() if info["labels"].get(SOURCES_LABEL) != source_digest()]
+    need(not stale, f"images built from other sources than this tree ({', '.join(stale)}): run `make images`")
+    return found
 
 
 # -- the Dockerfiles (no engine needed)

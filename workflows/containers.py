@@ -20,6 +20,7 @@ shared with `images/build.py` and the image tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -38,8 +39,26 @@ ENGINES = ("docker", "podman", "buildah")
 # Storage: buildah's own choice (overlay where the kernel allows it, else vfs); $STORAGE_DRIVER forces one
 # (buildah 1.28 ignores that variable itself, so it is passed as --storage-driver).
 BUILDAH_DEFAULTS = {"BUILDAH_ISOLATION": "chroot"}
+REPO = Path(__file__).resolve().parent.parent
+# what the base image copies from the build context (see images/base/Dockerfile), and the label that carries
+# its digest on every image built over it
+SOURCES = ("pyproject.toml", "jobs", "workflows")
+SOURCES_LABEL = "io.distill.sources"
 # variables the runner itself sets for every step (the local stand-in for resource requests and log shipping)
 RUNNER_ENV = ("DISTILL_THREADS", "DISTILL_LOG_FORMAT")
+
+
+def source_digest() -> str:
+    """Hash of what the base image copies in (ignoring caches that .dockerignore leaves out), 16 hex digits."""
+    digest = hashlib.sha256()
+    for top in SOURCES:
+        path = REPO / top
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if "__pycache__" in file.parts or file.suffix == ".pyc":
+                continue
+            digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def engine_env(engine: str) -> dict[str, str]:

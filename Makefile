@@ -49,7 +49,7 @@ review: setup ## rate teacher, student and base replies side by side; ratings go
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review --profile $(PROFILE)
 
 test: setup ## all tests, including an end-to-end ci run against the rclone S3 server
-	$(PY) -m pytest -q; status=$$?; \
+	$(PY) -m pytest -q --durations=20; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
 test-fast: setup ## the tests that run no model

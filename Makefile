@@ -114,7 +114,7 @@ submit: setup ## create/update the WorkflowTemplate and submit a run (ARGO_SERVE
 card-event: ## simulate a git push that changes the card (event-driven retraining on kind)
 	KUBECTL=$(KUBECTL) infra/send-card-event.sh
 
-# -- images: one image per phase (images/*/Dockerfile), built with docker or podman when one answers, else buildah
+# -- images: base and engine layers, and one image per phase from images/phase/Dockerfile, built with docker or podman when one answers, else buildah
 # (installed with apt-get when missing; a local stand-in base image when docker.io cannot be reached)
 # extra arguments for images/build.py, e.g. IMAGE_ARGS="--engine podman --tag dev" or "--force"
 IMAGE_ARGS ?=

@@ -40,10 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jobs import __version__  # noqa: E402
-from jobs.phases import PHASES  # noqa: E402
+from jobs.phases import PHASE, PHASES  # noqa: E402
 from workflows.containers import (SOURCES_LABEL, detect_engine, engine_cmd, engine_env, image_exists,  # noqa: E402
                                   inspect_image, source_digest)
-from workflows.pipeline import ENGINE_PHASES  # noqa: E402
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 # the stand-in for BASE_IMAGE when no registry answers: Debian bookworm (python3 is 3.11) with venv and CA certs
@@ -59,7 +58,19 @@ def say(text: str) -> None:
 
 
 def layer_of(phase: str) -> str:
-    return "engine" if phase in ENGINE_PHASES else "base"
+    return "engine" if PHASE[phase].engine else "base"
+
+
+def dockerfile_of(name: str) -> Path:
+    """The layers' own Dockerfiles; every phase image comes from images/phase/Dockerfile."""
+    return ROOT / "images" / ("phase" if name in PHASES else name) / "Dockerfile"
+
+
+def phase_args(name: str) -> dict[str, str]:
+    """What makes a phase's image its own: the build arguments of images/phase/Dockerfile, from the phase table."""
+    if name not in PHASES:
+        return {}
+    return {"PHASE": name, "SUMMARY": PHASE[name].summary, "LAYER": layer_of(name), "EXTRA": PHASE[name].extra}
 
 
 def build_order(only: list[str] | None) -> list[str]:
@@ -208,13 +219,13 @@ def build_settings(engine: str) -> tuple[dict[str, str], list[str]]:
 
 def declared_args(name: str, args: dict[str, str]) -> dict[str, str]:
     """The build arguments the image's Dockerfile declares (ARG), from `args`."""
-    text = (ROOT / "images" / name / "Dockerfile").read_text()
+    text = dockerfile_of(name).read_text()
     return {k: v for k, v in args.items() if re.search(rf"^ARG\s+{k}\b", text, re.MULTILINE)}
 
 
 def build_image(engine: str, name: str, ref: str, args: dict[str, str], mounts: list[str],
                 labels: dict[str, str]) -> None:
-    dockerfile = ROOT / "images" / name / "Dockerfile"
+    dockerfile = dockerfile_of(name)
     flags = [f for k, v in args.items() for f in ("--build-arg", f"{k}={v}")]
     flags += [f for k, v in labels.items() for f in ("--label", f"{k}={v}")]
     if engine == "buildah":
@@ -299,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = {SOURCES_LABEL: source_digest()}
     for name in build_order(args.only):
         ref = f"{args.registry}/{name}:{args.tag}"
-        dockerfile = (ROOT / "images" / name / "Dockerfile").read_bytes()
-        args_here = declared_args(name, build_args)
+        dockerfile = dockerfile_of(name).read_bytes()
+        args_here = declared_args(name, {**build_args, **phase_args(name)})
         labels_here = sources if name == "base" else {}
         inputs = hashlib.sha256(b"\0".join([
             dockerfile, repr(sorted(args_here.items())).encode(), parent_ids[parent_of(name)].encode(),

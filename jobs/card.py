@@ -108,7 +108,7 @@ V2_MAPPING = {
     "data.scenario": "scenario",
     "data.mes_example": "example_dialogue (<START> lines dropped)",
     "data.post_history_instructions": "style_rules (one rule a line)",
-    "data.first_mes": "greeting (not sent to the teacher)",
+    "data.first_mes": "greeting (not sent to the teacher; `make chat` opens with it)",
     "data.tags": "topics (meta tags such as 'female' or 'nsfw' dropped)",
     "data.nickname": "{{char}} (V3)",
 }

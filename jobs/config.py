@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,9 @@ from jobs.inputs import MB, load_yaml, read_capped
 from jobs.store import parse_s3_url
 
 PROFILES = ("demo", "ci", "full")
+# local: the engine in this process (transformers + peft); tinker: the Tinker API (see jobs.backends)
+BackendName = Literal["local", "tinker"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 
 class Section(BaseModel):
@@ -29,7 +32,7 @@ class ModelConfig(Section):
     # -- the base model both teacher and student start from, as its Hub id
     base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # -- local: the engine in this process (transformers + peft); tinker: the Tinker API (see the tinker section)
-    backend: Literal["local", "tinker"] = "local"
+    backend: BackendName = "local"
     # -- auto: bf16 where the hardware computes it natively (CUDA with bf16, CPU with AMX or AVX512-BF16), else float32
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # -- auto: CUDA when torch sees a GPU, else the CPU

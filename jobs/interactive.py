@@ -1,4 +1,4 @@
-"""Interactive tools outside the DAG: chat with the student (seed step 17), review replies side by side (18).
+"""Interactive tools outside the DAG: chat with the student, review replies side by side.
 
 Both read a finished run from the store (`make run` first); review writes its ratings back to the store
 under `runs/<run-id>/review/<time>/` with a manifest like any phase output.
@@ -32,11 +32,14 @@ def chat(config: PhaseConfig) -> None:
     from jobs.phases.train import read_adapter
 
     _require_run(config, "train")
-    name = config.store.read_json("ingest", "card.json")["name"]
+    card = config.store.read_json("ingest", "card.json")
+    name = card["name"]
     student = open_backend(config).sampler(read_adapter(config).sampling)
     params = SamplingParams.from_config(config.pipeline.teacher, batch_size=1)
     print(f"Chatting with the distilled {name} of run {config.run_id} (no card in the prompt). "
           "Empty line or Ctrl-D ends.")
+    if card.get("greeting"):  # the card's own opening line (first_mes), as character chat front-ends show it
+        print(f"{name}> {card['greeting']}  (the card's greeting)\n")
     while (line := _ask("you> ")) and line.strip():
         reply = student.sample([student.renderer.prompt(line.strip())], params)[0]
         print(f"{name}> {student.renderer.decode(reply)}\n")

@@ -31,6 +31,7 @@ from jobs.backends.local import LocalEngine, resolve_precision  # noqa: E402
 from jobs.backends.model_files import model_dir  # noqa: E402
 from jobs.card import parse_card  # noqa: E402
 from jobs.config import load_pipeline_config  # noqa: E402
+from jobs.phases.student import single_turn  # noqa: E402
 from jobs.phases.train import batch_rows, learning_rate, to_datum  # noqa: E402
 from jobs.store import parse_jsonl  # noqa: E402
 
@@ -164,6 +165,7 @@ def main() -> None:
     replies, engine_s = engine_teacher(config, prompts, params, engine)
     engine_tokens = sum(map(len, replies))
     rows = [{"prompt": q, "reply": engine.renderer.decode(r)} for q, r in zip(questions, replies)]
+    rows = [{**row, "messages": single_turn(row["prompt"], row["reply"])} for row in rows]
     del engine
 
     trl_tokens, trl_s = baseline_train(config, rows, args.steps, precision.torch_dtype)

@@ -16,6 +16,7 @@ from jobs.backends.base import Datum, SamplingParams
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
 from jobs.config import load_pipeline_config
+from jobs.phases.student import single_turn
 from jobs.phases.train import to_datum
 
 pytestmark = pytest.mark.slow
@@ -51,8 +52,8 @@ def card_prompts(sampler):
 
 
 def batch(renderer) -> list[Datum]:
-    rows = [{"prompt": "Who taught you?", "reply": "Haydn, though I learned little from him."},
-            {"prompt": "Do you like coffee? Tell me all about it.", "reply": "Exactly sixty beans a cup, counted."}]
+    rows = [{"messages": single_turn("Who taught you?", "Haydn, though I learned little from him.")},
+            {"messages": single_turn("Do you like coffee? Tell me all about it.", "Exactly sixty beans a cup, counted.")}]
     return [to_datum(renderer, row, 128) for row in rows]
 
 

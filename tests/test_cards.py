@@ -54,7 +54,7 @@ def test_mapping_names_each_source_field_and_unused_ones():
     assert mapping["data.description"] == "system_prompt (after data.system_prompt)"
     assert mapping["data.mes_example"].startswith("example_dialogue")
     assert mapping["data.post_history_instructions"].startswith("style_rules")
-    assert mapping["data.first_mes"] == "greeting (not sent to the teacher)"
+    assert mapping["data.first_mes"] == "greeting (not sent to the teacher; `make chat` opens with it)"
     assert mapping["data.creator_notes"] == "not used"
     assert "data.system_prompt" not in mapping  # empty in this card
     assert read("ada.yaml").mapping["topics"] == "topics"

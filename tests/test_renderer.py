@@ -47,7 +47,7 @@ def test_card_and_reply_text_cannot_end_a_turn(tokenizer):
     assert turns(tokenizer, ids) == ["system", "user", "assistant"]
     reply = render.reply("Bonn.<|im_end|><|endoftext|> And then more")
     assert reply.count(render.end_of_turn) == 1 and reply[-1] == render.end_of_turn
-    assert render.count("<|im_end|>") > 1  # counted as the characters it is
+    assert len(render.reply("<|im_end|>")) > 2  # the characters it spells, then the one real end of turn
 
 
 def test_ordinary_prompts_render_exactly_as_the_chat_template_does(tokenizer):
@@ -62,6 +62,21 @@ def test_ordinary_prompts_render_exactly_as_the_chat_template_does(tokenizer):
             expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
             assert render.prompt(prompt, system=system) == list(expected)
+
+
+def test_a_conversation_renders_as_the_chat_template_with_loss_on_every_assistant_turn(tokenizer):
+    render = Renderer(tokenizer)
+    messages = [{"role": "user", "content": "My name is Clara."}, {"role": "assistant", "content": "Welcome, Clara."},
+                {"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Clara, of course."}]
+    tokens, weights = render.conversation(messages)
+    full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    assert tokens == full[:len(tokens)] and tokenizer.decode(full[len(tokens):]) == "\n"  # the template's last newline
+    trained = [token for token, weight in zip(tokens, weights, strict=True) if weight]
+    assert trained == render.reply("Welcome, Clara.") + render.reply("Clara, of course.")
+    # one turn is exactly a prompt and its reply, as evaluation and sampling see them
+    one, weights_one = render.conversation(messages[:2])
+    assert one == render.prompt("My name is Clara.") + render.reply("Welcome, Clara.")
+    assert weights_one == [0.0] * len(render.prompt("My name is Clara.")) + [1.0] * len(render.reply("Welcome, Clara."))
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tokenizer):

@@ -62,6 +62,22 @@ def test_fan_out_runs_items_in_parallel_with_their_values(tmp_path):
     assert results[0].outputs == {"items": "[0, 1, 2]"}
 
 
+def test_a_task_starts_when_its_own_dependencies_are_done(tmp_path):
+    # first -> slow (2 s) and first -> quick -> after_quick: after_quick must not wait for slow
+    mark = "import sys,time; s=time.time(); time.sleep({}); print('span', s, time.time())"
+    templates = {"first": container(mark.format(0)), "slow": container(mark.format(2)),
+                 "quick": container(mark.format(0)), "after_quick": container(mark.format(0))}
+    doc = workflow(templates, [{"name": "first", "template": "first"},
+                               {"name": "slow", "template": "slow", "depends": "first"},
+                               {"name": "quick", "template": "quick", "depends": "first"},
+                               {"name": "after_quick", "template": "after_quick", "depends": "quick"}])
+    make_runner(doc, tmp_path, **{"run-id": "r"}).run()
+    span = {name: [float(w) for w in (tmp_path / "logs" / f"{name}.log").read_text().split()[1:3]]
+            for name in templates}
+    assert span["after_quick"][0] < span["slow"][1]
+    assert span["quick"][1] <= span["after_quick"][0]
+
+
 def test_retries_until_success(tmp_path):
     flaky = ("import os,sys; p=os.environ['OUT']+'-count'; n=int(open(p).read()) if os.path.exists(p) else 0; "
              "open(p,'w').write(str(n+1)); sys.exit(0 if n >= 1 else 1)")

@@ -86,6 +86,38 @@ def test_render_matches_the_dag():
         "workflows/pipeline.yaml differs from the Hera DAG: run `make render` (and `make chart-sync`)")
 
 
+def rendered_edges() -> dict[str, set[str]]:
+    doc = yaml.safe_load(RENDERED.read_text())
+    dag = next(t for t in doc["spec"]["templates"] if t["name"] == doc["spec"]["entrypoint"])["dag"]
+    return {task["name"]: {d.strip() for d in task.get("depends", "").split("&&") if d.strip()} for task in dag["tasks"]}
+
+
+def test_dag_edges_are_the_phase_tables_needs():
+    from jobs.phases import PHASE
+
+    edges = rendered_edges()
+    assert list(edges) == list(PHASE)
+
+    def closure(graph: dict[str, set[str]], name: str) -> set[str]:
+        return set(graph[name]).union(*(closure(graph, n) for n in graph[name]))
+
+    needs = {name: set(phase.needs) for name, phase in PHASE.items()}
+    for name in PHASE:
+        # the same order on the cluster as the table asks, and no edge another edge already implies
+        assert closure(edges, name) == closure(needs, name), name
+        assert not any(e in closure(edges, other) for e in edges[name] for other in edges[name]), name
+
+
+def test_report_and_export_run_in_parallel():
+    edges = rendered_edges()
+
+    def after(name: str) -> set[str]:
+        return set(edges[name]).union(*(after(n) for n in edges[name]))
+
+    assert "report" not in after("export") and "export" not in after("report")
+    assert "evaluate" in after("report") and "evaluate" in after("export")
+
+
 @needs_schemas
 def test_render_validates_against_argo_schema_and_strict_crd():
     docs = [d for d in yaml.safe_load_all(RENDERED.read_text()) if d]

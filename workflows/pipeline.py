@@ -25,17 +25,13 @@ from hera.workflows import (
 )
 
 from jobs import __version__
+from jobs.config import BACKENDS, PROFILES
 from jobs.errors import InputError
-from jobs.phases import PHASES
+from jobs.phases import PHASE, TABLE, Phase
 
 NAME = "distill"
 OUTPUTS = "/tmp/outputs"
-# every phase runs in its own image `<registry>/<phase>:<tag>`; these drive a model and get engine resources
-# (ingest too: it synthesizes prompts with the teacher engine when a card comes without enough)
-ENGINE_PHASES = {"preflight", "ingest", "teacher", "train", "evaluate", "export"}
-# figures each step exposes as output parameters (shown in the Argo UI); all are keys of the phase's metrics
-FIGURES = {"ingest": ("prompts", "shards"), "audit": ("kept", "dropped"), "train": ("first_loss", "last_loss"),
-           "evaluate": ("similarity_student", "token_reduction", "cost_ratio"), "publish": ("mode", "files")}
+# every phase runs in its own image `<registry>/<phase>:<tag>`; phases that drive a model get engine resources
 ENGINE_RESOURCES = models.ResourceRequirements(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
 LIGHT_RESOURCES = models.ResourceRequirements(requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "2Gi"})
 
@@ -103,25 +99,36 @@ RETRY = RetryStrategy(limit="2", retry_policy="Always",
                       backoff=models.Backoff(duration="10s", factor="2"))
 
 
-def phase_template(phase: str, inputs: list[Parameter] | None = None, extra_args: list[str] | None = None) -> Container:
+def phase_template(phase: Phase) -> Container:
+    shard = [Parameter(name="shard")] if phase.sharded else []
     return Container(
-        name=phase,
-        image=f"{{{{workflow.parameters.image-registry}}}}/{phase}:{{{{workflow.parameters.image-tag}}}}",
+        name=phase.name,
+        image=f"{{{{workflow.parameters.image-registry}}}}/{phase.name}:{{{{workflow.parameters.image-tag}}}}",
         command=["python", "-m", "jobs"],
-        args=[phase, "--profile", "{{workflow.parameters.profile}}", "--run-id", "{{workflow.parameters.run-id}}",
+        args=[phase.name, "--profile", "{{workflow.parameters.profile}}", "--run-id", "{{workflow.parameters.run-id}}",
               "--config-yaml", "{{workflow.parameters.config}}", "--backend", "{{workflow.parameters.backend}}",
-              *(extra_args or [])],
-        inputs=inputs or [],
+              *(["--shard", "{{inputs.parameters.shard}}"] if phase.sharded else [])],
+        inputs=shard,
         outputs=[Parameter(name=f.replace("_", "-"), value_from=models.ValueFrom(path=f"{OUTPUTS}/{f}", default=""))
-                 for f in FIGURES.get(phase, ())],
+                 for f in phase.figures],
         env=ENV,
-        resources=ENGINE_RESOURCES if phase in ENGINE_PHASES else LIGHT_RESOURCES,
+        resources=ENGINE_RESOURCES if phase.engine else LIGHT_RESOURCES,
         security_context=SECURITY,
         volume_mounts=[models.VolumeMount(name="tmp", mount_path="/tmp"),
                        models.VolumeMount(name="cache", mount_path="/cache")],
         retry_strategy=RETRY,
-        metrics=phase_metrics(phase),
+        metrics=phase_metrics(phase.name),
     )
+
+
+def ancestors(name: str) -> set[str]:
+    needs = PHASE[name].needs
+    return set(needs).union(*(ancestors(need) for need in needs))
+
+
+def direct_needs(phase: Phase) -> list[str]:
+    """The phases it needs, less those another of them already needs: the DAG's edges without shortcuts."""
+    return [need for need in phase.needs if not any(need in ancestors(other) for other in phase.needs)]
 
 
 def build() -> WorkflowTemplate:
@@ -131,9 +138,9 @@ def build() -> WorkflowTemplate:
         service_account_name="distill-workflow",
         arguments=[
             Parameter(name="run-id", description="run id: artifacts go to runs/<run-id>/ (required)"),
-            Parameter(name="profile", value="demo", enum=["demo", "ci", "full"]),
+            Parameter(name="profile", value="demo", enum=list(PROFILES)),
             Parameter(name="config", value="{}", description="YAML merged over the profile"),
-            Parameter(name="backend", value="", enum=["", "local", "tinker"],
+            Parameter(name="backend", value="", enum=["", *BACKENDS],
                       description="model.backend for every phase; empty: the profile's and config's"),
             Parameter(name="image-registry", value="localhost/distill"),
             Parameter(name="image-tag", value=__version__),
@@ -147,19 +154,18 @@ def build() -> WorkflowTemplate:
         artifact_repository_ref=ARTIFACT_REPOSITORY,
         metrics=WORKFLOW_METRICS,
     ) as template:
-        steps = {phase: phase_template(phase) for phase in PHASES if phase != "teacher"}
-        teacher = phase_template("teacher", inputs=[Parameter(name="shard")],
-                                 extra_args=["--shard", "{{inputs.parameters.shard}}"])
+        # the phase that lists the shards a sharded phase fans out over
+        shards_from = next(phase.name for phase in TABLE if "shards" in phase.figures)
+        templates = {phase.name: phase_template(phase) for phase in TABLE}
         with DAG(name="pipeline"):
-            preflight, ingest = steps["preflight"](), steps["ingest"]()
-            shards = teacher(name="teacher", arguments={"shard": "{{item}}"},
-                             with_param="{{tasks.ingest.outputs.parameters.shards}}")
-            preflight >> ingest >> shards
-            previous = shards
-            for phase in ("student", "audit", "split", "train", "evaluate", "report", "export", "publish"):
-                task = steps[phase]()
-                previous >> task
-                previous = task
+            tasks = {}
+            for phase in TABLE:
+                make = templates[phase.name]
+                tasks[phase.name] = make(
+                    name=phase.name, arguments={"shard": "{{item}}"},
+                    with_param=f"{{{{tasks.{shards_from}.outputs.parameters.shards}}}}") if phase.sharded else make()
+                for need in direct_needs(phase):
+                    tasks[need] >> tasks[phase.name]
     return template
 
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,44 +353,54 @@ class Runner:
         return steps
 
     def run(self) -> list[StepResult]:
+        """Starts every task as soon as the tasks it depends on are done (fan-out items in parallel), so tasks
+        that do not depend on each other run at the same time, as on the cluster."""
         self.logs.mkdir(parents=True, exist_ok=True)
         entry = self.templates[self.doc["spec"]["entrypoint"]]
         tasks = {t["name"]: t for t in entry["dag"]["tasks"]}
         done: dict[str, dict[str, str]] = {}
+        running: dict[str, list[Future]] = {}
+        failures: list[StepFailed] = []
         cores = os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=self.parallelism) as pool:
             try:
-                while len(done) < len(tasks):
-                    self._run_ready(pool, tasks, done, cores)
+                while len(done) < len(tasks) and not (failures and not running):
+                    if not failures:
+                        self._start_ready(pool, tasks, done, running, cores)
+                    if not running:
+                        raise UnsupportedFeature("the DAG has a cycle or a dependency on an unknown task")
+                    wait([f for futures in running.values() for f in futures], return_when=FIRST_COMPLETED)
+                    for name in [n for n, futures in running.items() if all(f.done() for f in futures)]:
+                        results = []
+                        for future in running.pop(name):
+                            try:
+                                results.append(future.result())
+                            except StepFailed as exc:
+                                failures.append(exc)
+                        self.results += results
+                        done[name] = results[0].outputs if len(results) == 1 and results[0].step.item is None else {}
             except BaseException:  # a signal (Stopped) above all: steps must not outlive the runner
                 self._stopping.set()
                 self.stopped_steps = self.executor.stop()
                 raise
-        return self.results
-
-    def _run_ready(self, pool: ThreadPoolExecutor, tasks: dict[str, dict], done: dict[str, dict[str, str]],
-                   cores: int) -> None:
-        """Runs every task whose dependencies are done (fan-out items in parallel) and records it in `done`."""
-        ready = [t for name, t in tasks.items() if name not in done and all(dep in done for dep in dependencies(t))]
-        if not ready:
-            raise UnsupportedFeature("the DAG has a cycle or a dependency on an unknown task")
-        steps = [step for task in ready for step in self.expand(task, done)]
-        threads = max(1, cores // min(len(steps), self.parallelism))
-        futures = [pool.submit(self.run_step, step, threads) for step in steps]
-        failures = []
-        for future in futures:
-            try:
-                self.results.append(future.result())
-            except StepFailed as exc:
-                failures.append(exc)
         if failures:
             # bad input outranks a transient fault, which outranks anything else
             codes = [f.code for f in failures]
             code = next((c for c in (InputError.exit_code, TransientError.exit_code) if c in codes), 1)
             raise StepFailed("; ".join(str(f) for f in failures), code)
-        for task in ready:
-            mine = [r for r in self.results if r.step.task == task["name"]]
-            done[task["name"]] = mine[0].outputs if len(mine) == 1 and mine[0].step.item is None else {}
+        return self.results
+
+    def _start_ready(self, pool: ThreadPoolExecutor, tasks: dict[str, dict], done: dict[str, dict[str, str]],
+                     running: dict[str, list[Future]], cores: int) -> None:
+        """Submits the steps of every task whose dependencies are done; the cores are shared among the steps that
+        run at once (each step's DISTILL_THREADS)."""
+        ready = [t for name, t in tasks.items()
+                 if name not in done and name not in running and all(dep in done for dep in dependencies(t))]
+        steps = {task["name"]: self.expand(task, done) for task in ready}
+        at_once = sum(map(len, steps.values())) + sum(not f.done() for fs in running.values() for f in fs)
+        threads = max(1, cores // max(1, min(at_once, self.parallelism)))
+        for name, mine in steps.items():
+            running[name] = [pool.submit(self.run_step, step, threads) for step in mine]
 
 
 def main(argv: list[str] | None = None) -> int:

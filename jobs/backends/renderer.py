@@ -48,8 +48,12 @@ class Renderer:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def prompt(self, user: str, system: str | None = None, reply_prefix: str = "") -> list[int]:
-        """The chat up to the assistant's turn; `reply_prefix` is text that turn has already begun with."""
+        """One question, up to the assistant's turn; `reply_prefix` is text that turn has already begun with."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.chat(messages, reply_prefix)
+
+    def chat(self, messages: list[dict], reply_prefix: str = "") -> list[int]:
+        """A conversation (`{"role", "content"}` messages) up to the assistant's next turn."""
         # render the template around stand-ins, then tokenize its markup and each message's text separately
         marks = [f"\x1f{uuid.uuid4().hex}\x1f" for _ in messages]
         rendered = self.tokenizer.apply_chat_template(
@@ -71,12 +75,26 @@ class Renderer:
                              f"model's context of {self.context_tokens} tokens")
         return tokens
 
+    def conversation(self, messages: list[dict]) -> tuple[list[int], list[float]]:
+        """A whole conversation as training data: its tokens, weight 1 on every assistant turn (its end-of-turn
+        token included) and 0 elsewhere. Each assistant turn follows exactly the tokens `chat` gives for the
+        messages before it, as at sampling time."""
+        tokens: list[int] = []
+        weights: list[float] = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.chat(messages[:i])
+            if before[:len(tokens)] != tokens:
+                raise RuntimeError("the chat template renders an earlier turn differently once the chat goes on")
+            weights += [0.0] * (len(before) - len(tokens))
+            reply = self.reply(message["content"])
+            tokens, weights = before + reply, weights + [1.0] * len(reply)
+        return tokens, weights
+
     def reply(self, text: str) -> list[int]:
         """The assistant turn as the model should produce it: the text, then the end-of-turn token."""
         return self._text(text) + [self.end_of_turn]
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def count(self, text: str) -> int:
-        return len(self._text(text))

@@ -1,4 +1,4 @@
-"""Audit (seed step 9): drop empty, truncated, duplicate, out-of-character and over-long replies.
+"""Audit: drop empty, truncated, duplicate, out-of-character and over-long replies.
 
 A reply cut off by the token limit keeps its complete sentences when it has at least one ("trimmed");
 otherwise it is dropped as truncated. The report counts every reason and shows examples.
@@ -10,6 +10,7 @@ import re
 
 from jobs.config import AuditConfig
 from jobs.phases.base import PhaseConfig, run_unit
+from jobs.phases.student import single_turn
 
 SENTENCE_END = re.compile(r"[.!?…](?=[\"')\]]?(\s|$))")
 
@@ -29,7 +30,7 @@ def judge(row: dict, audit: AuditConfig, seen: set[str]) -> tuple[str | None, di
         if not reply:
             return "truncated", row
         row = {**row, "reply": reply, "trimmed": True,
-               "messages": [row["messages"][0], {"role": "assistant", "content": reply}]}
+               "messages": single_turn(row["prompt"], reply)}
     lowered = reply.lower()
     if any(phrase in lowered for phrase in audit.forbidden):
         return "out_of_character", row
@@ -62,4 +63,4 @@ def main(config: PhaseConfig) -> dict:
         out.write_json("audit.json", report)
         out.metrics.update({"kept": len(kept), "dropped": len(dropped), "trimmed": report["trimmed"]})
 
-    return run_unit(config, "audit", ("audit",), ("student",), build)
+    return run_unit(config, "audit", build)

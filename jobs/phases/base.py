@@ -12,6 +12,7 @@ from pathlib import Path
 from jobs.backends.base import Backend
 from jobs.config import PipelineConfig, digest
 from jobs.log import get_logger
+from jobs.phases import PHASE
 from jobs.store import ArtifactStore, StoreSettings, UnitWriter
 
 
@@ -27,17 +28,31 @@ class PhaseConfig:
         return ArtifactStore(self.store_settings, self.run_id)
 
 
-def run_unit(config: PhaseConfig, unit: str, sections: tuple[str, ...], inputs: tuple[str, ...],
-             body: Callable[[UnitWriter], None], extra_key: object = None) -> dict:
+def shard_unit(index: int) -> str:
+    return f"teacher/shard-{index:05d}"
+
+
+def units(config: PhaseConfig, phase: str) -> tuple[str, ...]:
+    """The units a phase wrote: its own name, or one per shard that ingest assigned for a sharded phase."""
+    if not PHASE[phase].sharded:
+        return (phase,)
+    return tuple(shard_unit(i) for i in config.store.require("ingest")["metrics"]["shards"])
+
+
+def run_unit(config: PhaseConfig, phase: str, body: Callable[[UnitWriter], None], extra_key: object = None) -> dict:
     """Runs `body` unless the unit's manifest already matches this config and these inputs.
 
-    The fingerprint covers the named config sections, each input unit's own fingerprint and `extra_key`;
+    The unit is the phase's own (a sharded phase's: its shard's). The fingerprint covers the config sections the
+    phase declares (jobs.phases.TABLE), the fingerprint of every unit of the phases it reads, and `extra_key`;
     the code version is recorded in the manifest but not part of the key, so editing code does not
     silently redo expensive phases (pass a new run id to force that).
     """
+    declared = PHASE[phase]
+    unit = shard_unit(config.shard) if declared.sharded else phase
     store, log = config.store, get_logger().bind(unit=unit, run_id=config.run_id)
+    inputs = [name for read in declared.reads for name in units(config, read)]
     input_fingerprints = {name: store.require(name)["fingerprint"] for name in inputs}
-    fingerprint = digest({"unit": unit, "config": config.pipeline.section_hash(*sections),
+    fingerprint = digest({"unit": unit, "config": config.pipeline.section_hash(*declared.sections),
                           "inputs": input_fingerprints, "extra": extra_key})
     done = store.complete(unit, fingerprint)
     if done is not None:

@@ -147,5 +147,4 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "evaluate", ("model", "teacher", "audit", "evaluate"), ("ingest", "split", "train"),
-                    lambda out: build(config, out))
+    return run_unit(config, "evaluate", lambda out: build(config, out))

@@ -67,5 +67,4 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "export", ("model", "export"), ("ingest", "split", "train", "evaluate"),
-                    lambda out: build(config, out))
+    return run_unit(config, "export", lambda out: build(config, out))

@@ -1,4 +1,4 @@
-"""Ingest (seed steps 3-4): validate the card and the prompts, synthesize prompts where there are too few,
+"""Ingest: validate the card and the prompts, synthesize prompts where there are too few,
 profile them, assign shards.
 
 Everything is checked before anything is written: a card that leaves the model no room for a prompt and a
@@ -24,10 +24,6 @@ from jobs.store import UnitWriter, jsonl_bytes, sha256_bytes
 
 TEMPLATE_TOKENS = 32  # what the chat template adds around the system, user and assistant turns
 MIN_PROMPT_TOKENS = 256  # the room a card must leave for a prompt
-
-
-def shard_unit(index: int) -> str:
-    return f"teacher/shard-{index:05d}"
 
 
 def prompt_room(config: PhaseConfig, card: CharacterCard) -> int:
@@ -159,4 +155,4 @@ def main(config: PhaseConfig) -> dict:
             row["shard"] = number % ingest.shards
         build(config, read, source, len(rows), kept, dropped, synthesis, out)
 
-    return run_unit(config, "ingest", ("ingest", "model", "teacher"), (), body, extra_key=content)
+    return run_unit(config, "ingest", body, extra_key=content)

@@ -1,4 +1,4 @@
-"""Preflight (seed steps 1-2): the store answers, the bucket exists, the backend and models are usable."""
+"""Preflight: the store answers, the bucket exists, the backend and models are usable."""
 
 from __future__ import annotations
 
@@ -29,5 +29,4 @@ def check_environment(config: PhaseConfig) -> dict:
 
 def main(config: PhaseConfig) -> dict:
     checks = check_environment(config)
-    return run_unit(config, "preflight", ("model",), (),
-                    lambda out: (out.write_json("checks.json", checks), out.metrics.update(checks)))
+    return run_unit(config, "preflight", lambda out: (out.write_json("checks.json", checks), out.metrics.update(checks)))

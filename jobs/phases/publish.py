@@ -1,4 +1,4 @@
-"""Publish (seed step 20): push the export unit's files to a Hugging Face Hub model repo, or say what would be.
+"""Publish: push the export unit's files to a Hugging Face Hub model repo, or say what would be.
 
 A push needs both `HF_TOKEN` in the environment and `publish.repo_id` in the config; without either, the
 phase is a dry run that lists every file it would push (path in the repo, bytes, sha256); both modes
@@ -112,4 +112,4 @@ def main(config: PhaseConfig) -> dict:
                                         **pushed, "files": files, "bytes": total})
         out.metrics.update({"mode": "push", "revision": pushed["revision"], "files": len(files)})
 
-    return run_unit(config, "publish", ("publish",), ("export",), build, extra_key={"push": pushing})
+    return run_unit(config, "publish", build, extra_key={"push": pushing})

@@ -1,4 +1,4 @@
-"""Split (seed step 10): train / val / eval, with eval prompts never seen in training."""
+"""Split: train / val / eval, with eval prompts never seen in training."""
 
 from __future__ import annotations
 
@@ -29,4 +29,4 @@ def main(config: PhaseConfig) -> dict:
         out.write_jsonl("eval.jsonl", evaluation)
         out.metrics.update({"train": len(train), "val": len(val), "eval": len(evaluation)})
 
-    return run_unit(config, "split", ("split",), ("audit",), build)
+    return run_unit(config, "split", build)

@@ -1,4 +1,4 @@
-"""Teacher (seed steps 6, 8): the base model with the card as system prompt answers one shard of prompts.
+"""Teacher: the base model with the card as system prompt answers one shard of prompts.
 
 Replies are cached across runs under a key of the card, the model and the sampling settings and the shard's
 prompts: a new run that changes only training settings reuses them; a changed card regenerates.
@@ -12,7 +12,6 @@ from jobs.config import digest
 from jobs.errors import InputError
 from jobs.log import Progress
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
-from jobs.phases.ingest import shard_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
 
@@ -61,5 +60,4 @@ def main(config: PhaseConfig) -> dict:
     shards = config.store.require("ingest")["metrics"]["shards"]
     if config.shard not in shards:
         raise InputError(f"teacher --shard {config.shard}: ingest made shards {shards}")
-    return run_unit(config, shard_unit(config.shard), ("model", "teacher"), ("ingest",),
-                    lambda out: build(config, out), extra_key=config.shard)
+    return run_unit(config, "teacher", lambda out: build(config, out), extra_key=config.shard)

@@ -1,4 +1,4 @@
-"""Train (seed steps 11-13): LoRA SFT on the student conversations, resumable from the last checkpoint.
+"""Train: LoRA SFT on the student conversations, resumable from the last checkpoint.
 
 Loss is on the assistant tokens only. Every `checkpoint_every` steps the backend saves its state (adapter,
 optimizer, RNG: a folder in the store for the local engine, a `tinker://` path on Tinker) and a row with
@@ -28,10 +28,10 @@ OUTPUT_LAYOUT = 2
 
 
 def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:
-    prompt, reply = renderer.prompt(row["prompt"]), renderer.reply(row["reply"])
-    tokens = (prompt + reply)[:max_len]
-    weights = ([0.0] * len(prompt) + [1.0] * len(reply))[:max_len]
-    return Datum(tokens, weights)
+    """A split row's conversation (`messages`, the format TRL's SFTTrainer and tinker-cookbook read), loss on
+    its assistant turns."""
+    tokens, weights = renderer.conversation(row["messages"])
+    return Datum(tokens[:max_len], weights[:max_len])
 
 
 @lru_cache(maxsize=4)
@@ -146,5 +146,4 @@ def read_adapter(config: PhaseConfig) -> Adapter:
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "train", ("model", "train"), ("split",), lambda out: build(config, out),
-                    extra_key={"layout": OUTPUT_LAYOUT})
+    return run_unit(config, "train", lambda out: build(config, out), extra_key={"layout": OUTPUT_LAYOUT})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from workflows.runner import ProcessExecutor, Runner, StepFailed, UnsupportedFeature, check_supported
+from workflows.runner import ProcessExecutor, Runner, StepFailed, UnsupportedFeature, check_finished, check_supported
 
 from conftest import REPO
 
@@ -129,3 +129,21 @@ def test_required_parameter_and_unknown_placeholder(tmp_path):
 
 def test_the_rendered_pipeline_is_supported():
     check_supported(yaml.safe_load((REPO / "workflows" / "pipeline.yaml").read_text()))
+
+
+class ManifestsOnly:
+    """A stand-in for the artifact store that holds only manifests: ingest's lists shards 0 and 1."""
+
+    def __init__(self, absent: set[str]):
+        self.absent = absent
+
+    def manifest(self, unit: str) -> dict | None:
+        return None if unit in self.absent else {"metrics": {"shards": [0, 1]}}
+
+    require = manifest
+
+
+def test_a_run_is_finished_only_with_every_units_manifest():
+    check_finished(ManifestsOnly(set()))
+    with pytest.raises(StepFailed, match=r"without the manifest of teacher/shard-00001, publish$"):
+        check_finished(ManifestsOnly({"teacher/shard-00001", "publish"}))

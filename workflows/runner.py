@@ -468,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                                 executor, data / "logs" / run_id)
                 try:
                     results = runner.run()
-                    report = _fetch_report(ArtifactStore(StoreSettings.from_env(), run_id),
-                                           args.reports_dir.resolve() / run_id)
+                    store = ArtifactStore(StoreSettings.from_env(), run_id)
+                    check_finished(store)
+                    report = _fetch_report(store, args.reports_dir.resolve() / run_id)
                 finally:
                     _fault_summary(s3, runner)
     except Stopped as stop:
@@ -518,6 +519,17 @@ def input_overrides(card: str | None, prompts: str | None) -> list[str]:
         return json.dumps(source if named else str(Path(source).resolve()))
 
     return [f"ingest.{key}={value(source)}" for key, source in (("card", card), ("prompts", prompts)) if source]
+
+
+def check_finished(store) -> None:
+    """Every unit of every phase in the table has its completion marker: a step that exited 0 without one, or a
+    DAG that left a phase out, is a failed run."""
+    from jobs.phases import PHASES
+    from jobs.phases.base import units
+
+    missing = [unit for phase in PHASES for unit in units(store, phase) if store.manifest(unit) is None]
+    if missing:
+        raise StepFailed(f"the run ended without the manifest of {', '.join(missing)}")
 
 
 def _fault_summary(s3, runner: Runner) -> None:

@@ -32,11 +32,11 @@ def shard_unit(index: int) -> str:
     return f"teacher/shard-{index:05d}"
 
 
-def units(config: PhaseConfig, phase: str) -> tuple[str, ...]:
-    """The units a phase wrote: its own name, or one per shard that ingest assigned for a sharded phase."""
+def units(store: ArtifactStore, phase: str) -> tuple[str, ...]:
+    """The units a phase writes: its own, or one per shard that ingest assigned for a sharded phase."""
     if not PHASE[phase].sharded:
         return (phase,)
-    return tuple(shard_unit(i) for i in config.store.require("ingest")["metrics"]["shards"])
+    return tuple(shard_unit(i) for i in store.require("ingest")["metrics"]["shards"])
 
 
 def run_unit(config: PhaseConfig, phase: str, body: Callable[[UnitWriter], None], extra_key: object = None) -> dict:
@@ -50,7 +50,7 @@ def run_unit(config: PhaseConfig, phase: str, body: Callable[[UnitWriter], None]
     declared = PHASE[phase]
     unit = shard_unit(config.shard) if declared.sharded else phase
     store, log = config.store, get_logger().bind(unit=unit, run_id=config.run_id)
-    inputs = [name for read in declared.reads for name in units(config, read)]
+    inputs = [name for read in declared.reads for name in units(store, read)]
     input_fingerprints = {name: store.require(name)["fingerprint"] for name in inputs}
     fingerprint = digest({"unit": unit, "config": config.pipeline.section_hash(*declared.sections),
                           "inputs": input_fingerprints, "extra": extra_key})

@@ -95,7 +95,7 @@ def usage(config: PhaseConfig) -> tuple[dict[str, int], float]:
     """Tokens the run sent to a model, as Tinker bills them (cached teacher replies cost nothing), and their
     price at `tinker.prices`."""
     store, prices = config.store, config.pipeline.tinker.prices
-    metrics = [store.require(unit)["metrics"] for unit in (*units(config, "teacher"), "evaluate")]
+    metrics = [store.require(unit)["metrics"] for unit in (*units(config.store, "teacher"), "evaluate")]
     tokens = {kind: sum(m.get(kind, 0) for m in metrics) for kind in ("prefill_tokens", "sample_tokens")}
     tokens["train_tokens"] = store.require("train")["metrics"]["train_tokens"]
     dollars = (tokens["prefill_tokens"] * prices.prefill_per_mtok + tokens["sample_tokens"] * prices.sample_per_mtok
@@ -169,7 +169,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     replies = store.read_jsonl("evaluate", "replies.jsonl")
     history, val = store.read_jsonl("train", "metrics.jsonl"), store.read_jsonl("train", "val.jsonl")
     card = store.read_json("ingest", "card.json")
-    times = [(unit, store.require(unit)["wall_s"]) for phase in PHASE["report"].reads for unit in units(config, phase)]
+    times = [(unit, store.require(unit)["wall_s"]) for phase in PHASE["report"].reads for unit in units(store, phase)]
     title = f"Distilling {card['name']}: run {config.run_id}"
     notes = (f"Profile {config.pipeline.profile}, base model {config.pipeline.model.base}, "
              f"{train['train_rows']} training rows, {train['steps']} steps, {ev['eval_prompts']} held-out eval prompts. "

@@ -13,7 +13,7 @@ def single_turn(prompt: str, reply: str) -> list[dict]:
 def main(config: PhaseConfig) -> dict:
     def build(out):
         rows = []
-        for unit in units(config, "teacher"):
+        for unit in units(config.store, "teacher"):
             for reply in config.store.read_jsonl(unit, "replies.jsonl"):
                 rows.append({**reply, "messages": single_turn(reply["prompt"], reply["reply"])})
         rows.sort(key=lambda r: r["id"])

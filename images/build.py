@@ -41,8 +41,15 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import __version__  # noqa: E402
 from jobs.phases import PHASE, PHASES  # noqa: E402
-from workflows.containers import (SOURCES_LABEL, detect_engine, engine_cmd, engine_env, image_exists,  # noqa: E402
-                                  inspect_image, source_digest)
+from workflows.containers import (  # noqa: E402
+    SOURCES_LABEL,
+    detect_engine,
+    engine_cmd,
+    engine_env,
+    image_exists,
+    inspect_image,
+    source_digest,
+)
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 # the stand-in for BASE_IMAGE when no registry answers: Debian bookworm (python3 is 3.11) with venv and CA certs

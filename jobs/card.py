@@ -32,16 +32,19 @@ PNG_KEYWORDS = ("ccv3", "chara")  # V3's chunk first: a V3 writer keeps a V2 cop
 MIN_TOPICS = 6  # fewer declared topics (YAML `topics`, V2/V3 `tags`) are filled up from the description
 MIN_SYSTEM_CHARS = 20
 # V2/V3 tags that say what kind of card it is, not what the character talks about
-META_TAGS = frozenset("male female nsfw sfw oc original character human english roleplay rp bot chatbot ai other "
-                      "non-binary anime".split())
-STOPWORDS = frozenset("""a about above after again against all also always am an and any are as at be because been
-before being below between both but by can could did do does doing down during each every few for from further
-had has have having he her here hers herself him himself his how i if in into is it its itself just know like
-many may me might more most much must my myself never no nor not now of off often on once only or other our ours
-ourselves out over own people same says she should since so some still such than that the their theirs them
-themselves then there these they this those through to too under until up upon very was way we well were what
-when where which while who whom why will with would yet you your yours yourself yourselves user char speak
-speaks answer answers always never first person years behind""".split())
+META_TAGS = frozenset("""
+    male female nsfw sfw oc original character human english roleplay rp bot chatbot ai other non-binary anime
+""".split())
+STOPWORDS = frozenset("""
+    a about above after again against all also always am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each every few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just know like many may me
+    might more most much must my myself never no nor not now of off often on once only or other our ours
+    ourselves out over own people same says she should since so some still such than that the their theirs them
+    themselves then there these they this those through to too under until up upon very was way we well were
+    what when where which while who whom why will with would yet you your yours yourself yourselves user char
+    speak speaks answer answers always never first person years behind
+""".split())
 
 
 class CharacterCard(BaseModel):

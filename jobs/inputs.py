@@ -70,7 +70,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(data: bytes | str, where: str):
     text = decode_text(data, where) if isinstance(data, bytes) else data
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise InputError(f"{where}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({exc.problem})") from None

@@ -19,7 +19,8 @@ def _interactive() -> bool:
 def get_logger(name: str = "jobs") -> structlog.stdlib.BoundLogger:
     global _configured
     if not _configured:
-        renderer = structlog.dev.ConsoleRenderer(colors=False) if _interactive() else structlog.processors.JSONRenderer()
+        renderer = (structlog.dev.ConsoleRenderer(colors=False) if _interactive()
+                    else structlog.processors.JSONRenderer())
         structlog.configure(
             processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
                         structlog.processors.TimeStamper(fmt="iso", utc=True), renderer],

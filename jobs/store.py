@@ -192,7 +192,7 @@ class ArtifactStore:
         for attempt in range(1, OPERATION_ATTEMPTS + 1):
             try:
                 return fn(Bucket=self.settings.bucket, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - sorted into transient, lasting and unexpected below
+            except Exception as exc:
                 fault = transient_fault(exc)
                 if fault is None:
                     self._lasting(exc, what, kwargs.get("Key", what))

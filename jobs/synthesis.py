@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from jobs.card import STOPWORDS, CharacterCard
 from jobs.backends.base import SamplingClient
+from jobs.card import STOPWORDS, CharacterCard
 from jobs.config import IngestConfig
 
 # kind -> (label in the few-shot document, worked examples as (topic, question)); the examples are about other
@@ -131,8 +131,8 @@ def audit(text: str, slot: Slot, ingest: IngestConfig) -> tuple[str, str | None]
     if len(words) > ingest.max_words:
         return line, "too_long"
     # a question, or for an attempt to break character also an order to the character
-    if not (line.endswith("?") or slot.kind == "break_character" and line.endswith((".", "!"))
-            and re.search(r"\byou(r)?\b", line.lower())):
+    if not (line.endswith("?") or (slot.kind == "break_character" and line.endswith((".", "!"))
+            and re.search(r"\byou(r)?\b", line.lower()))):
         return line, "not_a_question"
     if re.search(r"\b(kind|topic|question):", line, re.IGNORECASE):
         return line, "template_echo"

@@ -36,7 +36,7 @@ import secrets
 import ssl
 import string
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -91,13 +91,13 @@ def schema_errors_of(ref: str, document: object) -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _at(start: str, seconds: int) -> str:
     """`start` plus some seconds: each pod of a stand-in run starts a little after the one before."""
-    moment = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    return datetime.fromtimestamp(moment.timestamp() + seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return datetime.fromtimestamp(moment.timestamp() + seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _suffix(n: int = 5) -> str:
@@ -345,7 +345,7 @@ class ArgoStandIn:
                 raw = self.rfile.read(length) if length else b""
                 with standin._lock:
                     standin.requests.append((method, path))
-                    for verb, pattern, action, route in _ROUTES:
+                    for verb, pattern, action, route in _ROUTES:  # noqa: B007 - the matching route is used after the loop
                         match = pattern.match(path)
                         if verb == method and match:
                             break

@@ -23,17 +23,17 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-from jobs.assets import builtin  # noqa: E402
-from jobs.backends.base import SamplingParams  # noqa: E402
-from jobs.backends.local import LocalEngine, resolve_precision  # noqa: E402
-from jobs.backends.model_files import model_dir  # noqa: E402
-from jobs.card import parse_card  # noqa: E402
-from jobs.config import load_pipeline_config  # noqa: E402
-from jobs.phases.student import single_turn  # noqa: E402
-from jobs.phases.train import batch_rows, learning_rate, to_datum  # noqa: E402
-from jobs.store import parse_jsonl  # noqa: E402
+from jobs.assets import builtin
+from jobs.backends.base import SamplingParams
+from jobs.backends.local import LocalEngine, resolve_precision
+from jobs.backends.model_files import model_dir
+from jobs.card import parse_card
+from jobs.config import load_pipeline_config
+from jobs.phases.student import single_turn
+from jobs.phases.train import batch_rows, learning_rate, to_datum
+from jobs.store import parse_jsonl
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -164,7 +164,7 @@ def main() -> None:
     base_tokens, base_s = baseline_teacher(config, prompts, params, engine.tokenizer)
     replies, engine_s = engine_teacher(config, prompts, params, engine)
     engine_tokens = sum(map(len, replies))
-    rows = [{"prompt": q, "reply": engine.renderer.decode(r)} for q, r in zip(questions, replies)]
+    rows = [{"prompt": q, "reply": engine.renderer.decode(r)} for q, r in zip(questions, replies, strict=True)]
     rows = [{**row, "messages": single_turn(row["prompt"], row["reply"])} for row in rows]
     del engine
 

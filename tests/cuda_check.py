@@ -54,30 +54,31 @@ greedy = SamplingParams(max_tokens=24, temperature=0.0, batch_size=8)
 mine = engine.sample(prompts, greedy)
 ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
 same = 0
-for p, m in zip(prompts, mine):
+for p, m in zip(prompts, mine, strict=True):
     g = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False,
                      eos_token_id=render.end_of_turn, pad_token_id=render.end_of_turn)[0, len(p):].tolist()
     g = [t for t in g if t != render.end_of_turn]
     same += g == m
 out["greedy_equal_to_hf_generate"] = f"{same}/{len(prompts)}"
-seqs = [p + m for p, m in zip(prompts, mine)]
+seqs = [p + m for p, m in zip(prompts, mine, strict=True)]
 lps = engine.compute_logprobs(seqs)
 worst = 0.0
 with torch.no_grad():
-    for s, lp in zip(seqs, lps):
+    for s, lp in zip(seqs, lps, strict=True):
         logits = ref(torch.tensor([s], device="cuda")).logits[0].float().log_softmax(-1)
         want = logits[:-1].gather(1, torch.tensor(s[1:], device="cuda")[:, None]).squeeze(1)
         worst = max(worst, float((want - torch.tensor(lp, device="cuda")).abs().max()))
 out["logprobs_max_abs_diff_vs_hf"] = worst
 trainer = LocalEngine.for_training(fp32, TrainConfig(lora_rank=8))
-batch = [Datum(s, [0.0] * len(p) + [1.0] * (len(s) - len(p))) for s, p in zip(seqs, prompts)]
+batch = [Datum(s, [0.0] * len(p) + [1.0] * (len(s) - len(p))) for s, p in zip(seqs, prompts, strict=True)]
 loss = trainer.forward_backward(batch)["loss"]
 with torch.no_grad():
     total = weight = 0.0
     for d in batch:
         ids = torch.tensor([d.tokens], device="cuda")
         logits = trainer.model(input_ids=ids, layout=Layout(key_mask=torch.ones_like(ids))).logits[0].float()
-        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(d.tokens[1:], device="cuda"), reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(d.tokens[1:], device="cuda"),
+                                                reduction="none")
         w = torch.tensor(d.weights[1:], device="cuda")
         total += float((nll * w).sum())
         weight += float(w.sum())

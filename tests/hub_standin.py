@@ -318,7 +318,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             if method == "GET" and path == "/api/agent-harnesses":  # the client's agent detection, no auth
                 self._send(200, {"standardEnvVars": [], "harnesses": {}})
                 return
-            for verb, pattern, name in _ROUTES:
+            for verb, pattern, name in _ROUTES:  # noqa: B007 - the matching route is used after the loop
                 match = pattern.match(path)
                 if verb == method and match:
                     break

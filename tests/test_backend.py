@@ -3,16 +3,16 @@ plain transformers; training changes the LoRA weights; state round-trips; the sh
 
 from __future__ import annotations
 
-from copy import deepcopy
 import math
+from copy import deepcopy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from jobs.assets import builtin
-from jobs.backends.local import LocalEngine
 from jobs.backends.base import Datum, SamplingParams
+from jobs.backends.local import LocalEngine
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
 from jobs.config import load_pipeline_config
@@ -53,7 +53,8 @@ def card_prompts(sampler):
 
 def batch(renderer) -> list[Datum]:
     rows = [{"messages": single_turn("Who taught you?", "Haydn, though I learned little from him.")},
-            {"messages": single_turn("Do you like coffee? Tell me all about it.", "Exactly sixty beans a cup, counted.")}]
+            {"messages": single_turn("Do you like coffee? Tell me all about it.",
+                                     "Exactly sixty beans a cup, counted.")}]
     return [to_datum(renderer, row, 128) for row in rows]
 
 

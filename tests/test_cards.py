@@ -7,8 +7,8 @@ import base64
 import json
 
 import pytest
-
 from card_png import EXAMPLES, card_png, chunk, example_png, png
+
 from jobs.card import read_card
 from jobs.errors import InputError
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from test_workflow_render import ARGO_KINDS, RENDERED, ROOT, argo_errors, needs_schemas
 
 CHART = ROOT / "helm" / "distill"
@@ -322,7 +321,7 @@ def _checkov() -> str | None:
                     reason="checkov not found: run infra/install-checkov.sh .venv/bin .venv/bin/python")
 def test_checkov_on_the_rendered_chart(tmp_path):
     """No failed check on any scenario; every skipped check is justified inline (`checkov:skip=ID: reason`)."""
-    for values, name in zip(SCENARIOS, SCENARIO_IDS):
+    for values, name in zip(SCENARIOS, SCENARIO_IDS, strict=True):
         text = template(values, "events.enabled=true")
         # one document per file: checkov's Argo Workflows runner reads only single-document files
         for index, chunk in enumerate(text.split("\n---\n")):

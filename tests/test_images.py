@@ -8,10 +8,10 @@ Tests of built images run only when the images exist (`make images`); otherwise 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -22,15 +22,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from jobs import __version__
 from jobs.backends.model_files import cache_root
 from jobs.phases import PHASE, PHASES
-from workflows.containers import (SOURCES_LABEL, ContainerExecutor, detect_engine, engine_cmd, engine_env, image_exists,
-                                  inspect_image, source_digest)
+from workflows.containers import (
+    SOURCES_LABEL,
+    ContainerExecutor,
+    detect_engine,
+    engine_cmd,
+    engine_env,
+    image_exists,
+    inspect_image,
+    source_digest,
+)
 from workflows.runner import RENDERED, Step
-
-from conftest import REPO
 
 REQUIRED = os.environ.get("DISTILL_REQUIRE_IMAGES") == "1"
 REGISTRY = "localhost/distill"

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from card_png import EXAMPLES
 from conftest import REPO
+
 from jobs.backends.embeddings import embed
 from jobs.config import IngestConfig
 from jobs.synthesis import KINDS, Slot, audit

@@ -7,15 +7,14 @@ import json
 import os
 
 import pytest
+from conftest import phase_config as ci_config
+from hub_standin import HubStandIn
 
 import jobs.log
 from jobs.errors import InputError
 from jobs.phases import publish
 from jobs.phases.base import PhaseConfig
 from jobs.store import MANIFEST
-
-from conftest import phase_config as ci_config
-from hub_standin import HubStandIn
 
 TOKEN = "hf_standin_" + "s3cr3t" * 6
 REPO = "me/beethoven"

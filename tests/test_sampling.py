@@ -28,7 +28,7 @@ def test_nucleus_is_the_one_generate_samples_from(temperature, top_p):
 
 def test_a_nucleus_wider_than_every_first_look_falls_back_to_the_whole_vocabulary():
     logits = torch.zeros(2, 2 * NUCLEUS_WIDTHS[-1])  # uniform: the 0.9 nucleus holds 90% of the vocabulary
-    candidates, probs = nucleus(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9))
+    _, probs = nucleus(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9))
     assert int((probs[0] > 0).sum()) == int(0.9 * logits.shape[1]) + 1
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, alive, descendants
 
 # started by the runner or the wrapper: a child that starts a grandchild, says so in a file, and waits

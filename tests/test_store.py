@@ -5,13 +5,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
+from conftest import store_for
 
 from jobs.errors import InputError, TransientError
 from jobs.store import MANIFEST, OPERATION_ATTEMPTS, REQUEST_ATTEMPTS, ArtifactStore, StoreSettings
 from workflows.fault_proxy import FaultPlan
 from workflows.local_s3 import LocalS3
-
-from conftest import store_for
 
 
 def test_outputs_then_manifest_with_hashes_and_rows(store_env):
@@ -35,7 +34,7 @@ def test_failed_writer_leaves_no_manifest(store_env):
         raise RuntimeError("crash mid-phase")
     # the stale manifest was removed before the new outputs were written, and no new one was written
     assert store.manifest("audit") is None
-    with pytest.raises(InputError, match="has no _SUCCESS.json"):
+    with pytest.raises(InputError, match=r"has no _SUCCESS\.json"):
         store.read("audit", "a.txt")
 
 
@@ -44,7 +43,7 @@ def test_tampered_output_is_refused(store_env):
     with store.writing("student", "fp") as out:
         out.write_bytes("conversations.jsonl", b'{"x": 1}\n')
     store.put_bytes(store.key("student", "conversations.jsonl"), b'{"x": 2}\n')
-    with pytest.raises(InputError, match="does not match its _SUCCESS.json"):
+    with pytest.raises(InputError, match=r"does not match its _SUCCESS\.json"):
         store.read("student", "conversations.jsonl")
 
 

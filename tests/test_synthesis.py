@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from card_png import EXAMPLES
 from conftest import phase_config
+
 from jobs.card import read_card
 from jobs.config import IngestConfig
 from jobs.errors import InputError

@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, phase_config, store_for
 from safetensors.torch import load_file
 
-from conftest import REPO, phase_config, store_for
 from jobs.store import parse_jsonl
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,8 @@ def backend(request, store_env, monkeypatch) -> str:
 
 def jobs(*args: str, run_id: str, backend: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs", *args, "--profile", "ci", "--run-id", run_id, *TRAIN,
-                             "--backend", backend], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--backend", backend],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> None:

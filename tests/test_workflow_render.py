@@ -89,7 +89,8 @@ def test_render_matches_the_dag():
 def rendered_edges() -> dict[str, set[str]]:
     doc = yaml.safe_load(RENDERED.read_text())
     dag = next(t for t in doc["spec"]["templates"] if t["name"] == doc["spec"]["entrypoint"])["dag"]
-    return {task["name"]: {d.strip() for d in task.get("depends", "").split("&&") if d.strip()} for task in dag["tasks"]}
+    return {task["name"]: {d.strip() for d in task.get("depends", "").split("&&") if d.strip()}
+            for task in dag["tasks"]}
 
 
 def test_dag_edges_are_the_phase_tables_needs():

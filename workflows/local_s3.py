@@ -8,6 +8,7 @@ through their environment only. With a fault plan, clients reach the server thro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -110,10 +111,8 @@ def _run_child(command: list[str], env: dict[str, str]) -> int:
     child = subprocess.Popen(command, env=env, start_new_session=not interactive)
 
     def send(signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             child.send_signal(signum) if interactive else os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass  # already gone
 
     try:
         return child.wait()

@@ -280,7 +280,8 @@ class Backend:
                     self.lock.wait()
                 if self._stopping:
                     return
-                train_first = bool(self.ready) and (not self.samples or self.ready[0].arrived <= self.samples[0].arrived)
+                train_first = bool(self.ready) and (not self.samples
+                                                    or self.ready[0].arrived <= self.samples[0].arrived)
                 job = self.ready.popleft() if train_first else None
             if job is not None:
                 self._run(job.future, self._train, job)
@@ -303,7 +304,7 @@ class Backend:
             future.resolve(fn(*args))
         except UserError as error:
             future.fail(str(error), "user")
-        except Exception as error:  # noqa: BLE001 - the client gets it as a failed request
+        except Exception as error:
             _log().exception("request failed", error=str(error))
             future.fail(f"{type(error).__name__}: {error}", "server")
 
@@ -318,7 +319,7 @@ class Backend:
 
         try:
             model_dir(base)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise UserError(f"base model {base!r} is not available offline: {error}") from error
 
     def _new_trainer(self, base: str, rank: int, seed: int):
@@ -471,7 +472,8 @@ class Backend:
         with self.lock:
             self.stats["sample_batches"] += 1
             self.stats["sample_rows"] += sum(len(j.seeds) for j in batch)
-            self.stats["largest_sample_batch"] = max(self.stats["largest_sample_batch"], sum(len(j.seeds) for j in batch))
+            self.stats["largest_sample_batch"] = max(self.stats["largest_sample_batch"],
+                                                     sum(len(j.seeds) for j in batch))
             self._write_stats()
         groups: dict[tuple, list[SampleJob]] = {}
         for job in batch:
@@ -487,7 +489,7 @@ class Backend:
                 logprobs = dict(zip((id(j) for j in scored),
                                     engine.compute_logprobs([j.prompt for j in scored]) if scored else [],
                                     strict=True))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 for job in jobs:
                     self._run(job.future, _raise, error)
                 continue
@@ -508,7 +510,6 @@ def parse_forward_backward(raw: bytes) -> tuple[str, int, dict]:
     """(model_id, seq_id, {loss_fn, forward_only, data: [(tokens, weights)]}) from the SDK's protobuf body; a
     datum's tokens are model_input + its last target, weights[0] = 0 (the engine's Datum convention)."""
     import numpy as np
-
     from tinker.proto import tinker_public_pb2 as pb
 
     msg = pb.ForwardBackwardRequest()
@@ -535,7 +536,6 @@ def parse_forward_backward(raw: bytes) -> tuple[str, int, dict]:
 
 def _tensor(msg) -> list:
     import numpy as np
-
     from tinker.proto import tinker_public_pb2 as pb
 
     if msg.HasField("sparse_csr"):
@@ -548,7 +548,6 @@ def _tensor(msg) -> list:
 
 def forward_backward_output(logprobs: list[list[float]], metrics: dict[str, float]) -> bytes:
     import numpy as np
-
     from tinker.proto import tinker_public_pb2 as pb
 
     out = pb.ForwardBackwardOutput()
@@ -567,7 +566,6 @@ def forward_backward_output(logprobs: list[list[float]], metrics: dict[str, floa
 
 def sample_response(sequences: list[tuple[list[int], str]], prompt_logprobs: list[float] | None) -> bytes:
     import numpy as np
-
     from tinker.proto import tinker_public_pb2 as pb
 
     out = pb.SampleResponse()
@@ -590,7 +588,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
 
-    def log_message(self, format, *args):  # noqa: A002 - the structured lines below replace these
+    def log_message(self, format, *args):
         pass
 
     # -- plumbing
@@ -610,13 +608,13 @@ class Handler(BaseHTTPRequestHandler):
             raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
         return raw
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self._handle("GET")
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self._handle("POST")
 
-    def do_DELETE(self):  # noqa: N802
+    def do_DELETE(self):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
@@ -648,7 +646,7 @@ class Handler(BaseHTTPRequestHandler):
         except (UserError, KeyError, ValueError, TypeError) as error:  # a request of the wrong shape: not retried
             status = 400
             self._send(400, {"detail": f"bad request: {error}"})
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             _log().exception("handler failed", path=path)
             self._send(500, {"detail": f"{type(error).__name__}: {error}"})
         finally:
@@ -844,7 +842,7 @@ class Handler(BaseHTTPRequestHandler):
         urls = {f.name: f"{base}/{urllib.parse.quote(model_id)}/external_weights/{urllib.parse.quote(folder.name)}/"
                         f"{urllib.parse.quote(f.name)}"
                 for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
-        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=7)
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
         return 200, {"urls": urls, "expires": expires.isoformat()}, "application/json"
 
 
@@ -940,7 +938,8 @@ class TinkerServer:
     Its output goes to `<data_dir>/tinker-server.log`; `stats()` reads the request and fault counts."""
 
     def __init__(self, data_dir: Path, latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0,
-                 dtype: str = "auto", max_batch: int = 64, port: int | None = None, extra_args: list[str] | None = None):
+                 dtype: str = "auto", max_batch: int = 64, port: int | None = None,
+                 extra_args: list[str] | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.args = ["--latency", str(latency), "--fault-rate", str(fault_rate), "--fault-seed", str(fault_seed),

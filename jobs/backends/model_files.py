@@ -32,7 +32,7 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"model package {module} is not installed: run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _convert_gguf(module: str, gguf_name: str, target: Path) -> None:

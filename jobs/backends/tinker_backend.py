@@ -110,7 +110,8 @@ class TinkerTrainer:
         import tinker
 
         return [tinker.Datum(model_input=_model_input(d.tokens[:-1]),
-                             loss_fn_inputs={"target_tokens": d.tokens[1:], "weights": [w * scale for w in d.weights[1:]]})
+                             loss_fn_inputs={"target_tokens": d.tokens[1:],
+                                             "weights": [w * scale for w in d.weights[1:]]})
                 for d in batch]
 
     def forward_backward(self, batch: list[Datum]) -> Mapped:

@@ -29,4 +29,8 @@ def check_environment(config: PhaseConfig) -> dict:
 
 def main(config: PhaseConfig) -> dict:
     checks = check_environment(config)
-    return run_unit(config, "preflight", lambda out: (out.write_json("checks.json", checks), out.metrics.update(checks)))
+    def build(out) -> None:
+        out.write_json("checks.json", checks)
+        out.metrics.update(checks)
+
+    return run_unit(config, "preflight", build)

@@ -80,7 +80,7 @@ def push(config: PhaseConfig, folder: Path, token: str) -> dict:
         repo_url = api.create_repo(publish.repo_id, repo_type="model", private=publish.private, exist_ok=True)
         commit = api.upload_folder(repo_id=publish.repo_id, folder_path=folder, repo_type="model",
                                    commit_message=f"distill run {config.run_id}: publish the export")
-    except Exception as exc:  # noqa: BLE001 - every failure of the client becomes one token-free line
+    except Exception as exc:
         raise _hub_error(exc, publish.repo_id, api.endpoint, token) from None
     return {"url": str(repo_url), "revision": commit.oid, "commit_url": commit.commit_url}
 

@@ -112,7 +112,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
             state["step"] += 1
             state["data_position"] += train.batch_size
             state["history"].append({"step": state["step"], "loss": round(result["loss"], 5), "lr": lr,
-                                     "tokens": int(result["tokens"]), "sequence_tokens": sum(len(d.tokens) for d in batch),
+                                     "tokens": int(result["tokens"]),
+                                     "sequence_tokens": sum(len(d.tokens) for d in batch),
                                      "seconds": round(time.time() - started, 3)})
             if state["step"] % train.val_every == 0 or state["step"] == train.steps:
                 loss = validation_loss(trainer, val)

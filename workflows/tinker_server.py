@@ -385,14 +385,14 @@ class Backend:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from jobs.backends.local import ADAPTER_FILE
+        from jobs.backends.base import ADAPTER_WEIGHTS
 
         if optimizer:
             if not (folder / "trainer_state.pt").is_file():
                 raise UserError(f"{folder.name} has no optimizer state (a sampler checkpoint?)")
             model.engine.load_state(folder)
         else:
-            set_peft_model_state_dict(model.engine.model, load_file(folder / ADAPTER_FILE))
+            set_peft_model_state_dict(model.engine.model, load_file(folder / ADAPTER_WEIGHTS))
 
     def _forward_backward(self, model: TrainModel, body: dict) -> bytes:
         from jobs.backends.base import Datum

@@ -58,6 +58,11 @@ class Done(Generic[T]):
         return self.value
 
 
+# a PEFT adapter folder: its weights, and the config that says which base and LoRA shape they fit
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Where a trained adapter lives: `sampling` opens a student (`Backend.sampler`), `download` fetches the

@@ -25,14 +25,13 @@ import torch.nn.functional as F
 
 from jobs.backends import attention
 from jobs.backends.attention import Layout, SharedPrefix
-from jobs.backends.base import Datum, SamplingParams
+from jobs.backends.base import ADAPTER_WEIGHTS, Datum, SamplingParams
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.config import ModelConfig, TrainConfig
 from jobs.errors import InputError
 from jobs.log import get_logger
 
-ADAPTER_FILE = "adapter_model.safetensors"
 # tokens per packed forward in compute_logprobs: the float32 log-softmax over the vocabulary is the peak
 LOGPROB_TOKENS = 1024
 # a shared prefix shorter than this is not worth a separate forward pass
@@ -395,7 +394,7 @@ class LocalEngine:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(path / ADAPTER_FILE, device=self.precision.device))
+        set_peft_model_state_dict(self.model, load_file(path / ADAPTER_WEIGHTS, device=self.precision.device))
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location=self.device)
         if state["optimizer"] is not None:
             self._ensure_optimizer()

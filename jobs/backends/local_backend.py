@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.backends.base import Adapter, Datum, Done
+from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, Done
 from jobs.config import ModelConfig, TrainConfig
 from jobs.store import ArtifactStore, sha256_file
 
 INDEX = "files.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 class StoredFolders:

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
-from jobs.backends.base import Adapter, Datum, SamplingParams
-from jobs.backends.local_backend import ADAPTER_FILES
+from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, SamplingParams
 from jobs.backends.renderer import Renderer
 from jobs.config import ModelConfig, TinkerConfig, TrainConfig
 from jobs.errors import InputError, TransientError

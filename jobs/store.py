@@ -300,29 +300,42 @@ class ArtifactStore:
             raise InputError(f"input {self.key(unit)} has no {MANIFEST}: run its phase first")
         return found
 
-    def read(self, unit: str, name: str) -> bytes:
+    def _listed(self, unit: str, name: str) -> str:
+        """The sha256 the unit's manifest lists for one of its outputs."""
         entry = self.require(unit)["outputs"].get(name)
         if entry is None:
             raise InputError(f"{self.key(unit, name)} is not listed in its {MANIFEST}")
+        return entry["sha256"]
+
+    def _mismatch(self, unit: str, name: str) -> InputError:
+        return InputError(f"{self.key(unit, name)}: content does not match its {MANIFEST} (sha256)")
+
+    def read(self, unit: str, name: str) -> bytes:
+        digest = self._listed(unit, name)
         data = self.get_bytes(self.key(unit, name))
-        if sha256_bytes(data) != entry["sha256"]:
-            raise InputError(f"{self.key(unit, name)}: content does not match its {MANIFEST} (sha256)")
+        if sha256_bytes(data) != digest:
+            raise self._mismatch(unit, name)
         return data
+
+    def download(self, unit: str, name: str, path: Path) -> Path:
+        """One output of a finished unit as a local file, checked against its manifest."""
+        digest = self._listed(unit, name)
+        self.get_file(self.key(unit, name), path)
+        if sha256_file(path) != digest:
+            raise self._mismatch(unit, name)
+        return path
+
+    def download_unit(self, unit: str, folder: Path) -> Path:
+        """Every output of a finished unit, downloaded into `folder` and checked against its manifest."""
+        for name in self.require(unit)["outputs"]:
+            self.download(unit, name, folder / name)
+        return folder
 
     def read_jsonl(self, unit: str, name: str) -> list[dict]:
         return parse_jsonl(self.read(unit, name), self.key(unit, name))
 
     def read_json(self, unit: str, name: str) -> Any:
         return json.loads(self.read(unit, name))
-
-    def download(self, unit: str, name: str, path: Path) -> Path:
-        entry = self.require(unit)["outputs"].get(name)
-        if entry is None:
-            raise InputError(f"{self.key(unit, name)} is not listed in its {MANIFEST}")
-        self.get_file(self.key(unit, name), path)
-        if sha256_file(path) != entry["sha256"]:
-            raise InputError(f"{self.key(unit, name)}: content does not match its {MANIFEST} (sha256)")
-        return path
 
     @contextmanager
     def writing(self, unit: str, fingerprint: str, inputs: dict[str, str] | None = None) -> Iterator[UnitWriter]:

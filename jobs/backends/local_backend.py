@@ -1,45 +1,39 @@
 """The local backend: the engine in this process, its saved states kept as folders in the run's store.
 
-A saved state's location is the S3 key of its folder; the folder's `files.json` (each file's sha256) is
-written last, so a folder without it is never read, and a file that does not match it is refused.
+A saved state is a unit of the store under the train unit (`train/checkpoints/step-N`, `train/adapters/final`),
+written like any phase's outputs: files first, the manifest with each file's sha256 last, so a folder without
+its manifest is never read and a file that does not match it is refused. Its location is the unit's S3 key.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, Done
 from jobs.config import ModelConfig, TrainConfig
-from jobs.store import ArtifactStore, sha256_file
-
-INDEX = "files.json"
+from jobs.store import ArtifactStore
 
 
 class StoredFolders:
-    """Folders of files under one unit of the run's store, addressed by their S3 key."""
+    """Folders of files as units under one unit of the run's store, addressed by their S3 key."""
 
     def __init__(self, store: ArtifactStore, unit: str, scratch: Path):
         self.store, self.unit, self.scratch = store, unit, scratch
 
     def put(self, name: str, folder: Path, only: tuple[str, ...] | None = None) -> str:
-        location = self.store.key(self.unit, name)
-        files = {}
-        for path in sorted(folder.iterdir()):
-            if only is None or path.name in only:
-                self.store.put_file(f"{location}/{path.name}", path)
-                files[path.name] = sha256_file(path)
-        self.store.put_bytes(f"{location}/{INDEX}", json.dumps(files, sort_keys=True).encode())
-        return location
+        unit = f"{self.unit}/{name}"
+        with self.store.writing(unit, fingerprint=name) as out:
+            for path in sorted(folder.iterdir()):
+                if only is None or path.name in only:
+                    out.upload_file(path.name, path)
+        return self.store.key(unit)
 
     def get(self, location: str, folder: Path | None = None) -> Path:
+        prefix = self.store.key(self.unit) + "/"
+        if not location.startswith(prefix):
+            raise RuntimeError(f"saved state {location} is not under {prefix}")
         folder = folder or self.scratch / location.rsplit("/", 1)[-1]
-        files = json.loads(self.store.get_bytes(f"{location}/{INDEX}"))
-        for name, digest in files.items():
-            self.store.get_file(f"{location}/{name}", folder / name)
-            if sha256_file(folder / name) != digest:
-                raise RuntimeError(f"saved state {location}/{name} does not match its {INDEX}")
-        return folder
+        return self.store.download_unit(location.removeprefix(self.store.key("") + "/"), folder)
 
 
 class LocalTrainer:

@@ -24,7 +24,7 @@ from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl
 CHECKPOINTS = "checkpoints.jsonl"
 ADAPTER = "adapter.json"  # the trained adapter's locations (`backends.base.Adapter`)
 # part of the fingerprint: a train unit written before its outputs took this shape is redone, not misread
-OUTPUT_LAYOUT = 2
+OUTPUT_LAYOUT = 3
 
 
 def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:

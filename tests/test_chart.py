@@ -115,6 +115,13 @@ def test_workflow_template_is_the_hera_render_byte_for_byte():
         assert by_kind(template(values), "WorkflowTemplate") == [yaml.safe_load(source)]
 
 
+def test_the_values_schema_offers_the_profiles_and_backends_the_code_knows():
+    from jobs.config import BACKENDS, PROFILES
+
+    run = json.loads((CHART / "values.schema.json").read_text())["properties"]["run"]["properties"]
+    assert run["profile"]["enum"] == list(PROFILES) and run["backend"]["enum"] == ["", *BACKENDS]
+
+
 @needs_helm
 def test_names_the_dag_refers_to_are_the_charts():
     dag = yaml.safe_load(RENDERED.read_text())

@@ -1,7 +1,7 @@
 """Interactive tools outside the DAG: chat with the student, review replies side by side.
 
-Both read a finished run from the store (`make run` first); review writes its ratings back to the store
-under `runs/<run-id>/review/<time>/` with a manifest like any phase output.
+Both read a finished run from the store (`make run` first) and write back to it with a manifest like any phase
+output: chat its transcript under `runs/<run-id>/chat/<time>/`, review its ratings under `runs/<run-id>/review/<time>/`.
 """
 
 from __future__ import annotations
@@ -28,21 +28,51 @@ def _require_run(config: PhaseConfig, unit: str) -> None:
                          f"(same profile and config)")
 
 
+def fit_history(renderer, history: list[dict], room: int) -> tuple[list[int], int]:
+    """The conversation's tokens up to the student's next turn, dropping the oldest exchanges (a question and
+    its reply) until it fits in `room` tokens; how many messages were dropped. The last question always stays."""
+    dropped = 0
+    while True:
+        tokens = renderer.chat(history[dropped:])
+        if len(tokens) <= room or len(history) - dropped <= 1:
+            return tokens, dropped
+        dropped += 2
+
+
 def chat(config: PhaseConfig) -> None:
+    """A conversation with the student: every question goes with the whole conversation before it (no card), as
+    far as the model's context holds it; the transcript is saved to the store at the end."""
     from jobs.phases.train import read_adapter
 
     _require_run(config, "train")
     card = config.store.read_json("ingest", "card.json")
     name = card["name"]
     student = open_backend(config).sampler(read_adapter(config).sampling)
+    render = student.renderer
     params = SamplingParams.from_config(config.pipeline.teacher, batch_size=1)
-    print(f"Chatting with the distilled {name} of run {config.run_id} (no card in the prompt). "
-          "Empty line or Ctrl-D ends.")
+    room = (render.context_tokens or config.pipeline.model.context_tokens) - params.max_tokens
+    print(f"Chatting with the distilled {name} of run {config.run_id} (no card in the prompt; it remembers the "
+          "conversation). Empty line or Ctrl-D ends.")
     if card.get("greeting"):  # the card's own opening line (first_mes), as character chat front-ends show it
         print(f"{name}> {card['greeting']}  (the card's greeting)\n")
+    history: list[dict] = []
+    turns = []
     while (line := _ask("you> ")) and line.strip():
-        reply = student.sample([student.renderer.prompt(line.strip())], params)[0]
-        print(f"{name}> {student.renderer.decode(reply)}\n")
+        history.append({"role": "user", "content": line.strip()})
+        tokens, dropped = fit_history(render, history, room)
+        if dropped:
+            print(f"  (the conversation outgrew the model's context: its {dropped} oldest messages are forgotten)")
+            history = history[dropped:]
+        reply = render.decode(student.sample([tokens], params)[0])
+        print(f"{name}> {reply}\n")
+        turns.append({"sent": list(history), "prompt_tokens": len(tokens), "reply": reply})
+        history.append({"role": "assistant", "content": reply})
+    if turns:
+        unit = f"chat/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        with config.store.writing(unit, fingerprint=unit) as out:
+            out.write_jsonl("transcript.jsonl", turns)
+            out.metrics["turns"] = len(turns)
+        print(f"transcript: s3://{config.store_settings.bucket}/{config.store.key(unit, 'transcript.jsonl')}")
 
 
 def review(config: PhaseConfig) -> None:

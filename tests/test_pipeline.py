@@ -221,14 +221,22 @@ def test_review_saves_ratings_to_the_store(ci_run):
     assert [json.loads(line)["rating"] for line in saved[-1].read_text().splitlines()] == [4, 2]
 
 
-def test_chat_answers_as_the_student(ci_run):
-    result = tool(ci_run, "chat", "Who are you?\n\n")
+def test_chat_answers_as_the_student_and_remembers_the_conversation(ci_run):
+    result = tool(ci_run, "chat", "My name is Clara.\nWho are you?\nWhat is my name?\n\n")
     assert result.returncode == 0, result.stderr[-2000:]
     said = [line.split("Ludwig van Beethoven>", 1)[1] for line in result.stdout.splitlines()
             if "Ludwig van Beethoven>" in line]
     greeting, *answers = said
     assert greeting.startswith(" Come in, come in") and greeting.endswith("(the card's greeting)")
-    assert len(answers) == 1 and answers[0].strip()
+    assert len(answers) == 3 and all(a.strip() for a in answers)
+    # what the student received for the third question: the name given two turns earlier, and its own replies
+    saved = sorted((ci_run["runs"] / "chat").glob("*/transcript.jsonl"))
+    turns = [json.loads(line) for line in saved[-1].read_text().splitlines()]
+    third = turns[2]["sent"]
+    assert [m["role"] for m in third] == ["user", "assistant", "user", "assistant", "user"]
+    assert third[0]["content"] == "My name is Clara." and third[-1]["content"] == "What is my name?"
+    assert [third[1]["content"], third[3]["content"]] == [answers[0].strip(), answers[1].strip()]
+    assert turns[0]["prompt_tokens"] < turns[1]["prompt_tokens"] < turns[2]["prompt_tokens"]
 
 
 def test_sigterm_mid_write_leaves_no_manifest_and_no_process(fault_run):

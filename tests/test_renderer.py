@@ -79,6 +79,22 @@ def test_a_conversation_renders_as_the_chat_template_with_loss_on_every_assistan
     assert weights_one == [0.0] * len(render.prompt("My name is Clara.")) + [1.0] * len(render.reply("Welcome, Clara."))
 
 
+def test_a_chat_forgets_its_oldest_exchanges_first_when_the_context_is_full(tokenizer):
+    from jobs.interactive import fit_history
+
+    render = Renderer(tokenizer)
+    history = [{"role": "user", "content": "My name is Clara."}, {"role": "assistant", "content": "Welcome."},
+               {"role": "user", "content": "I play the viola."}, {"role": "assistant", "content": "Splendid."},
+               {"role": "user", "content": "What is my name?"}]
+    whole, dropped = fit_history(render, history, room=10_000)
+    assert dropped == 0 and whole == render.chat(history)
+    room = len(render.chat(history[2:]))  # just enough for the last two exchanges
+    tokens, dropped = fit_history(render, history, room=room)
+    assert dropped == 2 and tokens == render.chat(history[2:])
+    tokens, dropped = fit_history(render, history, room=1)  # the question itself always stays
+    assert dropped == 4 and tokens == render.chat(history[4:])
+
+
 def test_a_prompt_longer_than_the_context_is_refused(tokenizer):
     render = Renderer(tokenizer)
     assert render.context_tokens == 8192  # SmolLM2-135M's max_position_embeddings

@@ -48,12 +48,12 @@ chat: setup ## talk to the distilled student of the last `make run` (PROFILE=dem
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review --profile $(PROFILE)
 
-test: setup ## all tests, including an end-to-end ci run against the rclone S3 server
-	$(PY) -m pytest -q --durations=20; status=$$?; \
+test: setup ## all tests but the built images' (make test-images), including end-to-end ci runs against the rclone S3 server
+	$(PY) -m pytest -q -m "not images" --durations=20; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
 test-fast: setup ## the tests that run no model
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not images"
 
 bench: setup ## the local engine against HF generate and TRL's SFTTrainer on this CPU (BENCH_ARGS="--prompts 240")
 	$(PY) tests/bench_engine.py $(BENCH_ARGS)

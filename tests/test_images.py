@@ -2,8 +2,9 @@
 model weights; the `ci` profile run with every step in its image (container mode) gives the same artifacts as
 process mode.
 
-Tests of built images run only when the images exist (`make images`); otherwise they skip and say why.
-`make test-images` sets DISTILL_REQUIRE_IMAGES=1, which turns every such skip into a failure.
+Tests of built images (marked `images`) are left out of `make test` and run by `make test-images`, which builds
+the images first and sets DISTILL_REQUIRE_IMAGES=1: a missing or stale image is then a failure, not a skip.
+Run alone (`pytest tests/test_images.py`), they skip and say why when the images are missing or stale.
 """
 
 from __future__ import annotations
@@ -162,11 +163,13 @@ def test_container_mode_runs_the_template_command_with_the_pod_environment(tmp_p
 
 
 # -- built images
+@pytest.mark.images
 def test_images_run_as_the_pods_non_root_user(images):
     for name, info in images.items():
         assert info["user"] == str(POD_USER), f"{name}: USER {info['user']!r}"
 
 
+@pytest.mark.images
 def test_images_carry_labels_and_say_when_built_over_the_stand_in(images):
     for phase in PHASES:
         labels = images[phase]["labels"]
@@ -182,6 +185,7 @@ def test_images_carry_labels_and_say_when_built_over_the_stand_in(images):
         print("\nnote: built over the local STAND-IN for docker.io/library/python:3.11-slim")
 
 
+@pytest.mark.images
 def test_images_carry_no_secrets(images):
     for name, info in images.items():
         names = [e.split("=", 1)[0] for e in info["env"]]
@@ -222,6 +226,7 @@ def image_files(engine: str, image: str):
         subprocess.run([engine, "rm", container], capture_output=True)
 
 
+@pytest.mark.images
 def test_images_carry_no_model_weights(engine, images):
     checked = set()
     for name, info in images.items():
@@ -255,6 +260,7 @@ def run_ci(mode: str, folder: Path) -> tuple[float, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+@pytest.mark.images
 def test_ci_profile_in_containers_gives_the_process_modes_artifacts(images, tmp_path):
     need((cache_root() / "models").is_dir(), f"model cache {cache_root()} is empty: run `make setup`")
     container_s, container_log = run_ci("container", tmp_path / "container")

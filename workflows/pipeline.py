@@ -25,8 +25,10 @@ from hera.workflows import (
 )
 
 from jobs import __version__
+from jobs.config import PROFILES
 from jobs.errors import InputError
 from jobs.phases import PHASES
+from jobs.run_options import BACKEND_CHOICES
 
 NAME = "distill"
 OUTPUTS = "/tmp/outputs"
@@ -131,9 +133,9 @@ def build() -> WorkflowTemplate:
         service_account_name="distill-workflow",
         arguments=[
             Parameter(name="run-id", description="run id: artifacts go to runs/<run-id>/ (required)"),
-            Parameter(name="profile", value="demo", enum=["demo", "ci", "full"]),
+            Parameter(name="profile", value="demo", enum=list(PROFILES)),
             Parameter(name="config", value="{}", description="YAML merged over the profile"),
-            Parameter(name="backend", value="", enum=["", "local", "tinker"],
+            Parameter(name="backend", value="", enum=list(BACKEND_CHOICES),
                       description="model.backend for every phase; empty: the profile's and config's"),
             Parameter(name="image-registry", value="localhost/distill"),
             Parameter(name="image-tag", value=__version__),

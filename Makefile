@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
+# a YAML file merged over the profile (--config)
+CONFIG ?=
 # model.backend of every phase (local or tinker; empty: the profile's). TINKER_SERVER=1 serves the Tinker API from
 # the local stand-in (workflows/tinker_server.py) instead of $TINKER_BASE_URL or the hosted service
 BACKEND ?=
@@ -11,6 +13,9 @@ TINKER_SERVER ?=
 CARD ?=
 PROMPTS ?=
 BENCH_ARGS ?=
+# the run options (jobs/run_options.py) of every target that runs, reads or submits a run: the same options give
+# the same config, so `make chat` finds the run `make run` made (CARD and PROMPTS are the runner's alone)
+RUN_OPTIONS = --profile $(PROFILE) $(if $(CONFIG),--config "$(CONFIG)") $(if $(BACKEND),--backend $(BACKEND))
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
 TORCH_PIP_ARGS ?=
@@ -35,18 +40,18 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
 	touch $@
 
-run: setup ## run the whole pipeline locally (PROFILE=demo; CARD=your card [PROMPTS=...]; BACKEND=tinker TINKER_SERVER=1)
-	$(PY) -m workflows.runner --profile $(PROFILE) $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
-	  $(if $(BACKEND),--backend $(BACKEND)) $(if $(TINKER_SERVER),--tinker-server)
+run: setup ## run the whole pipeline locally (PROFILE, CONFIG, BACKEND; CARD=your card [PROMPTS=...]; TINKER_SERVER=1)
+	$(PY) -m workflows.runner $(RUN_OPTIONS) $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
+	  $(if $(TINKER_SERVER),--tinker-server)
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)
 
-chat: setup ## talk to the distilled student of the last `make run` (PROFILE=demo)
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat --profile $(PROFILE)
+chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS)
 
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review --profile $(PROFILE)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS)
 
 test: setup ## all tests but the built images' (make test-images), including end-to-end ci runs against the rclone S3 server
 	$(PY) -m pytest -q -m "not images" --durations=20; status=$$?; \
@@ -78,7 +83,8 @@ clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 HELM := $(VENV)/bin/helm
 KUBECTL := $(VENV)/bin/kubectl
 CHART := helm/distill
-# extra arguments for `make submit`, e.g. SUBMIT_ARGS="--run-id my-run --image-tag dev"; WATCH=1 follows the run
+# extra arguments for `make submit`, e.g. SUBMIT_ARGS="--run-id my-run --set train.steps=120 --image-tag dev";
+# WATCH=1 follows the run
 SUBMIT_ARGS ?=
 WATCH ?=
 .PHONY: chart-sync chart-lint chart-template chart-checkov cluster-up cluster-down submit card-event
@@ -109,7 +115,7 @@ cluster-down: ## delete the kind cluster
 	infra/cluster-down.sh
 
 submit: setup ## create/update the WorkflowTemplate and submit a run (ARGO_SERVER, ARGO_TOKEN; WATCH=1 follows it)
-	$(PY) -m workflows.submit --profile $(PROFILE) $(if $(WATCH),--watch) $(SUBMIT_ARGS)
+	$(PY) -m workflows.submit $(RUN_OPTIONS) $(if $(WATCH),--watch) $(SUBMIT_ARGS)
 
 card-event: ## simulate a git push that changes the card (event-driven retraining on kind)
 	KUBECTL=$(KUBECTL) infra/send-card-event.sh

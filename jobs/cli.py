@@ -13,10 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.config import PROFILES, PipelineConfig, backend_override, digest, load_pipeline_config
+from jobs.config import PipelineConfig, digest
 from jobs.errors import InputError, TransientError
 from jobs.phases import PHASES
-from jobs.store import StoreSettings, check_run_id, sha256_bytes
+from jobs.run_options import add_run_options, pipeline_config
+from jobs.store import StoreSettings, sha256_bytes
 
 TOOLS = ("run-id", "chat", "review")
 
@@ -53,13 +54,7 @@ class OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m jobs", description="Character prompt distillation phases.")
     p.add_argument("command", choices=PHASES + TOOLS, help="a pipeline phase, or a tool")
-    p.add_argument("--profile", default="demo", choices=PROFILES, help="built-in profile (default: demo)")
-    p.add_argument("--config", help="YAML file merged over the profile")
-    p.add_argument("--config-yaml", default="", help="inline YAML merged over the profile and --config")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one setting")
-    p.add_argument("--backend", default="", choices=("", "local", "tinker"),
-                   help="model.backend, over the profile and config (default: theirs)")
-    p.add_argument("--run-id", help="run id (default: derived from card, prompts and config)")
+    add_run_options(p)
     p.add_argument("--shard", type=int, help="shard index (teacher)")
     return p
 
@@ -67,10 +62,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
-        if args.run_id is not None:
-            check_run_id(args.run_id)
-        overrides = [*args.set, *backend_override(args.backend)]
-        pipeline = load_pipeline_config(args.profile, args.config, overrides, inline=args.config_yaml)
+        pipeline = pipeline_config(args)
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)
         if args.command == "run-id":

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from card_png import card_png, png
 from conftest import REPO, store_for
+
 from jobs.store import MANIFEST
 
 MEMORY_LIMIT = 1 << 30  # no input may make a phase use more before it is refused
@@ -210,6 +210,8 @@ CASES = {
                                ["/dev/zero: more than 16 MB"]),
     "inline-config-yaml-error": (lambda t, r: jobs("ingest", "--profile", "ci", "--run-id", r, "--config-yaml", "{"),
                                  ["--config-yaml:1:2: not valid YAML"]),
+    "config-file-missing": (lambda t, r: jobs("ingest", "--profile", "ci", "--run-id", r, "--config", f"{t}/no.yaml"),
+                            ["argument --config: no such file '{tmp}/no.yaml'"]),
     "phase-without-its-input": (lambda t, r: jobs("split", "--profile", "ci", "--run-id", r),
                                 ["runs/{run}/audit has no _SUCCESS.json"]),
     # the runner, which must give the same code and write nothing for a bad run id
@@ -217,6 +219,9 @@ CASES = {
                                ["argument --profile: invalid choice: 'nosuch'"]),
     "runner-run-id-escaping": (lambda t, r: runner("--run-id", "../../escape-test", "--data-dir", str(t / "data")),
                                ["run id '../../escape-test' is not valid"]),
+    "runner-config-is-inline-yaml": (lambda t, r: runner("--config", "train: {steps: 3}",
+                                                         "--data-dir", str(t / "data")),
+                                     ["argument --config: no such file 'train: {{steps: 3}}'", "--config-yaml"]),
     "runner-bad-fault-plan": (lambda t, r: runner("--s3-faults", "0.1:fire", "--data-dir", str(t / "data")),
                               ["fault plan '0.1:fire'"]),
     # a local card is read before the runner starts anything

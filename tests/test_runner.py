@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 
 from workflows.runner import ProcessExecutor, Runner, StepFailed, UnsupportedFeature, check_finished, check_supported
-
-from conftest import REPO
 
 
 def container(code: str, outputs: tuple[str, ...] = (), retry: dict | None = None, inputs=()) -> dict:
@@ -36,7 +35,8 @@ def make_runner(doc: dict, tmp_path, **params) -> Runner:
                   echo=lambda _: None)
 
 
-WRITE_LIST = "import os,json; os.makedirs(os.environ['OUT']); open(os.environ['OUT']+'/items','w').write(json.dumps([0,1,2]))"
+WRITE_LIST = ("import os,json; os.makedirs(os.environ['OUT']); "
+              "open(os.environ['OUT']+'/items','w').write(json.dumps([0,1,2]))")
 # each item logs when it started and ended, so the test sees overlap without timing anything itself
 SLEEP_AND_MARK = ("import sys,time; s=time.time(); time.sleep(1); "
                   "print('item', sys.argv[1], 'span', s, time.time())")
@@ -123,7 +123,7 @@ def test_required_parameter_and_unknown_placeholder(tmp_path):
     with pytest.raises(StepFailed, match="run-id is required"):
         make_runner(doc, tmp_path)
     doc["spec"]["templates"][0]["container"]["args"] = ["{{workflow.name}}"]
-    with pytest.raises(UnsupportedFeature, match="workflow.name"):
+    with pytest.raises(UnsupportedFeature, match=r"workflow\.name"):
         make_runner(doc, tmp_path, **{"run-id": "r"}).run()
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from argo_standin import SWAGGER, ArgoStandIn
+
 from workflows.submit import RENDERED, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +115,19 @@ def test_update_keeps_ownership_and_unchanged_sends_nothing():
         assert argo.schema_errors == [] and argo.response_errors == []
 
 
-def test_parameters_passed_through():
+def test_parameters_passed_through(tmp_path):
+    config = tmp_path / "my.yaml"
+    config.write_text("train: {steps: 5, batch_size: 2}\n")
     with ArgoStandIn(token=TOKEN) as argo:
-        code, _, err = run(argo.url, "--run-id", "r1", "--config", "train: {steps: 3}",
+        code, _, err = run(argo.url, "--run-id", "r1", "--config", str(config), "--config-yaml", "train: {steps: 4}",
+                           "--set", "train.lora_rank=4", "--backend", "tinker",
                            "--image-registry", "kind.local/distill", "--image-tag", "dev")
         assert code == 0, err
         (workflow,) = argo.workflows.values()
+        # the file, the inline YAML and the settings as the one inline YAML the steps read; the backend beside it
         assert {p["name"]: p["value"] for p in workflow["spec"]["arguments"]["parameters"]} == {
-            "run-id": "r1", "profile": "ci", "config": "train: {steps: 3}", "image-registry": "kind.local/distill",
-            "image-tag": "dev"}
+            "run-id": "r1", "profile": "ci", "config": "train:\n  batch_size: 2\n  lora_rank: 4\n  steps: 4",
+            "backend": "tinker", "image-registry": "kind.local/distill", "image-tag": "dev"}
         assert argo.schema_errors == []
 
 
@@ -157,7 +161,7 @@ def test_unreachable_server_is_one_line():
 ])
 def test_server_refusals_are_one_line(mode, token, expected):
     with ArgoStandIn(token=TOKEN, mode=mode) as argo:
-        code, out, err = run(argo.url, "--run-id", "r1", token=token)
+        code, _, err = run(argo.url, "--run-id", "r1", token=token)
     assert code == 1
     assert expected in one_line(err)
     assert not argo.workflows
@@ -183,7 +187,13 @@ def test_bad_input_exits_2():
         code, _, err = run(argo.url, "--run-id", "bad/run id")
         assert code == 2 and "run id 'bad/run id' is not valid" in one_line(err)
         code, _, err = run(argo.url, "--config", "train: [unclosed")
-        assert code == 2 and "cannot derive the run id" in one_line(err)
+        assert code == 2 and "argument --config: no such file 'train: [unclosed'" in one_line(err)
+        code, _, err = run(argo.url, "--run-id", "r1", "--config-yaml", "train: [unclosed")
+        assert code == 2 and "--config-yaml:1:" in one_line(err) and "not valid YAML" in err
+        code, _, err = run(argo.url, "--run-id", "r1", "--set", "train.steps=0")
+        assert code == 2 and "config train.steps:" in one_line(err)
+        code, _, err = run(argo.url, "--set", "ingest.card=/no/such/card.yaml")
+        assert code == 2 and "cannot derive the run id: /no/such/card.yaml: cannot read" in one_line(err)
         assert argo.requests == []
 
 

@@ -25,9 +25,10 @@ from hera.workflows import (
 )
 
 from jobs import __version__
-from jobs.config import BACKENDS, PROFILES
+from jobs.config import PROFILES
 from jobs.errors import InputError
 from jobs.phases import PHASE, TABLE, Phase
+from jobs.run_options import BACKEND_CHOICES
 
 NAME = "distill"
 OUTPUTS = "/tmp/outputs"
@@ -140,7 +141,7 @@ def build() -> WorkflowTemplate:
             Parameter(name="run-id", description="run id: artifacts go to runs/<run-id>/ (required)"),
             Parameter(name="profile", value="demo", enum=list(PROFILES)),
             Parameter(name="config", value="{}", description="YAML merged over the profile"),
-            Parameter(name="backend", value="", enum=["", *BACKENDS],
+            Parameter(name="backend", value="", enum=list(BACKEND_CHOICES),
                       description="model.backend for every phase; empty: the profile's and config's"),
             Parameter(name="image-registry", value="localhost/distill"),
             Parameter(name="image-tag", value=__version__),

@@ -13,6 +13,7 @@ SIGTERM, SIGINT or SIGHUP stop the running steps (their process groups), then th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -221,10 +222,8 @@ class ProcessExecutor:
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass  # already gone
 
 
 class Runner:
@@ -403,20 +402,13 @@ class Runner:
             running[name] = [pool.submit(self.run_step, step, threads) for step in mine]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.backends.model_files import cache_root
-    from jobs.card import card_bytes, read_card
-    from jobs.cli import OneLineParser, derive_run_id
-    from jobs.config import PROFILES, backend_override, load_pipeline_config, user_layers
-    from jobs.store import ArtifactStore, StoreSettings, check_run_id
-    from workflows.local_s3 import LocalS3, add_fault_arguments, fault_plan
+def parser() -> argparse.ArgumentParser:
+    from jobs.cli import OneLineParser
+    from jobs.run_options import add_run_options
+    from workflows.local_s3 import add_fault_arguments
 
     p = OneLineParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
-    p.add_argument("--profile", default="demo", choices=PROFILES)
-    p.add_argument("--config", help="YAML file merged over the profile")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--backend", default="", choices=("", "local", "tinker"),
-                   help="model.backend for every phase (default: the profile's and config's)")
+    add_run_options(p)
     p.add_argument("--tinker-server", action="store_true",
                    help="serve the Tinker API for this run from the local stand-in (workflows.tinker_server) on "
                         "loopback, backed by the local engine; otherwise $TINKER_BASE_URL or the hosted service")
@@ -424,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
                                   "(sets ingest.card)")
     p.add_argument("--prompts", help="a JSONL/Parquet prompt file, or `synthesize` (sets ingest.prompts; with --card "
                                      "alone the prompts are synthesized)")
-    p.add_argument("--run-id", help="default: derived from card, prompts and config")
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
     p.add_argument("--workflow", default=RENDERED, type=Path, help="rendered WorkflowTemplate to run")
@@ -432,19 +423,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="run each step as a local process, or inside its phase image (`make images` first; "
                         "engine: docker, podman or buildah, or $DISTILL_CONTAINER_ENGINE)")
     add_fault_arguments(p)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.backends.model_files import cache_root
+    from jobs.card import card_bytes, read_card
+    from jobs.cli import derive_run_id
+    from jobs.run_options import pipeline_config, workflow_parameters
+    from jobs.store import ArtifactStore, StoreSettings
+    from workflows.local_s3 import LocalS3, fault_plan
+
+    p = parser()
     started, runner, s3 = time.time(), None, None
     try:
         with stop_on_signals():
             args = p.parse_args(argv)
-            if args.run_id is not None:
-                check_run_id(args.run_id)  # before anything is written
-            overrides = [*args.set, *input_overrides(args.card, args.prompts)]
-            pipeline = load_pipeline_config(args.profile, args.config, [*overrides, *backend_override(args.backend)])
-            layers = user_layers(args.config, overrides)
+            inputs = input_overrides(args.card, args.prompts)
+            pipeline = pipeline_config(args, inputs)
             if not pipeline.ingest.card.startswith("s3://"):  # a bad card is refused before anything starts
                 read_card(card_bytes(pipeline.ingest, StoreSettings()), pipeline.ingest.card)
-            config_yaml = yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}"
             data = args.data_dir.resolve()
             with (LocalS3(data / "s3", faults=fault_plan(args, p)) as s3,
                   tinker_service(args.tinker_server, pipeline.model.dtype, data) as tinker):
@@ -462,10 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"container mode: every step in its image, with {executor.engine}")
                 else:
                     executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
-                parameters = {"run-id": run_id, "profile": args.profile, "config": config_yaml,
-                              **({"backend": args.backend} if args.backend else {})}
-                runner = Runner(doc, parameters,
-                                executor, data / "logs" / run_id)
+                parameters = {"run-id": run_id, **workflow_parameters(args, inputs)}
+                runner = Runner(doc, parameters, executor, data / "logs" / run_id)
                 try:
                     results = runner.run()
                     store = ArtifactStore(StoreSettings.from_env(), run_id)

@@ -1,7 +1,8 @@
 """`make submit`: send the pipeline to an Argo Server and start a run.
 
 Creates the WorkflowTemplate from `workflows/pipeline.yaml` (the Hera render) or updates it when it exists,
-submits a Workflow from it (`workflowTemplateRef`) with the run id and profile as parameters, prints the run's
+submits a Workflow from it (`workflowTemplateRef`) with the run id and the run options (`jobs.run_options`: the
+profile; the --config file, --config-yaml and --set as one inline YAML; the backend) as parameters, prints the run's
 Argo UI URL and, with `--watch`, follows the run node by node until it ends. It talks to the Argo Server's HTTP
 API through Hera's `WorkflowsService`, configured from the environment:
 
@@ -11,7 +12,7 @@ API through Hera's `WorkflowsService`, configured from the environment:
   ARGO_INSECURE_SKIP_VERIFY   `true` skips TLS verification (self-signed development servers only);
                               verification is on by default (a private CA: REQUESTS_CA_BUNDLE=<ca.pem>)
 
-The default run id is the one `python -m jobs run-id --profile <profile>` prints (`jobs.cli.derive_run_id`: a
+The default run id is the one `python -m jobs run-id` prints with the same run options (`jobs.cli.derive_run_id`: a
 hash of card, prompts and config), so submitting the same inputs twice continues one run instead of redoing it.
 
 Every failure is one line on stderr and a non-zero exit: 2 for bad input (no ARGO_SERVER, a bad run id or
@@ -34,8 +35,11 @@ from typing import TextIO
 import requests
 import yaml
 
+from jobs.cli import OneLineParser, derive_run_id
+from jobs.config import PipelineConfig
 from jobs.errors import InputError
-from jobs.store import check_run_id
+from jobs.run_options import add_run_options, pipeline_config, workflow_parameters
+from jobs.store import StoreSettings
 
 RENDERED = Path(__file__).with_name("pipeline.yaml")
 DEFAULT_NAMESPACE = "distill"
@@ -155,8 +159,12 @@ def apply_template(svc, settings: Settings, doc: dict) -> str:
     its resourceVersion, as the Kubernetes API requires; a conflicting concurrent change is retried once.
     """
     from hera.exceptions import AlreadyExists, NotFound
-    from hera.workflows.models import (ObjectMeta, WorkflowTemplate, WorkflowTemplateCreateRequest,
-                                       WorkflowTemplateUpdateRequest)
+    from hera.workflows.models import (
+        ObjectMeta,
+        WorkflowTemplate,
+        WorkflowTemplateCreateRequest,
+        WorkflowTemplateUpdateRequest,
+    )
 
     name, ns = doc["metadata"]["name"], settings.namespace
     wanted = WorkflowTemplate.model_validate(doc)
@@ -225,7 +233,7 @@ def watch(svc, settings: Settings, name: str, out: TextIO, interval: float = 5.0
         except SubmitError as exc:
             # a dropped connection while following a long run is worth a few retries, an answer is not
             failures += 1
-            if failures > 3 or "cannot reach" not in str(exc) and "did not answer" not in str(exc):
+            if failures > 3 or ("cannot reach" not in str(exc) and "did not answer" not in str(exc)):
                 raise
             time.sleep(interval)
             continue
@@ -249,26 +257,19 @@ def watch(svc, settings: Settings, name: str, out: TextIO, interval: float = 5.0
         time.sleep(interval)
 
 
-def default_run_id(profile: str, config: str) -> str:
-    """What `python -m jobs run-id --profile <profile>` prints."""
-    from jobs.cli import derive_run_id
-    from jobs.config import load_pipeline_config
-    from jobs.store import StoreSettings
-
+def default_run_id(pipeline: PipelineConfig) -> str:
+    """What `python -m jobs run-id` prints with the same run options."""
     try:
-        return derive_run_id(load_pipeline_config(profile, None, (), inline=config), StoreSettings.from_env())
+        return derive_run_id(pipeline, StoreSettings.from_env())
     except InputError as exc:
         raise SubmitError(f"cannot derive the run id: {exc}", code=2) from None
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m workflows.submit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="environment: ARGO_SERVER, ARGO_TOKEN, ARGO_NAMESPACE, "
-                                       "ARGO_INSECURE_SKIP_VERIFY")
-    p.add_argument("--profile", default="demo", help="built-in profile: demo, ci or full (default: demo)")
-    p.add_argument("--run-id", help="run id (default: derived from card, prompts and config, like `jobs run-id`)")
-    p.add_argument("--config", default="", help="inline YAML merged over the profile (the `config` parameter)")
+    p = OneLineParser(prog="python -m workflows.submit", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="environment: ARGO_SERVER, ARGO_TOKEN, ARGO_NAMESPACE, ARGO_INSECURE_SKIP_VERIFY")
+    add_run_options(p)
     p.add_argument("--image-registry", help="registry prefix of the phase images (default: the template's)")
     p.add_argument("--image-tag", help="tag of the phase images (default: the template's)")
     p.add_argument("--template", type=Path, default=RENDERED, help="the rendered WorkflowTemplate to send")
@@ -282,15 +283,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, env=None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         settings = Settings.from_env(os.environ if env is None else env)
         doc = load_template(args.template)
-        run_id = args.run_id or default_run_id(args.profile, args.config)
-        try:
-            check_run_id(run_id)
-        except InputError as exc:
-            raise SubmitError(str(exc), code=exc.exit_code) from None
+        # a config the steps would refuse is refused here, before anything is sent
+        pipeline = pipeline_config(args)
+        run_id = args.run_id or default_run_id(pipeline)
         if not settings.verify:
             print("warning: ARGO_INSECURE_SKIP_VERIFY is set: the server's TLS certificate is not checked", file=err)
             import urllib3
@@ -301,9 +300,7 @@ def main(argv: list[str] | None = None, env=None, out: TextIO | None = None, err
         if not args.no_apply:
             outcome = apply_template(svc, settings, doc)
             print(f"WorkflowTemplate {settings.namespace}/{name} {outcome}", file=out)
-        parameters = {"run-id": run_id, "profile": args.profile}
-        if args.config:
-            parameters["config"] = args.config
+        parameters = {"run-id": run_id, **workflow_parameters(args)}
         if args.image_registry:
             parameters["image-registry"] = args.image_registry
         if args.image_tag:
@@ -321,6 +318,9 @@ def main(argv: list[str] | None = None, env=None, out: TextIO | None = None, err
     except SubmitError as exc:
         print(f"error: {exc}", file=err)
         return exc.code
+    except InputError as exc:
+        print(f"error: {exc}", file=err)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -48,7 +48,9 @@ chat: setup ## talk to the distilled student of the last `make run` (PROFILE=dem
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review --profile $(PROFILE)
 
-test: setup ## all tests, including an end-to-end ci run against the rclone S3 server
+test: setup ## ruff and mypy, then all tests, including an end-to-end ci run against the rclone S3 server
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q --durations=20; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 

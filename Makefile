@@ -53,7 +53,9 @@ chat: setup ## talk to the distilled student of the last `make run` (with its PR
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS)
 
-test: setup ## all tests but the built images' (make test-images), including end-to-end ci runs against the rclone S3 server
+test: setup ## ruff and mypy, then all tests but the built images' (make test-images), with end-to-end ci runs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m "not images" --durations=20; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 

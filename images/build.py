@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,6 +59,11 @@ STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 STANDIN_LABEL = "io.distill.stand-in"
 INPUTS_LABEL = "io.distill.inputs"
 TORCH_WHEEL = "torch-2.13.0+cpu-*.whl"
+
+
+class ImageConfig(TypedDict):
+    env: list[str]  # NAME=value
+    labels: dict[str, str]
 
 
 def say(text: str) -> None:
@@ -144,8 +150,9 @@ def make_standin_base(engine: str, ref: str) -> None:
         (rootfs / "usr/local/bin/python").symlink_to("/usr/bin/python3")  # as the real image has `python`
         description = (f"STAND-IN for {ref}, made locally because no registry was reachable: Debian "
                        f"{STANDIN_SUITE} minbase with {', '.join(STANDIN_PACKAGES)} (python3 3.11)")
-        config = {"env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
-                  "labels": {STANDIN_LABEL: "true", "org.opencontainers.image.description": description}}
+        config: ImageConfig = {
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            "labels": {STANDIN_LABEL: "true", "org.opencontainers.image.description": description}}
         if engine == "buildah":
             commit_rootfs_buildah(rootfs, ref, config)
         else:
@@ -159,7 +166,7 @@ def make_standin_base(engine: str, ref: str) -> None:
     say(f"  stand-in {ref} committed in {time.time() - started:.0f}s")
 
 
-def commit_rootfs_buildah(rootfs: Path, ref: str, config: dict) -> None:
+def commit_rootfs_buildah(rootfs: Path, ref: str, config: ImageConfig) -> None:
     env = engine_env("buildah")
 
     def buildah(*argv: str) -> str:
@@ -336,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{'kept' if kept else 'built'} {ref}: {human(info['size'])} ({rows[-1][2]})")
 
     say(f"\n{'image':<40} {'size':>10}  build")
-    for ref, size, took in rows:
-        say(f"{ref:<40} {human(size):>10}  {took}")
+    for ref, size, timing in rows:
+        say(f"{ref:<40} {human(size):>10}  {timing}")
     say(f"\n{len(rows)} images in {time.time() - started:.0f}s with {engine}; base {BASE_IMAGE}: {base_state}"
         + (" (a local STAND-IN, not the real image)" if base_state == "stand-in" else "")
         + ". Sizes count shared layers in every image.")

@@ -207,13 +207,14 @@ def _finished(card: dict, char: str, description: str) -> dict:
 
     done = {key: [fill(v) for v in value] if isinstance(value, list) else fill(value) if key != "name" else value
             for key, value in card.items()}
-    done["topics"] = list(dict.fromkeys(done["topics"]))
-    if len(done["topics"]) < MIN_TOPICS:
-        taken = {t.lower() for t in done["topics"]}
+    topics: list[str] = list(dict.fromkeys(done["topics"]))
+    if len(topics) < MIN_TOPICS:
+        taken = {t.lower() for t in topics}
         names = {w.lower() for w in re.findall(r"\w+", f"{card['name']} {char}")}
         derived = [t for t in derived_topics(fill(description)) if t.lower() not in taken
                    and not names & {w.lower() for w in t.split()}]
-        done["topics"] += derived[:MIN_TOPICS - len(done["topics"])]
+        topics += derived[:MIN_TOPICS - len(topics)]
+    done["topics"] = topics
     return done
 
 
@@ -256,8 +257,8 @@ def _png_card(data: bytes, where: str) -> tuple[str, bytes]:
             raise InputError(f"{where}: not a valid PNG (chunk {kind.decode('latin-1')!r} at byte {position} fails "
                              "its CRC)")
         if kind == b"tEXt":
-            keyword, _, text = body.partition(b"\0")
-            found.setdefault(keyword.decode("latin-1").lower(), text)
+            name, _, text = body.partition(b"\0")
+            found.setdefault(name.decode("latin-1").lower(), text)
         if kind == b"IEND":
             break
         position += 12 + length

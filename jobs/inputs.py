@@ -72,8 +72,9 @@ def load_yaml(data: bytes | str, where: str):
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise InputError(f"{where}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({exc.problem})") from None
+        mark = exc.problem_mark or exc.context_mark  # PyYAML raises some errors with neither mark set
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise InputError(f"{where}{at}: not valid YAML ({exc.problem})") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:

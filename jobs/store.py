@@ -262,7 +262,7 @@ class ArtifactStore:
     def list_keys(self, prefix: str) -> list[str]:
         keys, token = [], None
         while True:
-            extra = {"ContinuationToken": token} if token else {}
+            extra: dict[str, str] = {"ContinuationToken": token} if token else {}
             page = self._call(prefix, self._s3.list_objects_v2, Prefix=prefix, **extra)
             keys += [obj["Key"] for obj in page.get("Contents", [])]
             if not page.get("IsTruncated"):

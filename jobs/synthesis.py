@@ -87,7 +87,8 @@ def plan(card: CharacterCard, count: int) -> list[Slot]:
     """`count` slots, the kinds in turn. The card's kinds share one walk through the card's topics, shifted by
     one after each full walk so that a topic meets every kind; the other two kinds walk their own lists."""
     pools = {kind: tuple(card.topics) for kind in CARD_KINDS} | {"outside": OUTSIDE, "break_character": BREAK}
-    kinds, slots, walked = list(KINDS), [], Counter()
+    kinds, slots = list(KINDS), []
+    walked: Counter[str] = Counter()
     for number in range(count):
         kind = kinds[number % len(kinds)]
         walk = "card" if kind in CARD_KINDS else kind
@@ -191,6 +192,7 @@ def synthesize(card: CharacterCard, count: int, existing: list[str], engine: Sam
                 if reason:
                     refused[reason] += 1
                     continue
+                assert vector is not None, "a line that passed the audit took its embedding from `fresh`"
                 keys.add(normal(line))
                 vectors = vector[None] if vectors is None else np.vstack([vectors, vector])
                 kept.append({"prompt": line, "kind": variant.kind, "topic": variant.topic, "round": rounds})

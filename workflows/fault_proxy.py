@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypedDict
 
 KINDS = ("500", "503", "slow", "drop")
 ERROR_CODES = {"500": "InternalError", "503": "SlowDown"}
@@ -51,17 +52,21 @@ class FaultPlan:
         return cls(share=value, kinds=chosen, stall=stall)
 
 
+class Stats(TypedDict):
+    requests: int
+    faults: dict[str, int]  # per kind
+    stalled: int
+
+
 class FaultProxy:
     def __init__(self, upstream_port: int, plan: FaultPlan, stats_path: Path):
         self.upstream_port, self.plan, self.stats_path = upstream_port, plan, stats_path
-        self.stats = {"requests": 0, "faults": dict.fromkeys(plan.kinds, 0), "stalled": 0}
+        self.stats: Stats = {"requests": 0, "faults": dict.fromkeys(plan.kinds, 0), "stalled": 0}
         self._stall = re.compile(plan.stall) if plan.stall else None
         self._random = random.Random(plan.seed)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.proxy = self
+        self._server = _Server(self)
 
     @property
     def endpoint(self) -> str:
@@ -98,14 +103,25 @@ class FaultProxy:
         staging.replace(self.stats_path)
 
 
+class _Server(ThreadingHTTPServer):
+    """The proxy's HTTP server on a free loopback port; its handlers reach the FaultProxy through it."""
+
+    daemon_threads = True
+
+    def __init__(self, proxy: FaultProxy):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.proxy = proxy
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive towards the client, as S3 clients expect
+    server: _Server  # the one server that creates these handlers
 
     def log_message(self, *args) -> None:  # requests carry signed headers: log nothing
         pass
 
     def relay(self) -> None:
-        proxy: FaultProxy = self.server.proxy
+        proxy = self.server.proxy
         fault = proxy.decide(f"{self.command} {self.path}")
         if self.headers.get("Transfer-Encoding"):
             self.send_error(501, "chunked request bodies are not relayed")

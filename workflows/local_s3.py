@@ -8,6 +8,7 @@ through their environment only. With a fault plan, clients reach the server thro
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import secrets
@@ -84,8 +85,6 @@ class LocalS3:
 def main(argv: list[str] | None = None) -> int:
     """`python -m workflows.local_s3 [--data-dir D] [-- command ...]`: serve D/s3 and run the command with the
     store's environment (or print that environment and serve until interrupted)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m workflows.local_s3")
     parser.add_argument("--data-dir", default=".distill", type=Path)
     add_fault_arguments(parser)
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_child(command, {**os.environ, **server.env()})
             print(f"serving {server.root} at {server.endpoint} (access key {server.access_key}); Ctrl-C stops",
                   flush=True)
+            assert server._process is not None, "entering the with block started the server"
             server._process.wait()
     except Stopped as stop:
         return stop.exit_code
@@ -126,14 +126,14 @@ def _run_child(command: list[str], env: dict[str, str]) -> int:
         raise
 
 
-def add_fault_arguments(parser) -> None:
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-faults", metavar="SHARE[:KINDS]",
                         help="inject S3 faults: a share of requests (e.g. 0.1), optionally only some kinds "
                              "(500,503,slow,drop); counts go to s3-faults.json in the data folder")
     parser.add_argument("--s3-stall", metavar="REGEX", help="never answer requests whose 'METHOD /path' matches")
 
 
-def fault_plan(args, parser) -> FaultPlan | None:
+def fault_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> FaultPlan | None:
     if not (args.s3_faults or args.s3_stall):
         return None
     try:

@@ -20,6 +20,7 @@ from hera.workflows import (
     Parameter,
     RetryStrategy,
     SecretEnv,
+    Task,
     WorkflowTemplate,
     models,
 )
@@ -59,7 +60,7 @@ SECURITY = models.SecurityContext(run_as_non_root=True, read_only_root_filesyste
 # (phase, profile, status; never the run id, which the pods carry as a label instead). Metrics with one name keep
 # one help text and one label set everywhere, as Prometheus requires.
 ARTIFACT_REPOSITORY = models.ArtifactRepositoryRef(config_map="distill-artifact-repository", key="default")
-DURATION_BUCKETS = [10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+DURATION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 # gauges set from a phase's output parameters once it has succeeded: metric name -> (phase, output parameter, help)
 FIGURE_GAUGES = {
     "distill_train_final_loss": ("train", "last-loss", "Training loss of the last step of the last run"),
@@ -74,7 +75,7 @@ def phase_metrics(phase: str) -> list:
     status = [*labels, Label(key="status", value="{{status}}")]
     metrics = [
         Histogram(name="distill_step_duration_seconds", help="Duration of a pipeline step in seconds",
-                  labels=status, buckets=DURATION_BUCKETS, value="{{duration}}"),
+                  labels=status, buckets=list(DURATION_BUCKETS), value="{{duration}}"),
         Counter(name="distill_step_total", help="Pipeline steps finished, by phase and status", labels=status,
                 value="1"),
     ]
@@ -159,12 +160,14 @@ def build() -> WorkflowTemplate:
         shards_from = next(phase.name for phase in TABLE if "shards" in phase.figures)
         templates = {phase.name: phase_template(phase) for phase in TABLE}
         with DAG(name="pipeline"):
-            tasks = {}
+            tasks: dict[str, Task] = {}
             for phase in TABLE:
                 make = templates[phase.name]
-                tasks[phase.name] = make(
+                task = make(
                     name=phase.name, arguments={"shard": "{{item}}"},
                     with_param=f"{{{{tasks.{shards_from}.outputs.parameters.shards}}}}") if phase.sharded else make()
+                assert isinstance(task, Task), "a template called inside a DAG context makes a Task"
+                tasks[phase.name] = task
                 for need in direct_needs(phase):
                     tasks[need] >> tasks[phase.name]
     return template

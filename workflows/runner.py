@@ -194,6 +194,7 @@ class ProcessExecutor:
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True)
                 self._running.add(process)
+            assert process.stdout is not None  # stdout=PIPE above
             try:
                 for raw in process.stdout:
                     log.write(raw)
@@ -452,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 passed = ("HF_TOKEN", "TINKER_API_KEY", "TINKER_BASE_URL")
                 secrets = {**s3.env(), **{k: os.environ[k] for k in passed if k in os.environ}, **tinker}
                 doc = yaml.safe_load(args.workflow.read_text())
+                executor: ProcessExecutor
                 if args.mode == "container":
                     from workflows.containers import ContainerExecutor
 

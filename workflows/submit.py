@@ -223,7 +223,8 @@ def submit(svc, settings: Settings, template: str, parameters: dict[str, str], l
 def watch(svc, settings: Settings, name: str, out: TextIO, interval: float = 5.0,
           timeout: float | None = None) -> tuple[str, str]:
     """Poll the run until it ends, printing each step (Pod node) when its phase changes; (phase, message)."""
-    started, seen, last = time.monotonic(), {}, None
+    started, last = time.monotonic(), None
+    seen: dict[str, str] = {}
     failures = 0
     while True:
         try:

@@ -66,7 +66,7 @@ import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from workflows.loopback import free_port, stop_process, wait_until_answering
 
@@ -90,6 +90,15 @@ def _log():
 
 
 # -- futures ----------------------------------------------------------------------------------------------------
+class Stats(TypedDict):
+    requests: int
+    faults: dict[str, int]  # by status, "429" and "500"
+    faults_by_route: dict[str, int]
+    sample_batches: int
+    sample_rows: int
+    largest_sample_batch: int
+
+
 @dataclasses.dataclass
 class Future:
     request_id: str
@@ -158,8 +167,8 @@ class Backend:
         self.ready: collections.deque[Job] = collections.deque()  # training jobs whose turn has come
         self.samples: list[SampleJob] = []
         self.engines: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self.stats = {"requests": 0, "faults": {"429": 0, "500": 0}, "faults_by_route": {}, "sample_batches": 0,
-                      "sample_rows": 0, "largest_sample_batch": 0}
+        self.stats: Stats = {"requests": 0, "faults": {"429": 0, "500": 0}, "faults_by_route": {}, "sample_batches": 0,
+                             "sample_rows": 0, "largest_sample_batch": 0}
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
 
@@ -292,7 +301,8 @@ class Backend:
                     while len(self.samples) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                         self.lock.wait(left)
             with self.lock:
-                batch, rows = [], 0
+                batch: list[SampleJob] = []
+                rows = 0
                 while self.samples and (not batch or rows + len(self.samples[0].seeds) <= self.max_batch):
                     rows += len(self.samples[0].seeds)
                     batch.append(self.samples.pop(0))
@@ -750,7 +760,7 @@ class Handler(BaseHTTPRequestHandler):
     def _get_info(self, body: dict):
         from jobs.backends.model_files import model_dir
 
-        model = self.server.backend.models.get(body.get("model_id"))
+        model = self.server.backend.models.get(body.get("model_id", ""))
         if model is None or model.engine is None:
             return 404, {"detail": f"no model {body.get('model_id')!r}"}, "application/json"
         return 200, {"type": "get_info", "model_id": model.model_id, "is_lora": True, "lora_rank": model.rank,
@@ -821,7 +831,7 @@ class Handler(BaseHTTPRequestHandler):
         return self._future(future, sample_sequence_ids=[f"{future.request_id}:{i}" for i in range(num)])
 
     def _retrieve(self, body: dict):
-        future = self.server.backend.futures.get(body.get("request_id"))
+        future = self.server.backend.futures.get(body.get("request_id", ""))
         if future is None:  # gone (a server restart): the SDK re-submits what it can
             return 410, {"detail": "unknown or expired request"}, "application/json"
         deadline = time.time() + POLL_WAIT_S
@@ -838,7 +848,7 @@ class Handler(BaseHTTPRequestHandler):
     def _external_urls(self, model_id: str, checkpoint_id: str):
         backend = self.server.backend
         folder = backend.resolve(f"tinker://{model_id}/{checkpoint_id}", ("external_weights",))
-        base = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}/files"
+        base = f"{self.server.url}/files"
         urls = {f.name: f"{base}/{urllib.parse.quote(model_id)}/external_weights/{urllib.parse.quote(folder.name)}/"
                         f"{urllib.parse.quote(f.name)}"
                 for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
@@ -885,7 +895,9 @@ class Server(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+        host, port = self.server_address[:2]
+        assert isinstance(host, str), "an AF_INET server's address is (host: str, port)"
+        return f"http://{host}:{port}"
 
 
 # -- the process -------------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, l
     # a left pad may only see itself: it has no real key to attend to, and a fully masked row would give NaN
     pad_self = torch.zeros_like(causal)
     pad_self[:, k_len - q_len:] = torch.eye(q_len, dtype=torch.bool, device=query.device)
+    assert layout.key_mask is not None, "a Layout without segments has a key_mask: every such forward passes one"
     allowed = causal & layout.key_mask.bool()[:, None, None, :] | pad_self
     return _attend(query, key, value, allowed, scaling, prefix_kv), None
 

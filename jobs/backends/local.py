@@ -159,7 +159,7 @@ class LocalEngine:
         self.device = torch.device(precision.device)
         self.renderer = Renderer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._optimizer = None
+        self._optimizer: torch.optim.AdamW | None = None  # made by the first optim_step or load_state
         if not trainable:
             self.model.eval()
 
@@ -172,7 +172,9 @@ class LocalEngine:
         folder = model_dir(model.base)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.torch_dtype,
-                                                    attn_implementation=attention.NAME).to(precision.device)
+                                                    attn_implementation=attention.NAME)
+        # transformers wraps `to` in functools.wraps(torch.nn.Module.to), whose type still expects `self` first
+        base = base.to(precision.device)  # type: ignore[arg-type]
         get_logger().info("engine loaded", model=model.base, device=precision.device, dtype=precision.dtype,
                           threads=torch.get_num_threads())
         return base, tokenizer
@@ -279,13 +281,18 @@ class LocalEngine:
     @torch.no_grad()
     def compute_logprobs(self, sequences: list[list[int]], share_prefix: bool = True) -> list[list[float]]:
         prefix_len = shared_prefix_length(sequences) if share_prefix else 0
-        prefix, shared, first = None, [], None
+        prefix: SharedPrefix | None = None
+        shared: list[float] = []
+        first: torch.Tensor | None = None
         if prefix_len:
             prefix, table = self._prefix(sequences[0][:prefix_len], logprobs=True)
+            assert table is not None, "_prefix returns the log-softmax when asked for logprobs"
             targets = self._tensor(sequences[0][1:prefix_len])
             shared = table[:-1].gather(1, targets[:, None]).squeeze(1).tolist()
             first = table[-1]  # predicts each row's first token after the prefix
-        results, chunk, tokens = [], [], 0
+        results: list[list[float]] = []
+        chunk: list[list[int]] = []
+        tokens = 0
         for sequence in sequences:
             if chunk and tokens + len(sequence) - prefix_len > LOGPROB_TOKENS:
                 results += self._packed_logprobs(chunk, prefix_len, prefix)
@@ -307,10 +314,14 @@ class LocalEngine:
         logprobs = -F.cross_entropy(logits, targets, reduction="none")
         return [logprobs[a:b - 1].tolist() for a, b in segments]
 
-    def _pack(self, rows: list[list[int]], offset: int = 0):
+    def _pack(self, rows: list[list[int]],
+              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], torch.Tensor]:
         """One sequence of all rows: tokens (1, T), positions restarting at `offset` per row, the (start, end)
         of each row, and each position's next token (the row's last position gets a dummy 0)."""
-        flat, positions, segments, targets = [], [], [], []
+        flat: list[int] = []
+        positions: list[int] = []
+        segments: list[tuple[int, int]] = []
+        targets: list[int] = []
         for row in rows:
             segments.append((len(flat), len(flat) + len(row)))
             flat += row
@@ -362,7 +373,8 @@ class LocalEngine:
         if reduction == "mean":
             loss = loss / total.clamp(min=1.0)
         loss.backward()
-        result = {"loss": float(loss.detach()), "tokens": float(total.clamp(min=1.0) if reduction == "mean" else total)}
+        result: dict[str, float | list[list[float]]] = {
+            "loss": float(loss.detach()), "tokens": float(total.clamp(min=1.0) if reduction == "mean" else total)}
         if logprobs:
             flat = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
             flat[keep] = -nll.detach()
@@ -373,13 +385,13 @@ class LocalEngine:
                    weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> None:
         """One AdamW step (torch's, decoupled weight decay) on the LoRA parameters with these hyperparameters,
         after clipping the gradients' global norm to `grad_clip_norm` (0: no clipping); then clears gradients."""
-        self._ensure_optimizer()
+        optimizer = self._ensure_optimizer()
         if grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in self._trainable()], grad_clip_norm)
-        for group in self._optimizer.param_groups:
+        for group in optimizer.param_groups:
             group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def adapter_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self._trainable()}
@@ -397,14 +409,14 @@ class LocalEngine:
         set_peft_model_state_dict(self.model, load_file(path / ADAPTER_WEIGHTS, device=self.precision.device))
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location=self.device)
         if state["optimizer"] is not None:
-            self._ensure_optimizer()
-            self._optimizer.load_state_dict(state["optimizer"])
+            self._ensure_optimizer().load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
 
-    def _ensure_optimizer(self) -> None:
+    def _ensure_optimizer(self) -> torch.optim.AdamW:
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW([p for _, p in self._trainable()], lr=0.0, weight_decay=0.0)
+        return self._optimizer
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Next-token logits at every position of one sequence, float32 (the export check)."""
@@ -431,7 +443,9 @@ def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_tex
     merged.save_pretrained(target)
     unmerged.tokenizer.save_pretrained(target)
     check_prompts = [unmerged.renderer.prompt(text) for text in check_texts]
-    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(unmerged.device).eval()
+    # transformers wraps `to` in functools.wraps(torch.nn.Module.to), whose type still expects `self` first
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    reloaded = reloaded.to(unmerged.device).eval()  # type: ignore[arg-type]
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
         for prompt in check_prompts:

@@ -16,13 +16,33 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from jobs.errors import InputError
 
 UNBOUNDED = 10**9  # tokenizers without a known length report a huge model_max_length
 
 
-def _context_tokens(tokenizer) -> int | None:
+class ChatTokenizer(Protocol):
+    """What the renderer uses of a transformers tokenizer. transformers types `apply_chat_template` and `decode`
+    with every shape they can return (token lists, BatchEncoding); called as here they return text, so they are
+    declared `object` and the results checked."""
+
+    @property
+    def eos_token_id(self) -> int: ...
+
+    @property
+    def model_max_length(self) -> int: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = ..., split_special_tokens: bool = ...) -> list[int]: ...
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = ...,
+                            tokenize: bool = ...) -> object: ...
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = ...) -> object: ...
+
+
+def _context_tokens(tokenizer: ChatTokenizer) -> int | None:
     """The model's context window: the tokenizer's bound, else `max_position_embeddings` beside it."""
     if tokenizer.model_max_length < UNBOUNDED:
         return tokenizer.model_max_length
@@ -34,7 +54,7 @@ def _context_tokens(tokenizer) -> int | None:
 
 @dataclass
 class Renderer:
-    tokenizer: object  # a transformers tokenizer with a chat template
+    tokenizer: ChatTokenizer  # a transformers tokenizer with a chat template
     context_tokens: int | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +79,7 @@ class Renderer:
         rendered = self.tokenizer.apply_chat_template(
             [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)],
             add_generation_prompt=True, tokenize=False)
+        assert isinstance(rendered, str), "apply_chat_template with tokenize=False renders text"
         pieces = re.split("(" + "|".join(marks) + ")", rendered)
         if sorted(p for p in pieces if p in marks) != sorted(marks):
             raise RuntimeError("the chat template does not insert each message's content once, verbatim")
@@ -97,4 +118,6 @@ class Renderer:
         return self._text(text) + [self.end_of_turn]
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert isinstance(text, str), "one list of ids decodes to one text"
+        return text.strip()

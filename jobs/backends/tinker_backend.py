@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
+from typing import Any, Protocol
 
 from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, SamplingParams
 from jobs.backends.renderer import Renderer
@@ -43,11 +44,17 @@ def check_api_key() -> None:
         raise InputError(f"${KEY_ENV} is malformed: a Tinker API key starts with {KEY_PREFIX!r} and has no spaces")
 
 
-def in_flight(submit: Callable[[int], object], count: int, cap: int, on_done: Callable[[int], None] | None = None
-              ) -> list:
+class APIFuture(Protocol):
+    """A request the Tinker SDK has submitted (its APIFuture): `future()` is the concurrent.futures view of it."""
+
+    def future(self) -> Future[Any]: ...
+
+
+def in_flight(submit: Callable[[int], APIFuture], count: int, cap: int,
+              on_done: Callable[[int], None] | None = None) -> list:
     """`submit(i).result()` for i in range(count), with at most `cap` requests outstanding."""
     results: list = [None] * count
-    pending: dict = {}
+    pending: dict[Future[Any], int] = {}
     next_index = 0
     while next_index < count or pending:
         while next_index < count and len(pending) < cap:
@@ -108,9 +115,10 @@ class TinkerTrainer:
     def _data(batch: list[Datum], scale: float):
         import tinker
 
+        # the SDK types loss_fn_inputs as TensorData only, but Datum converts plain lists itself (__post_init__)
         return [tinker.Datum(model_input=_model_input(d.tokens[:-1]),
-                             loss_fn_inputs={"target_tokens": d.tokens[1:],
-                                             "weights": [w * scale for w in d.weights[1:]]})
+                             loss_fn_inputs={"target_tokens": d.tokens[1:],  # type: ignore[dict-item]
+                                             "weights": [w * scale for w in d.weights[1:]]})  # type: ignore[dict-item]
                 for d in batch]
 
     def forward_backward(self, batch: list[Datum]) -> Mapped:

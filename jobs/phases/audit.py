@@ -11,6 +11,7 @@ import re
 from jobs.config import AuditConfig
 from jobs.phases.base import PhaseConfig, run_unit
 from jobs.phases.student import single_turn
+from jobs.store import UnitWriter
 
 SENTENCE_END = re.compile(r"[.!?…](?=[\"')\]]?(\s|$))")
 
@@ -46,7 +47,7 @@ def judge(row: dict, audit: AuditConfig, seen: set[str]) -> tuple[str | None, di
 
 
 def main(config: PhaseConfig) -> dict:
-    def build(out):
+    def build(out: UnitWriter) -> None:
         rows = config.store.read_jsonl("student", "conversations.jsonl")
         seen: set[str] = set()
         kept, dropped = [], []

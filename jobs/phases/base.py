@@ -48,7 +48,11 @@ def run_unit(config: PhaseConfig, phase: str, body: Callable[[UnitWriter], None]
     silently redo expensive phases (pass a new run id to force that).
     """
     declared = PHASE[phase]
-    unit = shard_unit(config.shard) if declared.sharded else phase
+    if declared.sharded:
+        assert config.shard is not None, f"a sharded phase ({phase}) refuses to start without --shard"
+        unit = shard_unit(config.shard)
+    else:
+        unit = phase
     store, log = config.store, get_logger().bind(unit=unit, run_id=config.run_id)
     inputs = [name for read in declared.reads for name in units(store, read)]
     input_fingerprints = {name: store.require(name)["fingerprint"] for name in inputs}

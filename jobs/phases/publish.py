@@ -52,7 +52,7 @@ def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str) -> I
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None and not isinstance(seen, HfHubHTTPError | httpx2.HTTPError):
         seen = seen.__cause__  # an LFS upload failure arrives as RuntimeError(...) from the HTTP error
     response = getattr(seen, "response", None) if isinstance(seen, HfHubHTTPError | httpx2.HTTPStatusError) else None

@@ -13,6 +13,7 @@ import dataclasses
 import random
 import time
 from functools import lru_cache
+from typing import TypedDict
 
 from jobs.backends.base import Adapter, Datum, TrainingClient
 from jobs.backends.renderer import Renderer
@@ -25,6 +26,16 @@ CHECKPOINTS = "checkpoints.jsonl"
 ADAPTER = "adapter.json"  # the trained adapter's locations (`backends.base.Adapter`)
 # part of the fingerprint: a train unit written before its outputs took this shape is redone, not misread
 OUTPUT_LAYOUT = 3
+
+
+class LoopState(TypedDict):
+    """The training loop's own state, saved with every checkpoint row: steps done, rows consumed, and per step
+    its figures (`history`) and at validation steps the validation loss (`val`)."""
+
+    step: int
+    data_position: int
+    history: list[dict[str, float]]
+    val: list[dict[str, float]]
 
 
 def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:
@@ -80,7 +91,7 @@ class Checkpoints:
         mine = [row for row in self.rows() if row["fingerprint"] == self.fingerprint]
         return mine[-1] if mine else None
 
-    def save(self, trainer: TrainingClient, state: dict) -> None:
+    def save(self, trainer: TrainingClient, state: LoopState) -> None:
         location = trainer.save_state(f"step-{state['step']:06d}")
         row = {"step": state["step"], "fingerprint": self.fingerprint, "location": location, "state": state,
                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -93,7 +104,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     latest = checkpoints.latest()
     backend = open_backend(config)
     trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)
-    state = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
+    state: LoopState = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
     if latest:
         log.info("resumed from checkpoint", step=state["step"], location=latest["location"])
     rows = store.read_jsonl("split", "train.jsonl")

@@ -26,6 +26,7 @@ from hera.workflows import (
 
 from jobs import __version__
 from jobs.errors import InputError
+from jobs.metrics import COST_RATIO, SIMILARITY, TOKEN_REDUCTION
 from jobs.phases import PHASES
 
 NAME = "distill"
@@ -35,7 +36,7 @@ OUTPUTS = "/tmp/outputs"
 ENGINE_PHASES = {"preflight", "ingest", "teacher", "train", "evaluate", "export"}
 # figures each step exposes as output parameters (shown in the Argo UI); all are keys of the phase's metrics
 FIGURES = {"ingest": ("prompts", "shards"), "audit": ("kept", "dropped"), "train": ("first_loss", "last_loss"),
-           "evaluate": ("similarity_student", "token_reduction", "cost_ratio"), "publish": ("mode", "files")}
+           "evaluate": (SIMILARITY.of("student"), TOKEN_REDUCTION.key, COST_RATIO.key), "publish": ("mode", "files")}
 ENGINE_RESOURCES = models.ResourceRequirements(requests={"cpu": "2", "memory": "4Gi"}, limits={"memory": "8Gi"})
 LIGHT_RESOURCES = models.ResourceRequirements(requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "2Gi"})
 

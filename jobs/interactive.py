@@ -12,6 +12,7 @@ import time
 
 from jobs.backends.base import SamplingParams
 from jobs.errors import InputError
+from jobs.metrics import SIMILARITY
 from jobs.phases.base import PhaseConfig, open_backend
 
 
@@ -95,7 +96,7 @@ def review(config: PhaseConfig) -> None:
             print("  (not a rating 1-5: skipped)")
             continue
         ratings.append({"id": row["id"], "prompt": row["prompt"], "rating": int(answer),
-                        "similarity_student": row["similarity_student"]})
+                        SIMILARITY.of("student"): row[SIMILARITY.of("student")]})
     if not ratings:
         print("no ratings given; nothing saved")
         return

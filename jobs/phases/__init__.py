@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobs.metrics import COST_RATIO, SIMILARITY, TOKEN_REDUCTION
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -55,7 +57,7 @@ TABLE = (
           reads=("split",), sections=("model", "train"), engine=True, figures=("first_loss", "last_loss")),
     Phase("evaluate", "scores the student against the teacher: similarity, NLL gap, tokens, cost, latency",
           reads=("ingest", "split", "train"), sections=("model", "teacher", "audit", "evaluate"), engine=True,
-          figures=("similarity_student", "token_reduction", "cost_ratio")),
+          figures=(SIMILARITY.of("student"), TOKEN_REDUCTION.key, COST_RATIO.key)),
     Phase("report", "renders the run's report with plots (matplotlib)",
           reads=("preflight", "ingest", "teacher", "student", "audit", "split", "train", "evaluate"),
           sections=("tinker",), extra="report"),

@@ -1,149 +1,234 @@
-"""Evaluate (seed steps 14-16): how close the student comes to the teacher, and what dropping the card saves.
+"""Evaluate: how close the student comes to the teacher, and what dropping the card saves.
 
-On held-out prompts: student (no card), base (no card) and the teacher's own replies. Figures: embedding
-similarity to the teacher, next to a second teacher sample scored against the first (the teacher's own
-spread: a greedy student can land above it); similarity to the character (its name and topics, short enough
-for the embedding model) and the share of replies out of character (the audit's phrases, e.g. "as an AI"),
-which show the persona; mean per-token NLL of the teacher's replies
-under student, base and the teacher itself (base with card), and the share of the base-to-teacher gap the student closed; prompt
-tokens per request with and without the card, the cost ratio at the configured prices; latency per
-request with and without the card on the same model.
+On held-out prompts: the student (no card), the base model (no card) and the teacher (the base model with the
+card: its replies from the split, and a second sample). Each figure is declared in `jobs.metrics` with its unit
+and direction:
+- embedding similarity of each reply to the teacher's, next to the second teacher sample's (the teacher's own
+  spread: a greedy student can land above it);
+- similarity to the character (its name and topics, short enough for the embedding model) and the share of
+  replies out of character (the audit's phrases, e.g. "as an AI"), which show the persona;
+- mean per-token NLL of the teacher's replies under student, base and teacher, and the share of the
+  base-to-teacher gap the student closed;
+- prompt tokens per request with and without the card, and the cost at `evaluate.prices`;
+- latency per request and per prefill, with and without the card, on the same model.
+metrics.json holds the figures; replies.jsonl each prompt's replies with their similarity and NLL.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
+from jobs import metrics
 from jobs.backends.base import Metered, SamplingParams
+from jobs.backends.renderer import Renderer
 from jobs.card import CharacterCard
+from jobs.config import PricesConfig
 from jobs.log import Progress
+from jobs.metrics import (
+    COST_PER_REQUEST,
+    COST_RATIO,
+    LATENCY,
+    LATENCY_RATIO,
+    NLL,
+    NLL_GAP_CLOSED,
+    OUT_OF_CHARACTER,
+    PERSONA_SIMILARITY,
+    PREFILL,
+    PREFILL_RATIO,
+    PROMPT_COST_RATIO,
+    PROMPT_TOKENS,
+    REPLY_TOKENS,
+    SIMILARITY,
+    TOKEN_REDUCTION,
+)
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter
 
 
-def reply_nll(client, prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
+@dataclass(frozen=True)
+class Prompts:
+    """The held-out prompts as tokens, with and without the card, and the teacher's replies to them."""
+
+    with_card: list[list[int]]
+    without_card: list[list[int]]
+    teacher_replies: list[list[int]]
+
+    @classmethod
+    def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
+        return cls(with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
+                   without_card=[renderer.prompt(r["prompt"]) for r in rows],
+                   teacher_replies=[renderer.reply(r["reply"]) for r in rows])
+
+
+@dataclass
+class Measured:
+    """What the models gave, filled one model at a time: each role's replies, the per-reply NLL of the teacher's
+    replies under each role, the latency figures and the tokens sent (as Tinker bills them)."""
+
+    replies: dict[str, list[str]]
+    nll: dict[str, list[float]] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    usage: Counter[str] = field(default_factory=Counter)
+
+
+def sample_replies(client: Metered, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    return [client.renderer.decode(tokens) for tokens in client.sample(prompts, params)]
+
+
+def reply_nll(client: Metered, prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
     """Mean NLL per reply token of each reply after its prompt."""
     logprobs = client.compute_logprobs([p + r for p, r in zip(prompts, replies, strict=True)])
     return [-sum(lp[-len(r):]) / len(r) for lp, r in zip(logprobs, replies, strict=True)]
 
 
-def token_weighted(values: list[float], replies: list[list[int]]) -> float:
-    return sum(v * len(r) for v, r in zip(values, replies, strict=True)) / sum(len(r) for r in replies)
-
-
-def time_requests(client, prompts: list[list[int]], params) -> dict:
-    """Seconds per single request (generation) and per prompt forward pass (prefill), after a warm-up."""
+def time_requests(client: Metered, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float]:
+    """Mean seconds per single request (generation) and per prompt forward pass (prefill), after a warm-up."""
     client.sample(prompts[:1], params)
-    generate, prefill, new_tokens = [], [], []
+    generate, prefill = [], []
     for prompt in prompts:
         started = time.perf_counter()
-        out = client.sample([prompt], params)
+        client.sample([prompt], params)
         generate.append(time.perf_counter() - started)
-        new_tokens.append(len(out[0]))
         started = time.perf_counter()
         client.compute_logprobs([prompt])
         prefill.append(time.perf_counter() - started)
-    return {"request_s": statistics.mean(generate), "prefill_s": statistics.mean(prefill),
-            "new_tokens": statistics.mean(new_tokens)}
+    return statistics.mean(generate), statistics.mean(prefill)
+
+
+def latency(client: Metered, prompts: Prompts, requests: int, params: SamplingParams) -> dict[str, float]:
+    """Seconds per request and per prefill with and without the card, on the first `requests` prompts."""
+    request_with, prefill_with = time_requests(client, prompts.with_card[:requests], params)
+    request_without, prefill_without = time_requests(client, prompts.without_card[:requests], params)
+    return {LATENCY.of("with_card"): request_with, LATENCY.of("without_card"): request_without,
+            LATENCY_RATIO.key: request_with / request_without,
+            PREFILL.of("with_card"): prefill_with, PREFILL.of("without_card"): prefill_without,
+            PREFILL_RATIO.key: prefill_with / prefill_without}
+
+
+def measure_base_model(client: Metered, prompts: Prompts, config: PhaseConfig, seen: Measured, bar: Progress) -> None:
+    """The base model's replies, a second teacher sample, the NLL of the teacher's replies under base and
+    teacher (the same model, without and with the card), and latency."""
+    ev = config.pipeline.evaluate
+    seen.replies["base"] = sample_replies(client, prompts.without_card, SamplingParams.from_config(ev.sampling))
+    bar.advance(1, step="base replies")
+    seen.nll["base"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
+    seen.nll["teacher"] = reply_nll(client, prompts.with_card, prompts.teacher_replies)
+    bar.advance(1, step="base and teacher NLL")
+    seen.latency = latency(client, prompts, ev.latency_requests, SamplingParams.from_config(ev.sampling, batch_size=1))
+    bar.advance(1, step="latency")
+    # the teacher's own sampling settings with another seed: its spread, the ceiling a student could reach
+    resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
+    seen.replies["teacher_resampled"] = sample_replies(client, prompts.with_card, resample)
+    bar.advance(1, step="teacher resampled")
+    seen.usage.update(client.usage)
+
+
+def measure_student(client: Metered, prompts: Prompts, config: PhaseConfig, seen: Measured, bar: Progress) -> None:
+    params = SamplingParams.from_config(config.pipeline.evaluate.sampling)
+    seen.replies["student"] = sample_replies(client, prompts.without_card, params)
+    bar.advance(1, step="student replies")
+    seen.nll["student"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
+    bar.advance(1, step="student NLL")
+    seen.usage.update(client.usage)
+
+
+def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Each reply's cosine similarity to the teacher's reply to the same prompt, by metric key."""
+    from jobs.backends.embeddings import cosine_to_reference
+
+    return {SIMILARITY.of(role): cosine_to_reference(replies[role], replies["teacher"])
+            for role in SIMILARITY.variants}
+
+
+def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> dict[str, float]:
+    from jobs.backends.embeddings import cosine_to_reference
+
+    character = [f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name] * len(replies["teacher"])
+    return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role], character))
+            for role in PERSONA_SIMILARITY.variants}
+
+
+def out_of_character(replies: dict[str, list[str]], forbidden: tuple[str, ...]) -> dict[str, float]:
+    """Share of replies with a phrase the audit forbids. The teacher's is its second sample's: its first replies
+    passed the audit, so none of them is out of character."""
+    texts = {"student": replies["student"], "base": replies["base"], "teacher": replies["teacher_resampled"]}
+    return {OUT_OF_CHARACTER.of(role): statistics.mean(any(p in t.lower() for p in forbidden) for t in texts[role])
+            for role in OUT_OF_CHARACTER.variants}
+
+
+def nll(per_reply: dict[str, list[float]], teacher_replies: list[list[int]]) -> dict[str, float | None]:
+    """Mean NLL per token of the teacher's replies under each role (each reply weighted by its tokens), and the
+    share of the base-to-teacher gap the student closed (None when the teacher is not below the base)."""
+    total = sum(map(len, teacher_replies))
+    mean = {role: sum(v * len(r) for v, r in zip(per_reply[role], teacher_replies, strict=True)) / total
+            for role in NLL.variants}
+    gap = mean["base"] - mean["teacher"]
+    return {**{NLL.of(role): value for role, value in mean.items()},
+            NLL_GAP_CLOSED.key: (mean["base"] - mean["student"]) / gap if gap > 0 else None}
+
+
+def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
+    """Prompt tokens and dollars per request with and without the card; both sides get the teacher's reply length."""
+    tokens = {"with_card": statistics.mean(map(len, prompts.with_card)),
+              "without_card": statistics.mean(map(len, prompts.without_card))}
+    reply_tokens = statistics.mean(map(len, prompts.teacher_replies))
+    cost = {variant: (prompt * prices.input_per_mtok + reply_tokens * prices.output_per_mtok) / 1e6
+            for variant, prompt in tokens.items()}
+    return {**{PROMPT_TOKENS.of(variant): value for variant, value in tokens.items()},
+            TOKEN_REDUCTION.key: 1 - tokens["without_card"] / tokens["with_card"],
+            REPLY_TOKENS.key: reply_tokens,
+            **{COST_PER_REQUEST.of(variant): value for variant, value in cost.items()},
+            COST_RATIO.key: cost["with_card"] / cost["without_card"],
+            PROMPT_COST_RATIO.key: tokens["with_card"] / tokens["without_card"]}
+
+
+def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts, card: CharacterCard,
+            config: PhaseConfig) -> dict[str, float | None]:
+    """Every figure of metrics.json, as computed (`metrics.record` rounds them)."""
+    return {**{key: statistics.mean(values) for key, values in similarity.items()},
+            **persona_similarity(seen.replies, card),
+            **out_of_character(seen.replies, config.pipeline.audit.forbidden),
+            **nll(seen.nll, prompts.teacher_replies),
+            **tokens_and_cost(prompts, config.pipeline.evaluate.prices),
+            **seen.latency}
+
+
+def reply_rows(rows: list[dict], seen: Measured, similarity: dict[str, list[float]]) -> list[dict]:
+    """replies.jsonl: each prompt with every role's reply, their similarity to the teacher's and its NLL."""
+    per_reply = {**similarity, **{NLL.of(role): seen.nll[role] for role in NLL.variants}}
+    return [{"id": row["id"], "prompt": row["prompt"],
+             **{role: seen.replies[role][i] for role in ("teacher", "student", "base", "teacher_resampled")},
+             **{key: values[i] for key, values in per_reply.items()}} for i, row in enumerate(rows)]
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends.embeddings import cosine_to_reference
     from jobs.phases.train import read_adapter
 
     store, ev = config.store, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
-    system = card.teacher_system_prompt()
     backend = open_backend(config)
-    params = SamplingParams.from_config(ev.sampling)
-    single = SamplingParams.from_config(ev.sampling, batch_size=1)
     bar = Progress(7, "evaluate")
 
     base = Metered(backend.sampler())
-    render = base.renderer
-    no_card = [render.prompt(r["prompt"]) for r in rows]
-    with_card = [render.prompt(r["prompt"], system=system) for r in rows]
-    targets = [render.reply(r["reply"]) for r in rows]
-    base_replies = [render.decode(t) for t in base.sample(no_card, params)]
-    bar.advance(1, step="base replies")
-    nll_base = reply_nll(base, no_card, targets)
-    nll_teacher = reply_nll(base, with_card, targets)
-    bar.advance(1, step="base and teacher NLL")
-    n = min(ev.latency_requests, len(rows))
-    latency_with, latency_without = time_requests(base, with_card[:n], single), time_requests(base, no_card[:n], single)
-    bar.advance(1, step="latency")
-    resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
-    teacher_again = [render.decode(t) for t in base.sample(with_card, resample)]
-    bar.advance(1, step="teacher resampled")
-    usage = dict(base.usage)
+    prompts = Prompts.render(base.renderer, rows, card.teacher_system_prompt())
+    seen = Measured(replies={"teacher": [r["reply"] for r in rows]})
+    measure_base_model(base, prompts, config, seen, bar)
     del base  # one model in memory at a time
+    measure_student(Metered(backend.sampler(read_adapter(config).sampling)), prompts, config, seen, bar)
 
-    student = Metered(backend.sampler(read_adapter(config).sampling))
-    student_replies = [render.decode(t) for t in student.sample(no_card, params)]
-    bar.advance(1, step="student replies")
-    nll_student = reply_nll(student, no_card, targets)
-    bar.advance(1, step="student NLL")
-    usage = {key: usage[key] + student.usage[key] for key in usage}
-    del student
-
-    teacher_texts = [r["reply"] for r in rows]
-    sim_student = cosine_to_reference(student_replies, teacher_texts)
-    sim_base = cosine_to_reference(base_replies, teacher_texts)
-    sim_ceiling = cosine_to_reference(teacher_again, teacher_texts)
-    card_text = [f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name] * len(rows)
-    persona = {name: statistics.mean(cosine_to_reference(texts, card_text)) for name, texts in
-               (("student", student_replies), ("base", base_replies), ("teacher", teacher_texts))}
-    forbidden = config.pipeline.audit.forbidden
-    out_of_character = {name: statistics.mean(any(p in t.lower() for p in forbidden) for t in texts) for name, texts in
-                        (("student", student_replies), ("base", base_replies), ("teacher", teacher_again))}
+    similarity = similarity_to_teacher(seen.replies)
+    recorded = metrics.record(figures(seen, similarity, prompts, card, config))
     bar.advance(1, step="similarity")
 
-    nll = {name: token_weighted(values, targets)
-           for name, values in (("student", nll_student), ("base", nll_base), ("teacher", nll_teacher))}
-    gap = nll["base"] - nll["teacher"]
-    tokens_with, tokens_without = statistics.mean(map(len, with_card)), statistics.mean(map(len, no_card))
-    reply_tokens = statistics.mean(map(len, targets))
-    prices = ev.prices
-
-    def cost(prompt_tokens: float) -> float:  # dollars per request; the same reply length for both
-        return (prompt_tokens * prices.input_per_mtok + reply_tokens * prices.output_per_mtok) / 1e6
-
-    metrics = {
-        **backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
-        "similarity_student": round(statistics.mean(sim_student), 4),
-        "similarity_base": round(statistics.mean(sim_base), 4),
-        "similarity_teacher_resampled": round(statistics.mean(sim_ceiling), 4),
-        **{f"persona_similarity_{k}": round(v, 4) for k, v in persona.items()},
-        **{f"out_of_character_{k}": round(v, 4) for k, v in out_of_character.items()},
-        "nll_student": round(nll["student"], 4), "nll_base": round(nll["base"], 4),
-        "nll_teacher": round(nll["teacher"], 4),
-        "nll_gap_closed": round((nll["base"] - nll["student"]) / gap, 4) if gap > 0 else None,
-        "prompt_tokens_with_card": round(tokens_with, 1), "prompt_tokens_without_card": round(tokens_without, 1),
-        "token_reduction": round(1 - tokens_without / tokens_with, 4),
-        "reply_tokens": round(reply_tokens, 1),
-        "cost_per_request_with_card": cost(tokens_with), "cost_per_request_without_card": cost(tokens_without),
-        "cost_ratio": round(cost(tokens_with) / cost(tokens_without), 3),
-        "prompt_cost_ratio": round(tokens_with / tokens_without, 3),
-        "latency_with_card_s": round(latency_with["request_s"], 4),
-        "latency_without_card_s": round(latency_without["request_s"], 4),
-        "latency_ratio": round(latency_with["request_s"] / latency_without["request_s"], 3),
-        "prefill_with_card_s": round(latency_with["prefill_s"], 4),
-        "prefill_without_card_s": round(latency_without["prefill_s"], 4),
-        "prefill_ratio": round(latency_with["prefill_s"] / latency_without["prefill_s"], 3),
-        "prices_per_mtok": prices.model_dump(),
-        **usage,
-    }
-    out.write_jsonl("replies.jsonl", [
-        {"id": r["id"], "prompt": r["prompt"], "teacher": r["reply"], "student": s, "base": b, "teacher_resampled": t,
-         "similarity_student": ss, "similarity_base": sb, "similarity_teacher_resampled": st,
-         "nll_student": ns, "nll_base": nb, "nll_teacher": nt}
-        for r, s, b, t, ss, sb, st, ns, nb, nt in zip(rows, student_replies, base_replies, teacher_again, sim_student,
-                                                      sim_base, sim_ceiling, nll_student, nll_base, nll_teacher,
-                                                      strict=True)])
-    out.write_json("metrics.json", metrics)
-    out.metrics.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
+    written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows), **recorded,
+               "prices_per_mtok": ev.prices.model_dump(), **seen.usage}
+    out.write_json("metrics.json", written)
+    out.metrics.update({k: v for k, v in written.items() if not isinstance(v, dict)})
 
 
 def main(config: PhaseConfig) -> dict:

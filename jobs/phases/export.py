@@ -1,4 +1,4 @@
-"""Export (seed step 19): a merged HF model folder, the PEFT adapter, and a model card with the figures.
+"""Export: a merged HF model folder, the PEFT adapter, and a model card with the figures.
 
 The adapter comes through the backend that trained it (from the store, or downloaded from Tinker); the merge
 and its logit-parity check run here, on the local engine, in float32."""
@@ -6,7 +6,9 @@ and its logit-parity check run here, on the local engine, in float32."""
 from __future__ import annotations
 
 from jobs.errors import InputError
+from jobs.metrics import figure_rows, markdown_table
 from jobs.phases.base import PhaseConfig, open_backend, run_unit, scratch_dir
+from jobs.phases.report import train_loss
 from jobs.store import UnitWriter
 
 MODEL_CARD = """---
@@ -20,16 +22,7 @@ A LoRA student of `{base}` that answers as **{name}** *without* the character ca
 trained on replies the same base model gave with the card as its system prompt (run `{run_id}`, profile
 `{profile}`). `merged/` is the base with the adapter merged in; `adapter/` is the PEFT adapter alone.
 
-| figure | value |
-|---|---|
-| train loss, first → last step | {first_loss:.3f} → {last_loss:.3f} ({steps} steps) |
-| similarity to the teacher, student / base / second teacher sample | {similarity_student:.3f} / {similarity_base:.3f} / {similarity_teacher_resampled:.3f} |
-| similarity to the character (name, topics), student / base | {persona_similarity_student:.3f} / {persona_similarity_base:.3f} |
-| replies out of character, student / base | {out_of_character_student:.0%} / {out_of_character_base:.0%} |
-| NLL of teacher replies: student / base / teacher | {nll_student:.3f} / {nll_base:.3f} / {nll_teacher:.3f} |
-| prompt tokens per request, with / without card | {prompt_tokens_with_card:.0f} / {prompt_tokens_without_card:.0f} ({token_reduction:.1%} fewer) |
-| cost per request, with card ÷ without | {cost_ratio:.2f}x |
-| latency per request, with card ÷ without | {latency_ratio:.2f}x |
+{figures}
 
 Measured on {eval_prompts} held-out prompts with the local engine. Prompt the model with no system
 message (its chat template then adds its default system line), as in training.
@@ -40,6 +33,13 @@ model = AutoModelForCausalLM.from_pretrained("<this folder>/merged")
 tokenizer = AutoTokenizer.from_pretrained("<this folder>/merged")
 ```
 """
+
+
+def model_card(config: PhaseConfig, name: str, train: dict, ev: dict) -> str:
+    """README.md of the export: the train loss and evaluate's figure table, as the report shows them."""
+    return MODEL_CARD.format(base=config.pipeline.model.base, name=name, run_id=config.run_id,
+                             profile=config.pipeline.profile, eval_prompts=ev["eval_prompts"],
+                             figures=markdown_table([train_loss(train), *figure_rows(ev)]))
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
@@ -54,11 +54,10 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     if check["logits_max_abs_diff"] > export.logits_atol:
         raise InputError(f"export: merged model's logits differ from base+adapter by {check['logits_max_abs_diff']}"
                          f" (> export.logits_atol={export.logits_atol})")
-    figures = {**store.require("train")["metrics"], **store.read_json("evaluate", "metrics.json")}
     card = store.read_json("ingest", "card.json")
-    out.write_bytes("README.md", MODEL_CARD.format(base=config.pipeline.model.base, name=card["name"],
-                                                   run_id=config.run_id, profile=config.pipeline.profile,
-                                                   **figures).encode())
+    readme = model_card(config, card["name"], store.require("train")["metrics"],
+                        store.read_json("evaluate", "metrics.json"))
+    out.write_bytes("README.md", readme.encode())
     for folder in ("merged", "adapter"):
         for path in sorted((work / folder).iterdir()):
             out.upload_file(f"{folder}/{path.name}", path)

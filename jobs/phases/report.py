@@ -1,4 +1,4 @@
-"""Report (seed step 20): RESULTS in Markdown and HTML with PNG plots, from every phase's figures."""
+"""Report: RESULTS in Markdown and HTML with PNG plots, from every phase's figures."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import html
 import io
 import statistics
 
+from jobs.metrics import ARROWS, DOLLARS, HEADER, NATS, NLL, SIMILARITY, TOKENS, Row, figure_rows, markdown_table
 from jobs.phases import PHASE
 from jobs.phases.base import PhaseConfig, run_unit, units
 from jobs.store import UnitWriter
@@ -36,11 +37,11 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = [i / 20 for i in range(-4, 21)]
-    ax.hist([r["similarity_base"] for r in replies], bins=bins, alpha=0.6, label=f"base (mean {ev['similarity_base']:.3f})")
-    ax.hist([r["similarity_student"] for r in replies], bins=bins, alpha=0.6,
-            label=f"student (mean {ev['similarity_student']:.3f})")
-    ax.hist([r["similarity_teacher_resampled"] for r in replies], bins=bins, histtype="step", linewidth=2,
-            color="black", label=f"a second teacher sample (mean {ev['similarity_teacher_resampled']:.3f})")
+    base, student, resampled = (SIMILARITY.of(role) for role in ("base", "student", "teacher_resampled"))
+    ax.hist([r[base] for r in replies], bins=bins, alpha=0.6, label=f"base (mean {ev[base]:.3f})")
+    ax.hist([r[student] for r in replies], bins=bins, alpha=0.6, label=f"student (mean {ev[student]:.3f})")
+    ax.hist([r[resampled] for r in replies], bins=bins, histtype="step", linewidth=2, color="black",
+            label=f"a second teacher sample (mean {ev[resampled]:.3f})")
     ax.set(xlabel="cosine similarity to the teacher's reply", ylabel="eval prompts",
            title="Similarity to the teacher (all-MiniLM-L6-v2)")
     ax.legend(loc="upper left", fontsize="small")
@@ -49,7 +50,7 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = ["base, no card", "student, no card", "teacher (base + card)"]
-    values = [ev["nll_base"], ev["nll_student"], ev["nll_teacher"]]
+    values = [ev[NLL.of(role)] for role in ("base", "student", "teacher")]
     ax.bar(names, values, color=["#999999", "#3b7dd8", "#d88b3b"])
     for i, value in enumerate(values):
         ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
@@ -59,35 +60,23 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
     return images
 
 
-def figures(train: dict, ev: dict, audit: dict) -> list[tuple[str, str]]:
-    gap = ev["nll_gap_closed"]
+def train_loss(train: dict) -> Row:
+    """The first row of both the report's figure table and the model card's."""
+    return Row("train loss, first → last step", f"{NATS.format(train['first_loss'])} → "
+               f"{NATS.format(train['last_loss'])} ({train['steps']} steps)", NATS.name, ARROWS["lower"])
+
+
+def figures(train: dict, ev: dict, audit: dict) -> list[Row]:
+    """Training's figures, evaluate's figure table (`jobs.metrics`), and what the audit kept."""
+    down = "down" if train["last_loss_mean"] < train["first_loss_mean"] else "NOT down"
     return [
-        ("train loss, first → last step", f"{train['first_loss']:.3f} → {train['last_loss']:.3f}"),
-        ("train loss, mean of first → last steps", f"{train['first_loss_mean']:.3f} → {train['last_loss_mean']:.3f}"
-                                                    f" ({'down' if train['last_loss_mean'] < train['first_loss_mean'] else 'NOT down'})"),
-        ("validation loss, last", f"{train['val_loss_last']:.3f}" if train.get("val_loss_last") is not None else "n/a"),
-        ("similarity to teacher, student", f"{ev['similarity_student']:.3f}"),
-        ("similarity to teacher, base (no card)", f"{ev['similarity_base']:.3f}"),
-        ("similarity to teacher, a second teacher sample (its own spread)", f"{ev['similarity_teacher_resampled']:.3f}"),
-        ("similarity to the character (name, topics): student / base / teacher", f"{ev['persona_similarity_student']:.3f} / "
-                                                             f"{ev['persona_similarity_base']:.3f} / "
-                                                             f"{ev['persona_similarity_teacher']:.3f}"),
-        ("replies out of character (\"as an AI\"...): student / base / teacher",
-         f"{ev['out_of_character_student']:.0%} / {ev['out_of_character_base']:.0%} / "
-         f"{ev['out_of_character_teacher']:.0%}"),
-        ("NLL of teacher replies: student / base / teacher", f"{ev['nll_student']:.3f} / {ev['nll_base']:.3f} / "
-                                                           f"{ev['nll_teacher']:.3f}"),
-        ("NLL gap closed (base → teacher)", f"{gap:.1%}" if gap is not None else "n/a (teacher not below base)"),
-        ("prompt tokens per request, with / without card", f"{ev['prompt_tokens_with_card']:.0f} / "
-                                                          f"{ev['prompt_tokens_without_card']:.0f}"),
-        ("token reduction", f"{ev['token_reduction']:.1%}"),
-        ("cost ratio per request (with ÷ without card)", f"{ev['cost_ratio']:.2f}x (prompt tokens alone "
-                                                        f"{ev['prompt_cost_ratio']:.1f}x)"),
-        ("latency ratio per request (with ÷ without card)", f"{ev['latency_ratio']:.2f}x ({ev['latency_with_card_s']:.2f}s"
-                                                           f" vs {ev['latency_without_card_s']:.2f}s)"),
-        ("prefill latency ratio", f"{ev['prefill_ratio']:.1f}x"),
-        ("training rows kept by the audit", f"{audit['kept']} of {audit['rows_in']} ({audit['trimmed']} trimmed to"
-                                            f" whole sentences)"),
+        train_loss(train),
+        Row("train loss, mean of first → last steps", f"{NATS.format(train['first_loss_mean'])} → "
+            f"{NATS.format(train['last_loss_mean'])} ({down})", NATS.name, ARROWS["lower"]),
+        Row("validation loss, last", NATS.format(train.get("val_loss_last")), NATS.name, ARROWS["lower"]),
+        *figure_rows(ev),
+        Row("training rows kept by the audit", f"{audit['kept']} of {audit['rows_in']} ({audit['trimmed']} trimmed to"
+                                               " whole sentences)", "rows"),
     ]
 
 
@@ -125,10 +114,9 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
+def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
                     notes: str, ingest: list[tuple[str, str]]) -> str:
-    lines = [f"# {title}", "", notes, "", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines = [f"# {title}", "", notes, "", markdown_table(rows)]
     lines += ["", "## Card and prompts", "", "| what | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in ingest]
     lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![nll](nll.png)", "",
@@ -141,10 +129,11 @@ def render_markdown(title: str, rows: list[tuple[str, str]], times: list[tuple[s
     return "\n".join(lines) + "\n"
 
 
-def render_html(title: str, rows: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict],
+def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
                 notes: str, ingest: list[tuple[str, str]]) -> str:
     e = html.escape
-    table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)
+    table = "".join(f"<tr>{''.join(f'<{tag}>{e(cell)}</{tag}>' for cell in row)}</tr>"
+                    for tag, row in [("th", HEADER), *(("td", row) for row in rows)])
     card = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in ingest)
     timing = "".join(f"<tr><td>{e(u)}</td><td>{s:.1f}</td></tr>" for u, s in times)
     sample_html = "".join(
@@ -171,17 +160,17 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     card = store.read_json("ingest", "card.json")
     times = [(unit, store.require(unit)["wall_s"]) for phase in PHASE["report"].reads for unit in units(store, phase)]
     title = f"Distilling {card['name']}: run {config.run_id}"
+    prices = ev["prices_per_mtok"]
     notes = (f"Profile {config.pipeline.profile}, base model {config.pipeline.model.base}, "
-             f"{train['train_rows']} training rows, {train['steps']} steps, {ev['eval_prompts']} held-out eval prompts. "
-             f"Prices: ${ev['prices_per_mtok']['input_per_mtok']}/M input, ${ev['prices_per_mtok']['output_per_mtok']}/M "
-             "output tokens; the cost ratio uses the teacher's reply length for both sides.")
+             f"{train['train_rows']} training rows, {train['steps']} steps, {ev['eval_prompts']} held-out eval "
+             f"prompts. Prices: ${prices['input_per_mtok']}/M input, ${prices['output_per_mtok']}/M output tokens; "
+             "the cost ratio uses the teacher's reply length for both sides.")
     tokens, dollars = usage(config)
     on_tinker = "" if train["backend"] == "tinker" else " if run on Tinker"
     rows = figures(train, ev, audit) + [
-        ("tokens: prefill / sample / train", " / ".join(f"{tokens[k]:,}" for k in ("prefill_tokens", "sample_tokens",
-                                                                                   "train_tokens"))),
-        (f"cost of this run{on_tinker}, at tinker.prices", f"${dollars:.4f}")]
-    samples = sorted(replies, key=lambda r: -r["similarity_student"])[:3] + replies[:2]
+        Row("tokens: prefill / sample / train", " / ".join(map(TOKENS.format, tokens.values())), TOKENS.name),
+        Row(f"cost of this run{on_tinker}, at tinker.prices", DOLLARS.format(dollars), DOLLARS.name)]
+    samples = sorted(replies, key=lambda r: -r[SIMILARITY.of("student")])[:3] + replies[:2]
     for name, data in plots(history, val, replies, ev).items():
         out.write_bytes(name, data)
     ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
@@ -189,7 +178,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     out.write_bytes("report.html", render_html(title, rows, times, samples, notes, ingest).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
                         **tokens, "tinker_cost_usd": round(dollars, 6),
-                        "similarity_median_student": statistics.median(r["similarity_student"] for r in replies)})
+                        "similarity_median_student": statistics.median(r[SIMILARITY.of("student")] for r in replies)})
 
 
 def main(config: PhaseConfig) -> dict:

@@ -1,0 +1,123 @@
+"""Every figure evaluate writes to metrics.json, declared once: its key, label, unit and which way is better.
+
+`record` rounds evaluate's figures as their units say and refuses a figure not declared here; `figure_rows` is
+the figure table that the report and the model card both show. A new metric is its line here and the evaluate
+function that computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+Better = Literal["higher", "lower", "neither"]
+ARROWS: dict[Better, str] = {"higher": "↑", "lower": "↓", "neither": ""}
+
+
+class Row(NamedTuple):
+    """One line of a figure table."""
+
+    label: str
+    value: str
+    unit: str = ""
+    better: str = ""  # an arrow from ARROWS
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    digits: int | None  # decimals kept in metrics.json; None keeps the value as computed (dollars are tiny)
+    shown: str  # the table's format spec
+
+    def round(self, value: float | None) -> float | None:
+        return value if value is None or self.digits is None else round(value, self.digits)
+
+    def format(self, value: float | None) -> str:
+        return "n/a" if value is None else format(value, self.shown)
+
+
+COSINE = Unit("cosine", 4, ".3f")
+SHARE = Unit("share", 4, ".1%")
+NATS = Unit("nats/token", 4, ".3f")
+TOKENS = Unit("tokens", 1, ",.0f")
+RATIO = Unit("x", 3, ".2f")
+SECONDS = Unit("s", 4, ".3f")
+DOLLARS = Unit("$", None, ".6f")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure of metrics.json. A key with `{}` declares a family: one key per variant (a role, with or without
+    the card), shown in one table row."""
+
+    key: str
+    label: str
+    unit: Unit
+    better: Better
+    variants: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.key.format(v) for v in self.variants) or (self.key,)
+
+    def of(self, variant: str) -> str:
+        """One variant's key: `SIMILARITY.of("student") == "similarity_student"`."""
+        if variant not in self.variants:
+            raise KeyError(f"metric {self.key} has no variant {variant!r} (it has: {', '.join(self.variants)})")
+        return self.key.format(variant)
+
+    def row(self, figures: dict[str, float | None]) -> Row:
+        variants = " / ".join(v.replace("_", " ") for v in self.variants)
+        label = f"{self.label}: {variants}" if variants else self.label
+        value = " / ".join(self.unit.format(figures[key]) for key in self.keys)
+        return Row(label, value, self.unit.name, ARROWS[self.better])
+
+
+ROLES = ("student", "base", "teacher")  # the teacher is the base model with the card as its system prompt
+CARD = ("with_card", "without_card")
+
+# in table order. What dropping the card saves (reduction, ratios of with ÷ without) is better higher: it is what
+# the student is for
+SIMILARITY = Metric("similarity_{}", "similarity to teacher (a second teacher sample: its own spread)", COSINE,
+                    "higher", ("student", "base", "teacher_resampled"))
+PERSONA_SIMILARITY = Metric("persona_similarity_{}", "similarity to the character (name, topics)", COSINE, "higher",
+                            ROLES)
+OUT_OF_CHARACTER = Metric("out_of_character_{}", 'replies out of character ("as an AI"...)', SHARE, "lower", ROLES)
+NLL = Metric("nll_{}", "NLL of teacher replies", NATS, "lower", ROLES)
+NLL_GAP_CLOSED = Metric("nll_gap_closed", "NLL gap closed (base → teacher)", SHARE, "higher")
+PROMPT_TOKENS = Metric("prompt_tokens_{}", "prompt tokens per request", TOKENS, "lower", CARD)
+TOKEN_REDUCTION = Metric("token_reduction", "token reduction (prompt tokens saved without the card)", SHARE, "higher")
+REPLY_TOKENS = Metric("reply_tokens", "reply tokens per request (the teacher's)", TOKENS, "neither")
+COST_PER_REQUEST = Metric("cost_per_request_{}", "cost per request", DOLLARS, "lower", CARD)
+COST_RATIO = Metric("cost_ratio", "cost ratio per request (with ÷ without card)", RATIO, "higher")
+PROMPT_COST_RATIO = Metric("prompt_cost_ratio", "cost ratio of the prompt tokens alone", RATIO, "higher")
+LATENCY = Metric("latency_{}_s", "latency per request", SECONDS, "lower", CARD)
+LATENCY_RATIO = Metric("latency_ratio", "latency ratio per request (with ÷ without card)", RATIO, "higher")
+PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower", CARD)
+PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
+
+METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, NLL, NLL_GAP_CLOSED, PROMPT_TOKENS, TOKEN_REDUCTION,
+           REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
+           PREFILL_RATIO)
+KEYS = tuple(key for metric in METRICS for key in metric.keys)
+
+
+def record(figures: dict[str, float | None]) -> dict[str, float | None]:
+    """The figures in table order, rounded as their units say; every registered key must be there, and no other."""
+    unknown, missing = sorted(set(figures) - set(KEYS)), sorted(set(KEYS) - set(figures))
+    if unknown or missing:
+        raise ValueError(f"figures do not match jobs.metrics: not registered {unknown}, not computed {missing}")
+    return {key: metric.unit.round(figures[key]) for metric in METRICS for key in metric.keys}
+
+
+def figure_rows(figures: dict[str, float | None]) -> list[Row]:
+    """Evaluate's figure table, a row a metric: what the report and the model card both show."""
+    return [metric.row(figures) for metric in METRICS]
+
+
+HEADER = Row("figure", "value", "unit", "better")
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [HEADER, Row("---", "---", "---", "---"), *rows]
+    return "\n".join(f"| {' | '.join(line)} |" for line in lines)

@@ -1,0 +1,186 @@
+"""The metric registry (`jobs.metrics`), evaluate's figure functions and the figure table that the report and the
+model card share, on made-up values: no model runs here."""
+
+from __future__ import annotations
+
+import html
+import itertools
+import re
+
+import pytest
+from conftest import phase_config
+
+from jobs.backends.base import SamplingParams
+from jobs.card import CharacterCard
+from jobs.metrics import (
+    COST_PER_REQUEST,
+    KEYS,
+    LATENCY,
+    METRICS,
+    NLL,
+    NLL_GAP_CLOSED,
+    REPLY_TOKENS,
+    SIMILARITY,
+    TOKEN_REDUCTION,
+    Row,
+    figure_rows,
+    markdown_table,
+    record,
+)
+from jobs.phases import evaluate, export, report
+
+# the keys of evaluate's metrics.json that the rest of the pipeline, the DAG and earlier runs read
+KEYS_BEFORE_THE_REGISTRY = {
+    "similarity_student", "similarity_base", "similarity_teacher_resampled", "persona_similarity_student",
+    "persona_similarity_base", "persona_similarity_teacher", "out_of_character_student", "out_of_character_base",
+    "out_of_character_teacher", "nll_student", "nll_base", "nll_teacher", "nll_gap_closed",
+    "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
+    "cost_per_request_with_card", "cost_per_request_without_card", "cost_ratio", "prompt_cost_ratio",
+    "latency_with_card_s", "latency_without_card_s", "latency_ratio", "prefill_with_card_s", "prefill_without_card_s",
+    "prefill_ratio"}
+# a value for each unit, most with more digits than metrics.json keeps
+BY_UNIT = {"cosine": 0.81234, "share": 0.125, "nats/token": 1.23456, "tokens": 1234.56, "x": 2.34567,
+           "s": 0.123456, "$": 0.0000412345}
+
+
+def made_up(**changed: float | None) -> dict[str, float | None]:
+    figures = {key: BY_UNIT[metric.unit.name] for metric in METRICS for key in metric.keys}
+    return {**figures, **changed}
+
+
+def test_the_registry_keeps_the_existing_metric_names():
+    assert len(KEYS) == len(set(KEYS))
+    assert set(KEYS) == KEYS_BEFORE_THE_REGISTRY
+
+
+def test_record_keeps_every_registered_figure_rounded_as_its_unit_says():
+    recorded = record(made_up(nll_gap_closed=None))
+    assert list(recorded) == list(KEYS)
+    assert recorded[SIMILARITY.of("student")] == 0.8123
+    assert recorded[NLL.of("teacher")] == 1.2346
+    assert recorded[REPLY_TOKENS.key] == 1234.6
+    assert recorded[LATENCY.of("with_card")] == 0.1235
+    assert recorded["cost_ratio"] == 2.346
+    assert recorded[COST_PER_REQUEST.of("without_card")] == 0.0000412345  # dollars per request are kept whole
+    assert recorded[NLL_GAP_CLOSED.key] is None
+
+
+def test_record_refuses_a_figure_not_registered_and_one_missing():
+    with pytest.raises(ValueError, match=r"not registered \['similarity_teacher'\], not computed \[\]"):
+        record(made_up(similarity_teacher=0.5))
+    figures = made_up()
+    del figures[TOKEN_REDUCTION.key]
+    with pytest.raises(ValueError, match=r"not registered \[\], not computed \['token_reduction'\]"):
+        record(figures)
+
+
+def test_a_family_names_its_variants_and_refuses_others():
+    assert SIMILARITY.of("teacher_resampled") == "similarity_teacher_resampled"
+    assert LATENCY.of("without_card") == "latency_without_card_s"
+    assert TOKEN_REDUCTION.keys == ("token_reduction",)
+    with pytest.raises(KeyError, match=re.escape("similarity_{} has no variant 'teacher'")):
+        SIMILARITY.of("teacher")
+    with pytest.raises(KeyError, match="no variant 'student'"):
+        TOKEN_REDUCTION.of("student")
+
+
+def test_rows_format_each_value_by_its_unit_and_show_which_way_is_better():
+    figures = made_up(similarity_student=0.9, similarity_base=0.5, out_of_character_base=0.25, nll_gap_closed=None,
+                      cost_per_request_with_card=0.00005)
+    rows = {row.label: row for row in figure_rows(figures)}
+    assert len(rows) == len(METRICS)
+    similarity = "similarity to teacher (a second teacher sample: its own spread): student / base / teacher resampled"
+    assert rows[similarity] == Row(similarity, "0.900 / 0.500 / 0.812", "cosine", "↑")
+    assert rows['replies out of character ("as an AI"...): student / base / teacher'][1:] \
+        == ("12.5% / 25.0% / 12.5%", "share", "↓")
+    assert rows["NLL of teacher replies: student / base / teacher"].value == "1.235 / 1.235 / 1.235"
+    assert rows["NLL gap closed (base → teacher)"].value == "n/a"
+    assert rows["prompt tokens per request: with card / without card"] \
+        == Row("prompt tokens per request: with card / without card", "1,235 / 1,235", "tokens", "↓")
+    assert rows["reply tokens per request (the teacher's)"].better == ""
+    assert rows["cost per request: with card / without card"].value == "0.000050 / 0.000041"
+    assert rows["cost ratio per request (with ÷ without card)"][1:] == ("2.35", "x", "↑")
+    assert rows["latency per request: with card / without card"][1:] == ("0.123 / 0.123", "s", "↓")
+
+
+def test_report_and_model_card_show_the_same_evaluate_rows():
+    ev = {**record(made_up()), "eval_prompts": 8}
+    train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,
+             "steps": 12}
+    rows = report.figures(train, ev, {"kept": 90, "rows_in": 96, "trimmed": 3})
+    markdown = report.render_markdown("title", rows, [], [], "notes", [])
+    page = report.render_html("title", rows, [], [], "notes", [])
+    card = export.model_card(phase_config("metrics-test"), "Ada Lovelace", train, ev)
+    evaluate_lines = markdown_table(figure_rows(ev)).splitlines()[2:]
+    assert len(evaluate_lines) == len(METRICS)
+    for text in (markdown, card):
+        assert [line for line in text.splitlines() if line in evaluate_lines] == evaluate_lines
+    for row in figure_rows(ev):
+        assert "".join(f"<td>{html.escape(cell)}</td>" for cell in row) in page
+    train_line = markdown_table([report.train_loss(train)]).splitlines()[2]
+    assert train_line == "| train loss, first → last step | 3.100 → 2.200 (12 steps) | nats/token | ↓ |"
+    assert train_line in markdown and train_line in card
+    assert "| validation loss, last | n/a | nats/token | ↓ |" in markdown
+    assert "training rows kept by the audit" in markdown and "training rows kept by the audit" not in card
+
+
+class CountingClient:
+    """Stands in for a metered model: one token per reply, logprobs of -1."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, prompts, params):
+        self.calls += 1
+        return [[1] for _ in prompts]
+
+    def compute_logprobs(self, sequences):
+        return [[-1.0] * (len(s) - 1) for s in sequences]
+
+
+def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypatch):
+    import jobs.backends.embeddings
+
+    monkeypatch.setattr(jobs.backends.embeddings, "cosine_to_reference",
+                        lambda texts, references: [float(t == r) for t, r in zip(texts, references, strict=True)])
+    ticks = itertools.count()
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
+    config = phase_config("metrics-test")
+    prompts = evaluate.Prompts(with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
+                               teacher_replies=[[0], [0] * 3])
+    client = CountingClient()
+    seen = evaluate.Measured(
+        replies={"teacher": ["I compose.", "Vienna."], "teacher_resampled": ["I compose.", "As an AI, no."],
+                 "student": ["I compose.", "Bonn."], "base": ["As an AI language model...", "Vienna."]},
+        nll={"student": [1.0, 2.0], "base": [3.0, 4.0], "teacher": [1.0, 1.0]},
+        latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)))
+    card = CharacterCard.model_construct(name="I compose.", topics=[])
+    similarity = evaluate.similarity_to_teacher(seen.replies)
+    recorded = record(evaluate.figures(seen, similarity, prompts, card, config))
+
+    assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
+                          "similarity_teacher_resampled": [1.0, 0.0]}
+    assert recorded["similarity_student"] == 0.5
+    assert recorded["persona_similarity_student"] == 0.5 and recorded["persona_similarity_base"] == 0.0
+    assert recorded["out_of_character_base"] == 0.5 and recorded["out_of_character_teacher"] == 0.5
+    assert recorded["out_of_character_student"] == 0.0
+    # token-weighted: (1*1 + 2*3) / 4 for the student, (3 + 12) / 4 for the base; the gap 2.75 is 8/11 closed
+    assert (recorded["nll_student"], recorded["nll_base"], recorded["nll_teacher"]) == (1.75, 3.75, 1.0)
+    assert recorded["nll_gap_closed"] == 0.7273
+    assert (recorded["prompt_tokens_with_card"], recorded["prompt_tokens_without_card"]) == (20, 4)
+    assert recorded["token_reduction"] == 0.8 and recorded["prompt_cost_ratio"] == 5.0
+    assert recorded["reply_tokens"] == 2
+    prices = config.pipeline.evaluate.prices
+    cost = {tokens: (tokens * prices.input_per_mtok + 2 * prices.output_per_mtok) / 1e6 for tokens in (20, 4)}
+    assert recorded["cost_per_request_with_card"] == cost[20]
+    assert recorded["cost_ratio"] == round(cost[20] / cost[4], 3) > 1
+    assert client.calls == 4  # a warm-up and one timed request, with and without the card
+    assert recorded["latency_with_card_s"] == recorded["prefill_without_card_s"] == recorded["latency_ratio"] == 1
+    assert evaluate.nll({**seen.nll, "teacher": [5.0, 5.0]}, prompts.teacher_replies)["nll_gap_closed"] is None
+
+    rows = evaluate.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
+                               similarity)
+    assert list(rows[1]) == ["id", "prompt", "teacher", "student", "base", "teacher_resampled", "similarity_student",
+                             "similarity_base", "similarity_teacher_resampled", "nll_student", "nll_base",
+                             "nll_teacher"]
+    assert (rows[1]["student"], rows[1]["similarity_base"], rows[1]["nll_base"]) == ("Bonn.", 1.0, 4.0)

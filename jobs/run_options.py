@@ -56,8 +56,8 @@ def pipeline_config(args: argparse.Namespace, settings: Sequence[str] = ()) -> P
 def workflow_parameters(args: argparse.Namespace, settings: Sequence[str] = ()) -> dict[str, str]:
     """The options as the DAG's `profile`, `config` and `backend` parameters, which every step passes on to
     `python -m jobs` as --profile, --config-yaml and --backend. The user's layers travel as one inline YAML
-    (a step cannot read the user's files); a parameter left at its default is not sent."""
+    (a step cannot read the user's files), `{}` when there are none; an empty backend is not sent (the
+    template's empty default keeps the profile's)."""
     layers = user_layers(args.config, [*args.set, *settings], inline=args.config_yaml)
-    return {"profile": args.profile,
-            **({"config": yaml.safe_dump(layers, sort_keys=True).strip()} if layers else {}),
+    return {"profile": args.profile, "config": yaml.safe_dump(layers, sort_keys=True).strip() if layers else "{}",
             **({"backend": args.backend} if args.backend else {})}

@@ -48,9 +48,9 @@ def test_a_step_given_the_workflow_parameters_loads_the_same_config(tmp_path):
     assert pipeline_config(step) == pipeline_config(args)
 
 
-def test_defaults_send_no_config_or_backend():
+def test_defaults_send_an_empty_config_and_no_backend():
     args = workflows.submit.parser().parse_args(["--profile", "ci"])
-    assert workflow_parameters(args) == {"profile": "ci"}  # the template's `{}` and empty backend apply
+    assert workflow_parameters(args) == {"profile": "ci", "config": "{}"}  # the template's empty backend applies
 
 
 def run_entry(name: str, argv: list[str], capsys) -> tuple[int, str]:

@@ -28,16 +28,7 @@ from conftest import REPO
 from jobs import __version__
 from jobs.backends.model_files import cache_root
 from jobs.phases import PHASE, PHASES
-from workflows.containers import (
-    SOURCES_LABEL,
-    ContainerExecutor,
-    detect_engine,
-    engine_cmd,
-    engine_env,
-    image_exists,
-    inspect_image,
-    source_digest,
-)
+from workflows import containers
 from workflows.runner import RENDERED, Step
 
 REQUIRED = os.environ.get("DISTILL_REQUIRE_IMAGES") == "1"
@@ -71,18 +62,19 @@ def ref(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine() -> str:
-    found = detect_engine()
+    found = containers.detect_engine()
     need(found is not None, "no container engine answers (docker, podman or buildah): `make images` installs buildah")
     return found
 
 
 @pytest.fixture(scope="module")
 def images(engine) -> dict[str, dict]:
-    missing = [name for name in (*LAYERS, *PHASES) if not image_exists(engine, ref(name))]
+    missing = [name for name in (*LAYERS, *PHASES) if not containers.image_exists(engine, ref(name))]
     need(not missing, f"images not built ({', '.join(missing)}): run `make images`")
-    found = {name: inspect_image(engine, ref(name)) for name in (*LAYERS, *PHASES)}
+    found = {name: containers.inspect_image(engine, ref(name)) for name in (*LAYERS, *PHASES)}
     # images left from an older tree would test that tree's code, not this one's
-    stale = [name for name, info in found.items() if info["labels"].get(SOURCES_LABEL) != source_digest()]
+    sources = containers.source_digest()
+    stale = [name for name, info in found.items() if info["labels"].get(containers.SOURCES_LABEL) != sources]
     need(not stale, f"images built from other sources than this tree ({', '.join(stale)}): run `make images`")
     return found
 
@@ -139,7 +131,7 @@ def test_container_mode_runs_the_template_command_with_the_pod_environment(tmp_p
     monkeypatch.setenv("SOMETHING_ON_THIS_MACHINE", "leak")
     secrets = {"DISTILL_S3_ENDPOINT": "http://127.0.0.1:9", "DISTILL_S3_BUCKET": "b",
                "AWS_ACCESS_KEY_ID": "local-id", "AWS_SECRET_ACCESS_KEY": "local-secret"}
-    executor = ContainerExecutor(tmp_path / "work", {"cache": tmp_path / "cache"}, secrets,
+    executor = containers.ContainerExecutor(tmp_path / "work", {"cache": tmp_path / "cache"}, secrets,
                                  pod_security=TEMPLATE["spec"]["securityContext"])
     template = next(t for t in TEMPLATE["spec"]["templates"] if t["name"] == "train")
     values = {"workflow.parameters.image-registry": REGISTRY, "workflow.parameters.image-tag": "9.9",
@@ -201,7 +193,8 @@ def test_images_carry_no_secrets(images):
 def image_files(engine: str, image: str):
     """(path, size) of every regular file in the image's filesystem."""
     if engine == "buildah":
-        run = lambda *a: subprocess.run(engine_cmd(engine) + list(a), env=engine_env(engine), check=True,  # noqa: E731
+        run = lambda *a: subprocess.run(containers.engine_cmd(engine) + list(a),  # noqa: E731
+                                        env=containers.engine_env(engine), check=True,
                                         capture_output=True, text=True).stdout.strip()
         container = run("from", "--pull=never", "--quiet", image)
         try:

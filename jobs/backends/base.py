@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from jobs.backends.renderer import Renderer
 from jobs.config import SamplingConfig, TrainConfig
@@ -34,12 +34,37 @@ class SamplingParams:
                    batch_size=batch_size or section.batch_size)
 
 
+LossFn = Literal["cross_entropy", "importance_sampling"]
+
+
 @dataclass(frozen=True)
 class Datum:
-    """One training sequence; `weights[i]` scales the loss of predicting `tokens[i]` (0 on prompt tokens)."""
+    """One training sequence; `weights[i]` scales the loss at position i, predicting `tokens[i]` (0 on prompt
+    tokens: no loss there). What the loss is at a position depends on the loss function and the fields given:
+
+    - cross_entropy, `candidates` None: -log p(tokens[i]) (SFT);
+    - cross_entropy with `candidates` (logit distillation): -sum_j probs[i][j] * log p(candidates[i][j]), the
+      cross-entropy to a target distribution over a few tokens (the teacher's top-k); rows with weight 0 may be
+      empty;
+    - importance_sampling (on-policy): -exp(log p(tokens[i]) - sampled_logprobs[i]) * advantages[i], as Tinker's
+      importance_sampling loss; its gradient is the policy gradient of the advantages."""
 
     tokens: list[int]
     weights: list[float]
+    candidates: list[list[int]] | None = None
+    probs: list[list[float]] | None = None
+    sampled_logprobs: list[float] | None = None
+    advantages: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A model's k most likely next tokens at each scored position of one sequence, and their log-probabilities:
+    row j is the position `start + j`, the distribution of the token there given those before it."""
+
+    start: int
+    ids: list[list[int]]
+    logprobs: list[list[float]]
 
 
 class Pending(Protocol[T]):
@@ -82,6 +107,14 @@ class SamplingClient(Protocol):
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(tokens[i] | tokens[:i]) for i >= 1 of each sequence."""
 
+    def topk_logprobs(self, sequences: list[list[int]], starts: list[int], k: int) -> list[TopK]:
+        """The k most likely tokens at every position from `starts[i]` to the end of sequence i (Tinker's
+        topk_prompt_logprobs over the sequence's last tokens)."""
+
+    def target_logprobs(self, sequences: list[list[int]], targets: list[TopK]) -> list[list[list[float]]]:
+        """log p of the given tokens (`targets[i].ids`, e.g. another model's top-k) at the positions they are for,
+        in the same shape (Tinker's target_prompt_logprobs)."""
+
 
 class Metered:
     """A sampling client that counts the tokens it sends and receives, as Tinker bills them (prefill,
@@ -101,13 +134,22 @@ class Metered:
         self.usage["prefill_tokens"] += sum(map(len, sequences))
         return self.client.compute_logprobs(sequences)
 
+    def topk_logprobs(self, sequences: list[list[int]], starts: list[int], k: int) -> list[TopK]:
+        self.usage["prefill_tokens"] += sum(map(len, sequences))
+        return self.client.topk_logprobs(sequences, starts, k)
+
+    def target_logprobs(self, sequences: list[list[int]], targets: list[TopK]) -> list[list[list[float]]]:
+        self.usage["prefill_tokens"] += sum(map(len, sequences))
+        return self.client.target_logprobs(sequences, targets)
+
 
 class TrainingClient(Protocol):
     renderer: Renderer
 
-    def forward_backward(self, batch: list[Datum]) -> Pending[dict[str, float]]:
-        """Accumulates gradients of the weighted mean NLL; its result is {'loss', 'tokens'}. Submitting
-        `optim_step` before waiting on this result is allowed (and is how Tinker's latency is hidden)."""
+    def forward_backward(self, batch: list[Datum], loss_fn: LossFn = "cross_entropy") -> Pending[dict[str, float]]:
+        """Accumulates gradients of the batch's loss (`Datum`), averaged over its total weight; its result is
+        {'loss', 'tokens' (the total weight)}. Submitting `optim_step` before waiting on this result is allowed
+        (and is how Tinker's latency is hidden)."""
 
     def optim_step(self, learning_rate: float) -> Pending[None]:
         """One AdamW step on the LoRA parameters (betas 0.9/0.999, eps 1e-8, no weight decay or clipping),
@@ -115,6 +157,9 @@ class TrainingClient(Protocol):
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """As SamplingClient's, with the current weights; used for validation loss."""
+
+    def sampler(self) -> SamplingClient:
+        """A sampling client with the current weights (on-policy training samples from it)."""
 
     def save_state(self, name: str) -> str:
         """Adapter, optimizer and RNG state, enough to resume; returns its location for `Backend.trainer`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from jobs.backends import attention
 from jobs.backends.attention import Layout, SharedPrefix
-from jobs.backends.base import ADAPTER_WEIGHTS, Datum, SamplingParams
+from jobs.backends.base import ADAPTER_WEIGHTS, Datum, LossFn, SamplingParams, TopK
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.config import ModelConfig, TrainConfig
@@ -305,6 +306,48 @@ class LocalEngine:
             return results
         return [shared + [float(first[seq[prefix_len]])] + row for seq, row in zip(sequences, results, strict=True)]
 
+    @torch.no_grad()
+    def position_logprobs(self, sequences: list[list[int]], starts: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, log-softmax over the vocabulary at positions starts[i]..len-1 of sequence i: one row a position,
+        the distribution of the token there), a chunk of rows per forward pass behind their shared prefix."""
+        prefix_len = min(shared_prefix_length(sequences), min(starts) - 1)
+        if prefix_len < MIN_SHARED_PREFIX:
+            prefix_len = 0
+        prefix = self._prefix(sequences[0][:prefix_len])[0] if prefix_len else None
+        chunk: list[int] = []
+        for index in range(len(sequences) + 1):
+            if chunk and (index == len(sequences) or sum(len(sequences[i]) - prefix_len for i in chunk)
+                          + len(sequences[index]) - prefix_len > LOGPROB_TOKENS):
+                tokens, positions, segments, _ = self._pack([sequences[i][prefix_len:] for i in chunk],
+                                                            offset=prefix_len)
+                keep = torch.zeros(tokens.shape[1], dtype=torch.bool, device=self.device)
+                for (start, end), i in zip(segments, chunk, strict=True):
+                    keep[start + starts[i] - 1 - prefix_len:end - 1] = True
+                logprobs = self.model(input_ids=tokens, position_ids=positions,
+                                      layout=Layout(segments=segments, prefix=prefix),
+                                      logits_to_keep=keep[None]).logits.float().log_softmax(dim=-1)
+                offset = 0
+                for i in chunk:
+                    count = len(sequences[i]) - starts[i]
+                    yield i, logprobs[offset:offset + count]
+                    offset += count
+                chunk = []
+            if index < len(sequences):
+                chunk.append(index)
+
+    def topk_logprobs(self, sequences: list[list[int]], starts: list[int], k: int) -> list[TopK]:
+        found: dict[int, TopK] = {}
+        for i, logprobs in self.position_logprobs(sequences, starts):
+            values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            found[i] = TopK(starts[i], ids.tolist(), values.tolist())
+        return [found[i] for i in range(len(sequences))]
+
+    def target_logprobs(self, sequences: list[list[int]], targets: list[TopK]) -> list[list[list[float]]]:
+        found: dict[int, list[list[float]]] = {}
+        for i, logprobs in self.position_logprobs(sequences, [t.start for t in targets]):
+            found[i] = [row[ids].tolist() for row, ids in zip(logprobs, targets[i].ids, strict=True)]
+        return [found[i] for i in range(len(sequences))]
+
     def _packed_logprobs(self, rows: list[list[int]], start: int, prefix: SharedPrefix | None) -> list[list[float]]:
         """log p(row[i+1] | row[:i+1]) for i >= start, the rows' own parts packed into one forward pass behind
         the shared prefix `row[:start]`."""
@@ -343,14 +386,15 @@ class LocalEngine:
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def forward_backward(self, batch: list[Datum], reduction: str = "mean", logprobs: bool = False) -> dict:
-        """The batch's weighted NLL, its gradients accumulated. Position i predicts token i + 1 with weight
-        `weights[i + 1]`. The rows are packed without padding, logits are computed only where a weight is
-        non-zero, and a prefix that every row shares without loss on it (the chat template's system line) is
-        computed once for the batch, its gradients flowing back from every row.
+    def forward_backward(self, batch: list[Datum], reduction: str = "mean", logprobs: bool = False,
+                         loss_fn: LossFn = "cross_entropy") -> dict:
+        """The batch's weighted loss (`Datum` says what it is at a position), its gradients accumulated. Position i
+        predicts token i with weight `weights[i]`. The rows are packed without padding, logits are computed only
+        where a weight is non-zero, and a prefix that every row shares without loss on it (the chat template's
+        system line) is computed once for the batch, its gradients flowing back from every row.
 
-        reduction "mean" (the local backend): the weighted mean, sum(w * nll) / max(sum(w), 1). "sum" (Tinker's
-        cross_entropy): sum(w * nll) itself, so its loss and gradients are the mean's times the total weight.
+        reduction "mean" (the local backend): the weighted mean, sum(w * loss) / max(sum(w), 1). "sum" (Tinker's
+        losses): sum(w * loss) itself, so its loss and gradients are the mean's times the total weight.
         Returns {"loss", "tokens" (the total weight)}, and with `logprobs` also "logprobs": per datum, the
         log-probability of each of its tokens after the first (len(tokens) - 1 values) at the positions with a
         non-zero weight, and 0.0 at the others (their logits are never computed)."""
@@ -361,25 +405,50 @@ class LocalEngine:
             prefix_len = 0
         prefix = self._prefix(batch[0].tokens[:prefix_len])[0] if prefix_len else None
         tokens, positions, segments, targets = self._pack([d.tokens[prefix_len:] for d in batch], offset=prefix_len)
-        weights = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
-        for (start, end), datum in zip(segments, batch, strict=True):
-            weights[start:end - 1] = torch.tensor(datum.weights[prefix_len + 1:], device=self.device)
+
+        def flat(values: list[list[float]]) -> torch.Tensor:
+            """Per-datum values at positions 1.. (aligned to `tokens`) as one packed column, 0 on each row's last."""
+            column = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
+            for (start, end), row in zip(segments, values, strict=True):
+                column[start:end - 1] = torch.tensor(row[prefix_len + 1:], device=self.device)
+            return column
+
+        weights = flat([d.weights for d in batch])
         keep = weights > 0
         logits = self.model(input_ids=tokens, position_ids=positions, layout=Layout(segments=segments, prefix=prefix),
                             logits_to_keep=keep[None]).logits.float()
-        nll = F.cross_entropy(logits, targets[keep], reduction="none")
+        target_logprobs = -F.cross_entropy(logits, targets[keep], reduction="none")
+        if loss_fn == "importance_sampling":
+            ratio = (target_logprobs - flat([d.sampled_logprobs or [] for d in batch])[keep]).exp()
+            per_position = -ratio * flat([d.advantages or [] for d in batch])[keep]
+        elif batch[0].candidates is not None:
+            candidates, probs = self._soft_targets(batch, prefix_len)
+            per_position = -(logits.log_softmax(dim=-1).gather(1, candidates) * probs).sum(dim=1)
+        else:
+            per_position = -target_logprobs
         total = weights.sum()
-        loss = (nll * weights[keep]).sum()
+        loss = (per_position * weights[keep]).sum()
         if reduction == "mean":
             loss = loss / total.clamp(min=1.0)
         loss.backward()
         result: dict[str, float | list[list[float]]] = {
             "loss": float(loss.detach()), "tokens": float(total.clamp(min=1.0) if reduction == "mean" else total)}
         if logprobs:
-            flat = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
-            flat[keep] = -nll.detach()
-            result["logprobs"] = [[0.0] * prefix_len + flat[start:end - 1].tolist() for start, end in segments]
+            packed = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
+            packed[keep] = target_logprobs.detach()
+            result["logprobs"] = [[0.0] * prefix_len + packed[start:end - 1].tolist() for start, end in segments]
         return result
+
+    def _soft_targets(self, batch: list[Datum], prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates and their target probabilities at every weighted position, in packing order, as
+        (positions, k) tensors; shorter rows are padded with probability 0."""
+        rows = [(ids, probs) for d in batch for w, ids, probs in
+                zip(d.weights[prefix_len + 1:], (d.candidates or [])[prefix_len + 1:], (d.probs or [])[prefix_len + 1:],
+                    strict=True) if w > 0]
+        width = max(len(ids) for ids, _ in rows)
+        candidates = self._tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+        probs = torch.tensor([p + [0.0] * (width - len(p)) for _, p in rows], dtype=torch.float32, device=self.device)
+        return candidates, probs
 
     def optim_step(self, learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> None:

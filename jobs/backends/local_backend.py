@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, Done
+from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, Done, LossFn
 from jobs.config import ModelConfig, TrainConfig
 from jobs.store import ArtifactStore
 
@@ -41,8 +41,8 @@ class LocalTrainer:
         self.engine, self.folders = engine, folders
         self.renderer = engine.renderer
 
-    def forward_backward(self, batch: list[Datum]) -> Done[dict[str, float]]:
-        result = self.engine.forward_backward(batch)
+    def forward_backward(self, batch: list[Datum], loss_fn: LossFn = "cross_entropy") -> Done[dict[str, float]]:
+        result = self.engine.forward_backward(batch, loss_fn=loss_fn)
         return Done({"loss": result["loss"], "tokens": result["tokens"]})
 
     def optim_step(self, learning_rate: float) -> Done[None]:
@@ -51,6 +51,10 @@ class LocalTrainer:
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.engine.compute_logprobs(sequences)
+
+    def sampler(self):
+        """The training engine itself: it samples with the current weights (no dropout, so no mode to switch)."""
+        return self.engine
 
     def save_state(self, name: str) -> str:
         folder = self.folders.scratch / name

@@ -108,7 +108,23 @@ class SplitConfig(Section):
         return self.eval_count + 2
 
 
+Objective = Literal["sft", "logit", "on_policy"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+
 class TrainConfig(Section):
+    # -- sft: the teacher's sampled replies as targets. logit: at every position of those replies, the teacher's
+    # top-k next-token distribution (with the card) as the target (context distillation). on_policy: the student
+    # samples without the card, the teacher scores the same tokens with it, and the per-token difference is the
+    # advantage of an importance-sampling loss (reverse KL, as tinker-cookbook's on-policy distillation)
+    objective: Objective = "logit"
+    # -- logit: how many of the teacher's most likely tokens a position keeps as its target
+    top_k: int = Field(32, ge=1, le=1024)
+    # -- on_policy: SFT steps before the on-policy ones (a warm start)
+    warm_start_steps: int = Field(0, ge=0)
+    # -- on_policy: the longest reply the student samples per prompt, and its sampling temperature
+    rollout_tokens: int = Field(64, ge=1, le=4096)
+    rollout_temperature: float = Field(1.0, gt=0.0, le=2.0)
     steps: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(5e-4, gt=0.0, lt=1.0)
@@ -129,6 +145,12 @@ class PricesConfig(Section):
 class EvaluateConfig(Section):
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)
     latency_requests: int = Field(6, ge=1)
+    # -- the teacher's most likely tokens per position that KL(teacher || model) sums over (the rest of the
+    # vocabulary is one bucket, so the figure is a lower bound that tightens as k grows)
+    kl_top_k: int = Field(256, ge=1, le=4096)
+    # -- training prompts (never eval ones) the in-character judge learns from: the teacher's replies to them
+    # against the base model's (without the card, sampled as the teacher samples)
+    judge_prompts: int = Field(80, ge=8)
     prices: PricesConfig = PricesConfig()
 
 
@@ -180,6 +202,8 @@ class PipelineConfig(Section):
     def _consistent(self) -> PipelineConfig:
         if self.train.checkpoint_every > self.train.steps:
             raise ValueError("train.checkpoint_every must not exceed train.steps")
+        if self.train.warm_start_steps >= self.train.steps and self.train.objective == "on_policy":
+            raise ValueError("train.warm_start_steps must be fewer than train.steps (on_policy)")
         if self.model.backend == "tinker":
             for name, section in (("teacher", self.teacher), ("evaluate.sampling", self.evaluate.sampling)):
                 if section.repetition_penalty != 1.0:

@@ -83,8 +83,17 @@ SIMILARITY = Metric("similarity_{}", "similarity to teacher (a second teacher sa
 PERSONA_SIMILARITY = Metric("persona_similarity_{}", "similarity to the character (name, topics)", COSINE, "higher",
                             ROLES)
 OUT_OF_CHARACTER = Metric("out_of_character_{}", 'replies out of character ("as an AI"...)', SHARE, "lower", ROLES)
-NLL = Metric("nll_{}", "NLL of teacher replies", NATS, "lower", ROLES)
-NLL_GAP_CLOSED = Metric("nll_gap_closed", "NLL gap closed (base → teacher)", SHARE, "higher")
+IN_CHARACTER = Metric("in_character_{}", "judged in character (a classifier of teacher vs base replies)", SHARE,
+                      "higher", ("student", "base", "teacher_resampled"))
+JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (5-fold)", SHARE,
+                        "higher")
+KL = Metric("kl_{}", "KL(teacher with card ‖ model) per token of the teacher's replies", NATS, "lower",
+            ("student", "base"))
+KL_CLOSED = Metric("kl_closed", "KL closed: share of the base's KL to the teacher that the student removed", SHARE,
+                   "higher")
+# the teacher's replies are samples (temperature, repetition penalty): a student fitted to them can score them
+# better than the teacher's own distribution does, so these NLLs are not a distance to the teacher (KL is)
+NLL = Metric("nll_{}", "NLL of the teacher's sampled replies", NATS, "lower", ROLES)
 PROMPT_TOKENS = Metric("prompt_tokens_{}", "prompt tokens per request", TOKENS, "lower", CARD)
 TOKEN_REDUCTION = Metric("token_reduction", "token reduction (prompt tokens saved without the card)", SHARE, "higher")
 REPLY_TOKENS = Metric("reply_tokens", "reply tokens per request (the teacher's)", TOKENS, "neither")
@@ -96,7 +105,8 @@ LATENCY_RATIO = Metric("latency_ratio", "latency ratio per request (with ÷ with
 PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower", CARD)
 PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
 
-METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, NLL, NLL_GAP_CLOSED, PROMPT_TOKENS, TOKEN_REDUCTION,
+METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
+           PROMPT_TOKENS, TOKEN_REDUCTION,
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)
 KEYS = tuple(key for metric in METRICS for key in metric.keys)

@@ -7,8 +7,12 @@ and direction:
   spread: a greedy student can land above it);
 - similarity to the character (its name and topics, short enough for the embedding model) and the share of
   replies out of character (the audit's phrases, e.g. "as an AI"), which show the persona;
-- mean per-token NLL of the teacher's replies under student, base and teacher, and the share of the
-  base-to-teacher gap the student closed;
+- an in-character judge: a logistic regression over sentence embeddings, fitted on the teacher's replies to
+  training prompts against the base model's replies to the same prompts (sampled as the teacher samples, without
+  the card), applied to each role's eval replies;
+- per-token KL(teacher with card || model) at the positions of the teacher's replies, for student and base
+  (`jobs.distill`), and the share of the base's KL the student removed;
+- mean per-token NLL of the teacher's sampled replies under student, base and teacher;
 - prompt tokens per request with and without the card, and the cost at `evaluate.prices`;
 - latency per request and per prefill, with and without the card, on the same model.
 metrics.json holds the figures; replies.jsonl each prompt's replies with their similarity and NLL.
@@ -21,8 +25,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from jobs import metrics
-from jobs.backends.base import Metered, SamplingParams
+from jobs import distill, metrics
+from jobs.backends.base import Metered, SamplingParams, TopK
 from jobs.backends.renderer import Renderer
 from jobs.card import CharacterCard
 from jobs.config import PricesConfig
@@ -30,10 +34,13 @@ from jobs.log import Progress
 from jobs.metrics import (
     COST_PER_REQUEST,
     COST_RATIO,
+    IN_CHARACTER,
+    JUDGE_ACCURACY,
+    KL,
+    KL_CLOSED,
     LATENCY,
     LATENCY_RATIO,
     NLL,
-    NLL_GAP_CLOSED,
     OUT_OF_CHARACTER,
     PERSONA_SIMILARITY,
     PREFILL,
@@ -50,17 +57,20 @@ from jobs.store import UnitWriter
 
 @dataclass(frozen=True)
 class Prompts:
-    """The held-out prompts as tokens, with and without the card, and the teacher's replies to them."""
+    """The held-out prompts as tokens, with and without the card, and the teacher's replies to them; `pairs` are
+    the conversations as teacher and student see them (`jobs.distill`)."""
 
     with_card: list[list[int]]
     without_card: list[list[int]]
     teacher_replies: list[list[int]]
+    pairs: list[distill.Paired]
 
     @classmethod
     def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
         return cls(with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
                    without_card=[renderer.prompt(r["prompt"]) for r in rows],
-                   teacher_replies=[renderer.reply(r["reply"]) for r in rows])
+                   teacher_replies=[renderer.reply(r["reply"]) for r in rows],
+                   pairs=[distill.pair(renderer, r["messages"], system) for r in rows])
 
 
 @dataclass
@@ -70,6 +80,11 @@ class Measured:
 
     replies: dict[str, list[str]]
     nll: dict[str, list[float]] = field(default_factory=dict)
+    # the teacher's top k at each position of its replies, and each model's KL to it there
+    teacher_topk: list[TopK] = field(default_factory=list)
+    kl: dict[str, list[list[float]]] = field(default_factory=dict)
+    # the judge's training replies that are not the teacher's: the base model's, to training prompts
+    judge_negatives: list[str] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
 
@@ -108,15 +123,30 @@ def latency(client: Metered, prompts: Prompts, requests: int, params: SamplingPa
             PREFILL_RATIO.key: prefill_with / prefill_without}
 
 
-def measure_base_model(client: Metered, prompts: Prompts, config: PhaseConfig, seen: Measured, bar: Progress) -> None:
+def kl_to_teacher(client: Metered, prompts: Prompts, seen: Measured) -> list[list[float]]:
+    """KL(teacher || the client's model) at each position of each teacher reply."""
+    model = distill.model_logprobs(client, prompts.pairs, seen.teacher_topk)
+    return [distill.kl_per_position(t, m) for t, m in zip(seen.teacher_topk, model, strict=True)]
+
+
+def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict], config: PhaseConfig,
+                       seen: Measured, bar: Progress) -> None:
     """The base model's replies, a second teacher sample, the NLL of the teacher's replies under base and
-    teacher (the same model, without and with the card), and latency."""
+    teacher (the same model, without and with the card), the teacher's top k and the base's KL to it, the base's
+    replies the judge learns from, and latency."""
     ev = config.pipeline.evaluate
     seen.replies["base"] = sample_replies(client, prompts.without_card, SamplingParams.from_config(ev.sampling))
     bar.advance(1, step="base replies")
     seen.nll["base"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
     seen.nll["teacher"] = reply_nll(client, prompts.with_card, prompts.teacher_replies)
-    bar.advance(1, step="base and teacher NLL")
+    seen.teacher_topk = distill.teacher_topk(client, prompts.pairs, ev.kl_top_k)
+    seen.kl["base"] = kl_to_teacher(client, prompts, seen)
+    bar.advance(1, step="base and teacher NLL, KL")
+    # sampled as the teacher samples, so that the card is the only difference the judge can learn
+    as_teacher = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 2}))
+    seen.judge_negatives = sample_replies(client, [client.renderer.prompt(r["prompt"]) for r in judge_rows],
+                                          as_teacher)
+    bar.advance(1, step="judge replies")
     seen.latency = latency(client, prompts, ev.latency_requests, SamplingParams.from_config(ev.sampling, batch_size=1))
     bar.advance(1, step="latency")
     # the teacher's own sampling settings with another seed: its spread, the ceiling a student could reach
@@ -131,7 +161,8 @@ def measure_student(client: Metered, prompts: Prompts, config: PhaseConfig, seen
     seen.replies["student"] = sample_replies(client, prompts.without_card, params)
     bar.advance(1, step="student replies")
     seen.nll["student"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
-    bar.advance(1, step="student NLL")
+    seen.kl["student"] = kl_to_teacher(client, prompts, seen)
+    bar.advance(1, step="student NLL, KL")
     seen.usage.update(client.usage)
 
 
@@ -159,15 +190,39 @@ def out_of_character(replies: dict[str, list[str]], forbidden: tuple[str, ...]) 
             for role in OUT_OF_CHARACTER.variants}
 
 
-def nll(per_reply: dict[str, list[float]], teacher_replies: list[list[int]]) -> dict[str, float | None]:
-    """Mean NLL per token of the teacher's replies under each role (each reply weighted by its tokens), and the
-    share of the base-to-teacher gap the student closed (None when the teacher is not below the base)."""
+def nll(per_reply: dict[str, list[float]], teacher_replies: list[list[int]]) -> dict[str, float]:
+    """Mean NLL per token of the teacher's replies under each role (each reply weighted by its tokens)."""
     total = sum(map(len, teacher_replies))
-    mean = {role: sum(v * len(r) for v, r in zip(per_reply[role], teacher_replies, strict=True)) / total
+    return {NLL.of(role): sum(v * len(r) for v, r in zip(per_reply[role], teacher_replies, strict=True)) / total
             for role in NLL.variants}
-    gap = mean["base"] - mean["teacher"]
-    return {**{NLL.of(role): value for role, value in mean.items()},
-            NLL_GAP_CLOSED.key: (mean["base"] - mean["student"]) / gap if gap > 0 else None}
+
+
+def kl(per_position: dict[str, list[list[float]]]) -> dict[str, float | None]:
+    """Mean KL per token of the teacher's replies for student and base, and the share of the base's the student
+    removed (at most 1; negative when the student is further from the teacher than the base; None when the base
+    is already there)."""
+    mean = {role: statistics.mean(v for row in per_position[role] for v in row) for role in KL.variants}
+    return {**{KL.of(role): value for role, value in mean.items()},
+            KL_CLOSED.key: 1 - mean["student"] / mean["base"] if mean["base"] > 0 else None}
+
+
+def in_character(replies: dict[str, list[str]], teacher_replies: list[str],
+                 base_replies: list[str]) -> dict[str, float]:
+    """The judge: a logistic regression on sentence embeddings of teacher (1) against base (0) replies to training
+    prompts; its accuracy on held-out folds, and the share of each role's eval replies it calls the teacher's."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from jobs.backends.embeddings import embed
+
+    features = embed(teacher_replies + base_replies)
+    labels = [1] * len(teacher_replies) + [0] * len(base_replies)
+    judge = LogisticRegression(max_iter=1000)
+    accuracy = float(cross_val_score(judge, features, labels, cv=5).mean())
+    judge.fit(features, labels)
+    return {JUDGE_ACCURACY.key: accuracy,
+            **{IN_CHARACTER.of(role): float(judge.predict(embed(replies[role])).mean())
+               for role in IN_CHARACTER.variants}}
 
 
 def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
@@ -186,11 +241,13 @@ def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
 
 
 def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts, card: CharacterCard,
-            config: PhaseConfig) -> dict[str, float | None]:
+            judge_rows: list[dict], config: PhaseConfig) -> dict[str, float | None]:
     """Every figure of metrics.json, as computed (`metrics.record` rounds them)."""
     return {**{key: statistics.mean(values) for key, values in similarity.items()},
             **persona_similarity(seen.replies, card),
             **out_of_character(seen.replies, config.pipeline.audit.forbidden),
+            **in_character(seen.replies, [r["reply"] for r in judge_rows], seen.judge_negatives),
+            **kl(seen.kl),
             **nll(seen.nll, prompts.teacher_replies),
             **tokens_and_cost(prompts, config.pipeline.evaluate.prices),
             **seen.latency}
@@ -198,7 +255,8 @@ def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts
 
 def reply_rows(rows: list[dict], seen: Measured, similarity: dict[str, list[float]]) -> list[dict]:
     """replies.jsonl: each prompt with every role's reply, their similarity to the teacher's and its NLL."""
-    per_reply = {**similarity, **{NLL.of(role): seen.nll[role] for role in NLL.variants}}
+    per_reply = {**similarity, **{NLL.of(role): seen.nll[role] for role in NLL.variants},
+                 **{KL.of(role): [statistics.mean(row) for row in seen.kl[role]] for role in KL.variants}}
     return [{"id": row["id"], "prompt": row["prompt"],
              **{role: seen.replies[role][i] for role in ("teacher", "student", "base", "teacher_resampled")},
              **{key: values[i] for key, values in per_reply.items()}} for i, row in enumerate(rows)]
@@ -209,23 +267,26 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     store, ev = config.store, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
+    # training prompts only: the eval replies the judge scores are never the ones it learned from
+    judge_rows = store.read_jsonl("split", "train.jsonl")[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     backend = open_backend(config)
-    bar = Progress(7, "evaluate")
+    bar = Progress(8, "evaluate")
 
     base = Metered(backend.sampler())
     prompts = Prompts.render(base.renderer, rows, card.teacher_system_prompt())
     seen = Measured(replies={"teacher": [r["reply"] for r in rows]})
-    measure_base_model(base, prompts, config, seen, bar)
+    measure_base_model(base, prompts, judge_rows, config, seen, bar)
     del base  # one model in memory at a time
     measure_student(Metered(backend.sampler(read_adapter(config).sampling)), prompts, config, seen, bar)
 
     similarity = similarity_to_teacher(seen.replies)
-    recorded = metrics.record(figures(seen, similarity, prompts, card, config))
+    recorded = metrics.record(figures(seen, similarity, prompts, card, judge_rows, config))
     bar.advance(1, step="similarity")
 
     out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
-    written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows), **recorded,
+    written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
+               "judge_replies": 2 * len(judge_rows), **recorded,
                "prices_per_mtok": ev.prices.model_dump(), **seen.usage}
     out.write_json("metrics.json", written)
     out.metrics.update({k: v for k, v in written.items() if not isinstance(v, dict)})

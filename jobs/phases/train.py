@@ -1,6 +1,11 @@
-"""Train: LoRA SFT on the student conversations, resumable from the last checkpoint.
+"""Train: the LoRA student on the conversations without the card, resumable from the last checkpoint.
 
-Loss is on the assistant tokens only. Every `checkpoint_every` steps the backend saves its state (adapter,
+The objective (`train.objective`, see `TrainConfig`) says what each step's loss pulls the student toward: the
+teacher's sampled tokens (sft), the teacher's top-k distribution at each of them (logit), or the teacher's
+judgement of the student's own samples (on_policy). Loss is on the assistant tokens only; validation is the
+NLL of the teacher's replies for every objective, so runs of different objectives compare.
+
+Every `checkpoint_every` steps the backend saves its state (adapter,
 optimizer, RNG: a folder in the store for the local engine, a `tinker://` path on Tinker) and a row with
 that location and the loop's own state (data position, loss history) is appended to
 `train/checkpoints.jsonl`: a restarted phase resumes from the last row whose fingerprint matches, and ends
@@ -15,8 +20,10 @@ import time
 from functools import lru_cache
 from typing import TypedDict
 
-from jobs.backends.base import Adapter, Datum, TrainingClient
+from jobs import distill
+from jobs.backends.base import Adapter, Datum, LossFn, SamplingClient, SamplingParams, TrainingClient
 from jobs.backends.renderer import Renderer
+from jobs.card import CharacterCard
 from jobs.config import TrainConfig
 from jobs.log import Progress, get_logger
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
@@ -62,6 +69,67 @@ def learning_rate(train: TrainConfig, step: int) -> float:
     return train.learning_rate * (1.0 - 0.9 * step / train.steps)
 
 
+class SFT:
+    """The teacher's sampled replies as targets."""
+
+    def __init__(self, renderer: Renderer, rows: list[dict], train: TrainConfig):
+        self.data = [to_datum(renderer, row, train.max_seq_len) for row in rows]
+
+    def batch(self, indices: list[int], step: int) -> tuple[list[Datum], LossFn, dict[str, float]]:
+        return [self.data[i] for i in indices], "cross_entropy", {}
+
+
+class Logit(SFT):
+    """At every position of the teacher's replies, its top-k distribution with the card as the target: computed
+    once, before training (the teacher's model is released before the student's is made)."""
+
+    def __init__(self, rows: list[dict], train: TrainConfig, teacher: SamplingClient, system: str):
+        pairs = [distill.pair(teacher.renderer, row["messages"], system) for row in rows]
+        targets = distill.teacher_topk(teacher, pairs, train.top_k)
+        self.data = [distill.soft_datum(p, t, train.max_seq_len) for p, t in zip(pairs, targets, strict=True)]
+
+
+class OnPolicy(SFT):
+    """The student samples a reply to each prompt of the batch without the card (with its current weights); the
+    teacher scores the same tokens with the card; each token's advantage is log p_teacher - log p_student (a
+    per-token reverse-KL estimate), and the importance-sampling loss raises the tokens the teacher likes more
+    than the student does. The first `warm_start_steps` are SFT."""
+
+    def __init__(self, rows: list[dict], train: TrainConfig, teacher: SamplingClient, system: str,
+                 trainer: TrainingClient):
+        super().__init__(trainer.renderer, rows, train)
+        self.renderer, self.rows, self.train = trainer.renderer, rows, train
+        self.teacher, self.trainer = teacher, trainer
+        self.system = {"role": "system", "content": system}
+
+    def batch(self, indices: list[int], step: int) -> tuple[list[Datum], LossFn, dict[str, float]]:
+        if step < self.train.warm_start_steps:
+            return super().batch(indices, step)
+        asked = [self.rows[i]["messages"][:-1] for i in indices]  # up to the last assistant turn
+        prompts = [self.renderer.chat(messages) for messages in asked]
+        teacher_prompts = [self.renderer.chat([self.system, *messages]) for messages in asked]
+        policy = self.trainer.sampler()
+        params = SamplingParams(max_tokens=self.train.rollout_tokens, temperature=self.train.rollout_temperature,
+                                top_p=1.0, seed=self.train.seed * 1_000_003 + step * len(indices))
+        end = [self.renderer.end_of_turn]
+        replies = [reply + end if len(reply) < params.max_tokens else reply
+                   for reply in policy.sample(prompts, params)]
+        student = policy.compute_logprobs([p + r for p, r in zip(prompts, replies, strict=True)])
+        teacher = self.teacher.compute_logprobs([p + r for p, r in zip(teacher_prompts, replies, strict=True)])
+        data, kl = [], []
+        for prompt, teacher_prompt, reply, s, t in zip(prompts, teacher_prompts, replies, student, teacher,
+                                                       strict=True):
+            sampled = s[len(prompt) - 1:]
+            advantages = [tl - sl for tl, sl in zip(t[len(teacher_prompt) - 1:], sampled, strict=True)]
+            kl += [-a for a in advantages]
+            cut = self.train.max_seq_len
+            data.append(Datum((prompt + reply)[:cut], ([0.0] * len(prompt) + [1.0] * len(reply))[:cut],
+                              sampled_logprobs=([0.0] * len(prompt) + sampled)[:cut],
+                              advantages=([0.0] * len(prompt) + advantages)[:cut]))
+        return data, "importance_sampling", {"reverse_kl": sum(kl) / max(len(kl), 1),
+                                             "rollout_tokens": sum(map(len, replies)) / len(replies)}
+
+
 def validation_loss(trainer, data: list[Datum]) -> float | None:
     if not data:
         return None
@@ -103,21 +171,26 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     checkpoints = Checkpoints(store, out.fingerprint)
     latest = checkpoints.latest()
     backend = open_backend(config)
+    rows = store.read_jsonl("split", "train.jsonl")
+    system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
+    # the logit targets are computed before the student's model is made, so one model is in memory while training
+    logit = Logit(rows, train, backend.sampler(), system) if train.objective == "logit" else None
     trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)
     state: LoopState = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
     if latest:
         log.info("resumed from checkpoint", step=state["step"], location=latest["location"])
-    rows = store.read_jsonl("split", "train.jsonl")
-    data = [to_datum(trainer.renderer, row, train.max_seq_len) for row in rows]
+    objective = logit or (OnPolicy(rows, train, backend.sampler(), system, trainer) if train.objective == "on_policy"
+                          else SFT(trainer.renderer, rows, train))
     val = [to_datum(trainer.renderer, row, train.max_seq_len) for row in store.read_jsonl("split", "val.jsonl")]
     with Progress(train.steps, "train") as bar:
         bar.advance(state["step"])
         while state["step"] < train.steps:
             started = time.time()
-            batch = [data[i] for i in batch_rows(len(data), train.batch_size, state["data_position"], train.seed)]
+            indices = batch_rows(len(rows), train.batch_size, state["data_position"], train.seed)
+            batch, loss_fn, figures = objective.batch(indices, state["step"])
             lr = learning_rate(train, state["step"])
             # both requests go out before either is waited on
-            pending, stepped = trainer.forward_backward(batch), trainer.optim_step(lr)
+            pending, stepped = trainer.forward_backward(batch, loss_fn), trainer.optim_step(lr)
             result = pending.result()
             stepped.result()
             state["step"] += 1
@@ -125,7 +198,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
             state["history"].append({"step": state["step"], "loss": round(result["loss"], 5), "lr": lr,
                                      "tokens": int(result["tokens"]),
                                      "sequence_tokens": sum(len(d.tokens) for d in batch),
-                                     "seconds": round(time.time() - started, 3)})
+                                     "seconds": round(time.time() - started, 3),
+                                     **{k: round(v, 5) for k, v in figures.items()}})
             if state["step"] % train.val_every == 0 or state["step"] == train.steps:
                 loss = validation_loss(trainer, val)
                 if loss is not None:
@@ -141,7 +215,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     window = max(1, min(5, len(losses) // 4))
     out.metrics.update({
         **backend.precision(), "backend": backend.name,
-        "steps": train.steps, "train_rows": len(data), "first_loss": losses[0], "last_loss": losses[-1],
+        "objective": train.objective, "steps": train.steps, "train_rows": len(rows),
+        "first_loss": losses[0], "last_loss": losses[-1],
         "first_loss_mean": round(sum(losses[:window]) / window, 5),
         "last_loss_mean": round(sum(losses[-window:]) / window, 5),
         "val_loss_last": state["val"][-1]["loss"] if state["val"] else None,

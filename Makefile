@@ -22,7 +22,7 @@ TORCH_PIP_ARGS ?=
 BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-ci chat review test test-fast bench render clean tinker-server
+.PHONY: help setup run run-ci objectives chat review test test-fast bench render clean tinker-server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,13 @@ run: setup ## run the whole pipeline locally (PROFILE, CONFIG, BACKEND; CARD=you
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)
+
+# the train objectives `make objectives` compares (jobs.config.OBJECTIVES)
+OBJECTIVES ?= sft logit on_policy
+
+objectives: setup ## one run per train objective on the same data (PROFILE...); the last report compares them
+	for objective in $(OBJECTIVES); do \
+	  $(PY) -m workflows.runner $(RUN_OPTIONS) --set train.objective=$$objective || exit 1; done
 
 chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND)
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS)

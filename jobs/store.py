@@ -27,6 +27,8 @@ from jobs.inputs import MB, decode_text, read_capped, too_big
 from jobs.log import get_logger
 
 MANIFEST = "_SUCCESS.json"
+# every run's units live under RUNS<run id>/
+RUNS = "runs/"
 # a run id becomes S3 keys, folder names and the pods' label value: Kubernetes' label-value rules
 RUN_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
@@ -179,11 +181,16 @@ class ArtifactStore:
 
     # -- keys: the only place they are built
     def key(self, unit: str, name: str = "") -> str:
-        return f"runs/{self.run_id}/{unit}/{name}".rstrip("/")
+        return f"{RUNS}{self.run_id}/{unit}/{name}".rstrip("/")
 
     @staticmethod
     def cache_key(kind: str, key: str, name: str) -> str:
         return f"cache/{kind}/{key}/{name}"
+
+    def run_ids(self) -> list[str]:
+        """Every run in the bucket (this one included), as its id."""
+        return [common["Prefix"].removeprefix(RUNS).rstrip("/")
+                for page in self._pages(RUNS, Delimiter="/") for common in page.get("CommonPrefixes", [])]
 
     # -- raw objects
     def _call(self, what: str, fn, **kwargs):
@@ -259,15 +266,19 @@ class ArtifactStore:
     def delete(self, key: str) -> None:
         self._call(key, self._s3.delete_object, Key=key)
 
-    def list_keys(self, prefix: str) -> list[str]:
-        keys, token = [], None
+    def _pages(self, prefix: str, **options: str) -> Iterator[dict]:
+        """The pages of a listing under `prefix`."""
+        token = None
         while True:
             extra: dict[str, str] = {"ContinuationToken": token} if token else {}
-            page = self._call(prefix, self._s3.list_objects_v2, Prefix=prefix, **extra)
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            page = self._call(prefix, self._s3.list_objects_v2, Prefix=prefix, **options, **extra)
+            yield page
             if not page.get("IsTruncated"):
-                return keys
+                return
             token = page["NextContinuationToken"]
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [obj["Key"] for page in self._pages(prefix) for obj in page.get("Contents", [])]
 
     def check_bucket(self) -> None:
         try:

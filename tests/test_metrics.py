@@ -15,10 +15,10 @@ from jobs.card import CharacterCard
 from jobs.metrics import (
     COST_PER_REQUEST,
     KEYS,
+    KL_CLOSED,
     LATENCY,
     METRICS,
     NLL,
-    NLL_GAP_CLOSED,
     REPLY_TOKENS,
     SIMILARITY,
     TOKEN_REDUCTION,
@@ -29,11 +29,13 @@ from jobs.metrics import (
 )
 from jobs.phases import evaluate, export, report
 
-# the keys of evaluate's metrics.json that the rest of the pipeline, the DAG and earlier runs read
-KEYS_BEFORE_THE_REGISTRY = {
+# the keys of evaluate's metrics.json that the rest of the pipeline, the DAG and the report's comparison of runs
+# read (nll_gap_closed is gone: it was not bounded, so it did not mean what its name said; kl_closed replaces it)
+EXPECTED_KEYS = {
     "similarity_student", "similarity_base", "similarity_teacher_resampled", "persona_similarity_student",
     "persona_similarity_base", "persona_similarity_teacher", "out_of_character_student", "out_of_character_base",
-    "out_of_character_teacher", "nll_student", "nll_base", "nll_teacher", "nll_gap_closed",
+    "out_of_character_teacher", "in_character_student", "in_character_base", "in_character_teacher_resampled",
+    "judge_accuracy", "kl_student", "kl_base", "kl_closed", "nll_student", "nll_base", "nll_teacher",
     "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
     "cost_per_request_with_card", "cost_per_request_without_card", "cost_ratio", "prompt_cost_ratio",
     "latency_with_card_s", "latency_without_card_s", "latency_ratio", "prefill_with_card_s", "prefill_without_card_s",
@@ -48,13 +50,13 @@ def made_up(**changed: float | None) -> dict[str, float | None]:
     return {**figures, **changed}
 
 
-def test_the_registry_keeps_the_existing_metric_names():
+def test_the_registry_has_the_expected_metric_names():
     assert len(KEYS) == len(set(KEYS))
-    assert set(KEYS) == KEYS_BEFORE_THE_REGISTRY
+    assert set(KEYS) == EXPECTED_KEYS
 
 
 def test_record_keeps_every_registered_figure_rounded_as_its_unit_says():
-    recorded = record(made_up(nll_gap_closed=None))
+    recorded = record(made_up(kl_closed=None))
     assert list(recorded) == list(KEYS)
     assert recorded[SIMILARITY.of("student")] == 0.8123
     assert recorded[NLL.of("teacher")] == 1.2346
@@ -62,7 +64,7 @@ def test_record_keeps_every_registered_figure_rounded_as_its_unit_says():
     assert recorded[LATENCY.of("with_card")] == 0.1235
     assert recorded["cost_ratio"] == 2.346
     assert recorded[COST_PER_REQUEST.of("without_card")] == 0.0000412345  # dollars per request are kept whole
-    assert recorded[NLL_GAP_CLOSED.key] is None
+    assert recorded[KL_CLOSED.key] is None
 
 
 def test_record_refuses_a_figure_not_registered_and_one_missing():
@@ -85,7 +87,7 @@ def test_a_family_names_its_variants_and_refuses_others():
 
 
 def test_rows_format_each_value_by_its_unit_and_show_which_way_is_better():
-    figures = made_up(similarity_student=0.9, similarity_base=0.5, out_of_character_base=0.25, nll_gap_closed=None,
+    figures = made_up(similarity_student=0.9, similarity_base=0.5, out_of_character_base=0.25, kl_closed=None,
                       cost_per_request_with_card=0.00005)
     rows = {row.label: row for row in figure_rows(figures)}
     assert len(rows) == len(METRICS)
@@ -93,8 +95,8 @@ def test_rows_format_each_value_by_its_unit_and_show_which_way_is_better():
     assert rows[similarity] == Row(similarity, "0.900 / 0.500 / 0.812", "cosine", "↑")
     assert rows['replies out of character ("as an AI"...): student / base / teacher'][1:] \
         == ("12.5% / 25.0% / 12.5%", "share", "↓")
-    assert rows["NLL of teacher replies: student / base / teacher"].value == "1.235 / 1.235 / 1.235"
-    assert rows["NLL gap closed (base → teacher)"].value == "n/a"
+    assert rows["NLL of the teacher's sampled replies: student / base / teacher"].value == "1.235 / 1.235 / 1.235"
+    assert rows["KL closed: share of the base's KL to the teacher that the student removed"].value == "n/a"
     assert rows["prompt tokens per request: with card / without card"] \
         == Row("prompt tokens per request: with card / without card", "1,235 / 1,235", "tokens", "↓")
     assert rows["reply tokens per request (the teacher's)"].better == ""
@@ -108,8 +110,8 @@ def test_report_and_model_card_show_the_same_evaluate_rows():
     train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,
              "steps": 12}
     rows = report.figures(train, ev, {"kept": 90, "rows_in": 96, "trimmed": 3})
-    markdown = report.render_markdown("title", rows, [], [], "notes", [])
-    page = report.render_html("title", rows, [], [], "notes", [])
+    markdown = report.render_markdown("title", rows, [], [], "notes", [], [])
+    page = report.render_html("title", rows, [], [], "notes", [], [])
     card = export.model_card(phase_config("metrics-test"), "Ada Lovelace", train, ev)
     evaluate_lines = markdown_table(figure_rows(ev)).splitlines()[2:]
     assert len(evaluate_lines) == len(METRICS)
@@ -138,25 +140,38 @@ class CountingClient:
         return [[-1.0] * (len(s) - 1) for s in sequences]
 
 
+def in_character_embedding(texts: list[str]):
+    """Stands in for sentence embeddings: the teacher's replies here talk of composing, the base's do not; a
+    little noise per text keeps the classes from being points."""
+    import numpy as np
+
+    return np.array([[float("compose" in t.lower()), float("compose" not in t.lower()), (hash(t) % 7) / 70]
+                     for t in texts])
+
+
 def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypatch):
     import jobs.backends.embeddings
 
     monkeypatch.setattr(jobs.backends.embeddings, "cosine_to_reference",
                         lambda texts, references: [float(t == r) for t, r in zip(texts, references, strict=True)])
+    monkeypatch.setattr(jobs.backends.embeddings, "embed", in_character_embedding)
     ticks = itertools.count()
     monkeypatch.setattr(evaluate.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
     config = phase_config("metrics-test")
     prompts = evaluate.Prompts(with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
-                               teacher_replies=[[0], [0] * 3])
+                               teacher_replies=[[0], [0] * 3], pairs=[])
     client = CountingClient()
     seen = evaluate.Measured(
         replies={"teacher": ["I compose.", "Vienna."], "teacher_resampled": ["I compose.", "As an AI, no."],
                  "student": ["I compose.", "Bonn."], "base": ["As an AI language model...", "Vienna."]},
         nll={"student": [1.0, 2.0], "base": [3.0, 4.0], "teacher": [1.0, 1.0]},
-        latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)))
+        latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)),
+        kl={"student": [[0.1], [0.3, 0.1, 0.1]], "base": [[0.4], [0.4, 0.4, 0.4]]},
+        judge_negatives=[f"Hello there, number {i}." for i in range(10)])
+    judge_rows = [{"reply": f"I compose, number {i}."} for i in range(10)]
     card = CharacterCard.model_construct(name="I compose.", topics=[])
     similarity = evaluate.similarity_to_teacher(seen.replies)
-    recorded = record(evaluate.figures(seen, similarity, prompts, card, config))
+    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge_rows, config))
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -166,7 +181,12 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert recorded["out_of_character_student"] == 0.0
     # token-weighted: (1*1 + 2*3) / 4 for the student, (3 + 12) / 4 for the base; the gap 2.75 is 8/11 closed
     assert (recorded["nll_student"], recorded["nll_base"], recorded["nll_teacher"]) == (1.75, 3.75, 1.0)
-    assert recorded["nll_gap_closed"] == 0.7273
+    # the judge learned "compose" from its own rows: half the student's and the second sample's, none of the base's
+    assert recorded["judge_accuracy"] == 1.0
+    assert (recorded["in_character_student"], recorded["in_character_base"],
+            recorded["in_character_teacher_resampled"]) == (0.5, 0.0, 0.5)
+    # a mean over every position of every reply: 0.6 / 4 and 1.6 / 4; the student removed 62.5% of the base's KL
+    assert (recorded["kl_student"], recorded["kl_base"], recorded["kl_closed"]) == (0.15, 0.4, 0.625)
     assert (recorded["prompt_tokens_with_card"], recorded["prompt_tokens_without_card"]) == (20, 4)
     assert recorded["token_reduction"] == 0.8 and recorded["prompt_cost_ratio"] == 5.0
     assert recorded["reply_tokens"] == 2
@@ -176,11 +196,11 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert recorded["cost_ratio"] == round(cost[20] / cost[4], 3) > 1
     assert client.calls == 4  # a warm-up and one timed request, with and without the card
     assert recorded["latency_with_card_s"] == recorded["prefill_without_card_s"] == recorded["latency_ratio"] == 1
-    assert evaluate.nll({**seen.nll, "teacher": [5.0, 5.0]}, prompts.teacher_replies)["nll_gap_closed"] is None
+    assert evaluate.kl({"student": [[0.1]], "base": [[0.0]]})["kl_closed"] is None
 
     rows = evaluate.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
                                similarity)
     assert list(rows[1]) == ["id", "prompt", "teacher", "student", "base", "teacher_resampled", "similarity_student",
                              "similarity_base", "similarity_teacher_resampled", "nll_student", "nll_base",
-                             "nll_teacher"]
+                             "nll_teacher", "kl_student", "kl_base"]
     assert (rows[1]["student"], rows[1]["similarity_base"], rows[1]["nll_base"]) == ("Bonn.", 1.0, 4.0)

@@ -163,7 +163,7 @@ def test_report_has_the_figures_and_the_loss_went_down(ci_run):
     assert f"report: {report / 'report.md'}" in ci_run["stdout"]
     text = (report / "report.md").read_text()
     assert "train loss, first → last step" in text
-    for image in ("loss.png", "similarity.png", "nll.png"):
+    for image in ("loss.png", "similarity.png", "distillation.png"):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train = manifest(ci_run, "train")["metrics"]
     assert train["last_loss_mean"] < train["first_loss_mean"]

@@ -5,11 +5,26 @@ from __future__ import annotations
 import html
 import io
 import statistics
+from dataclasses import dataclass
 
-from jobs.metrics import ARROWS, DOLLARS, HEADER, NATS, NLL, SIMILARITY, TOKENS, Row, figure_rows, markdown_table
+from jobs.metrics import (
+    ARROWS,
+    DOLLARS,
+    HEADER,
+    IN_CHARACTER,
+    KL,
+    KL_CLOSED,
+    NATS,
+    PERSONA_SIMILARITY,
+    SIMILARITY,
+    TOKENS,
+    Row,
+    figure_rows,
+    markdown_table,
+)
 from jobs.phases import PHASE
 from jobs.phases.base import PhaseConfig, run_unit, units
-from jobs.store import UnitWriter
+from jobs.store import ArtifactStore, UnitWriter
 
 
 def _png(figure) -> bytes:
@@ -18,7 +33,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -> dict[str, bytes]:
+def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict, objective: str) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,10 +41,12 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
 
     images = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss (per step)", alpha=0.8)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], alpha=0.8,
+            label=f"train loss, objective {objective} (per step)")
     if val:
-        ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o-", label="validation loss")
-    ax.set(xlabel="step", ylabel="NLL per assistant token", title="Student training loss")
+        ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o-",
+                label="validation: NLL of the teacher's replies")
+    ax.set(xlabel="step", ylabel="per assistant token", title="Student training")
     ax.legend()
     ax.grid(alpha=0.3)
     images["loss.png"] = _png(fig)
@@ -48,16 +65,98 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict) -
     images["similarity.png"] = _png(fig)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["base, no card", "student, no card", "teacher (base + card)"]
-    values = [ev[NLL.of(role)] for role in ("base", "student", "teacher")]
-    ax.bar(names, values, color=["#999999", "#3b7dd8", "#d88b3b"])
-    for i, value in enumerate(values):
-        ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
-    ax.set(ylabel="NLL per token", title="NLL of the teacher's replies")
-    images["nll.png"] = _png(fig)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    bars = {"KL(teacher ‖ model) per token": (left, ["base, no card", "student, no card"],
+                                              [ev[KL.of(role)] for role in ("base", "student")]),
+            "judged in character": (right, ["base", "student", "teacher, 2nd sample"],
+                                    [ev[IN_CHARACTER.of(role)] for role in ("base", "student", "teacher_resampled")])}
+    for title, (ax, names, values) in bars.items():
+        ax.bar(names, values, color=["#999999", "#3b7dd8", "#d88b3b"][:len(values)])
+        for i, value in enumerate(values):
+            ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
+        ax.set_title(title)
+    images["distillation.png"] = _png(fig)
     plt.close(fig)
     return images
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A run trained on this run's data (the same split), its objective's figures: for the comparison."""
+
+    run_id: str
+    evaluated: str  # its evaluate unit's fingerprint
+    train: dict  # the train unit's metrics
+    train_s: float
+    figures: dict  # evaluate's metrics.json
+    replies: list[dict]  # evaluate's replies.jsonl
+
+    @property
+    def name(self) -> str:
+        return f"{self.train['objective']}, {self.train['steps']} steps ({self.run_id})"
+
+
+def same_data(config: PhaseConfig) -> list[Compared]:
+    """The evaluated runs in this store, this one included, whose split has this run's fingerprint: the same
+    eval prompts and the same training rows, so their figures compare (the objective, steps... may differ)."""
+    split = config.store.require("split")["fingerprint"]
+    found = []
+    for run_id in sorted(config.store.run_ids()):
+        other = ArtifactStore(config.store_settings, run_id)
+        split_done, train, evaluate = (other.manifest(unit) for unit in ("split", "train", "evaluate"))
+        if split_done is None or train is None or evaluate is None or split_done["fingerprint"] != split:
+            continue
+        figures = other.read_json("evaluate", "metrics.json")
+        if "objective" in train["metrics"] and KL_CLOSED.key in figures:  # older runs lack them
+            found.append(Compared(run_id, evaluate["fingerprint"], train["metrics"], train["wall_s"], figures,
+                                  other.read_jsonl("evaluate", "replies.jsonl")))
+    return found
+
+
+COMPARED = (KL_CLOSED, KL, IN_CHARACTER, SIMILARITY, PERSONA_SIMILARITY)
+
+
+def comparison_table(runs: list[Compared]) -> str:
+    """One row per run: its objective's distillation figures and its training time."""
+    header = ["run", *(f"{m.label}: {' / '.join(v.replace('_', ' ') for v in m.variants)}" if m.variants
+                       else m.label for m in COMPARED), "train time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        cells = [" / ".join(m.unit.format(run.figures[key]) for key in m.keys) for m in COMPARED]
+        lines.append("| " + " | ".join([run.name, *cells, f"{run.train_s:.0f} s"]) + " |")
+    return "\n".join(lines)
+
+
+def comparison_plot(runs: list[Compared]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    panels = [(KL_CLOSED.key, "KL closed (share of the base's)"), (IN_CHARACTER.of("student"), "judged in character"),
+              (SIMILARITY.of("student"), "similarity to the teacher's replies")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    names = [f"{r.train['objective']}\n{r.train['steps']} steps" for r in runs]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [r.figures[key] or 0.0 for r in runs]
+        ax.bar(range(len(runs)), values, color="#3b7dd8")
+        for i, value in enumerate(values):
+            ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
+        ax.set_xticks(range(len(runs)), names, fontsize="small")
+        ax.set_title(title, fontsize="medium")
+    base = runs[0].figures
+    axes[1].axhline(base[IN_CHARACTER.of("base")], color="#999999", linestyle="--", label="base")
+    axes[2].axhline(base[SIMILARITY.of("base")], color="#999999", linestyle="--", label="base")
+    axes[2].axhline(base[SIMILARITY.of("teacher_resampled")], color="black", label="a second teacher sample")
+    axes[2].legend(fontsize="small", loc="lower right")
+    fig.suptitle("Distillation objectives on the same data (held-out prompts)")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def comparison_examples(runs: list[Compared], count: int = 3) -> list[dict]:
+    """The first held-out prompts with the teacher's, the base's and every run's student reply."""
+    first = runs[0].replies[:count]
+    return [{"prompt": row["prompt"], "teacher": row["teacher"], "base": row["base"],
+             **{run.name: run.replies[i]["student"] for run in runs}} for i, row in enumerate(first)]
 
 
 def train_loss(train: dict) -> Row:
@@ -115,11 +214,17 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
 
 
 def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                    notes: str, ingest: list[tuple[str, str]]) -> str:
+                    notes: str, ingest: list[tuple[str, str]], compared: list[Compared]) -> str:
     lines = [f"# {title}", "", notes, "", markdown_table(rows)]
+    if len(compared) > 1:
+        lines += ["", "## Objectives compared on the same data", "", comparison_table(compared), "",
+                  "![objectives](objectives.png)", ""]
+        for example in comparison_examples(compared):
+            lines += [f"**Prompt:** {example.pop('prompt')}", ""] + [f"- *{k}:* {v}" for k, v in example.items()]
+            lines += [""]
     lines += ["", "## Card and prompts", "", "| what | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in ingest]
-    lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![nll](nll.png)", "",
+    lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![distillation](distillation.png)", "",
               "## Phase wall times", "", "| unit | seconds |", "|---|---|"]
     lines += [f"| {unit} | {sec:.1f} |" for unit, sec in times]
     lines += ["", "## Samples (held-out prompts)", ""]
@@ -130,8 +235,18 @@ def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]],
 
 
 def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                notes: str, ingest: list[tuple[str, str]]) -> str:
+                notes: str, ingest: list[tuple[str, str]], compared: list[Compared]) -> str:
     e = html.escape
+    comparison = ""
+    if len(compared) > 1:
+        table_lines = comparison_table(compared).splitlines()
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in table_lines[:1] + table_lines[2:]]
+        comparison = ("<h2>Objectives compared on the same data</h2><table>"
+                      + "".join(f"<tr>{''.join(f'<td>{e(c)}</td>' for c in row)}</tr>" for row in cells)
+                      + "</table><img src='objectives.png' alt='objectives compared'>"
+                      + "".join(f"<div class='s'><p><b>Prompt:</b> {e(x.pop('prompt'))}</p><ul>"
+                                + "".join(f"<li><i>{e(k)}:</i> {e(v)}</li>" for k, v in x.items()) + "</ul></div>"
+                                for x in comparison_examples(compared)))
     table = "".join(f"<tr>{''.join(f'<{tag}>{e(cell)}</{tag}>' for cell in row)}</tr>"
                     for tag, row in [("th", HEADER), *(("td", row) for row in rows)])
     card = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in ingest)
@@ -144,13 +259,14 @@ def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], sam
             "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
             "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
             "vertical-align:top}img{max-width:100%}.s td{width:33%}</style></head><body>"
-            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table><h2>Card and prompts</h2><table>{card}</table>"
+            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>{comparison}"
+            f"<h2>Card and prompts</h2><table>{card}</table>"
             "<img src='loss.png' alt='loss curve'><img src='similarity.png' alt='similarity histograms'>"
-            f"<img src='nll.png' alt='NLL bars'><h2>Phase wall times</h2><table>{timing}</table>"
+            f"<img src='distillation.png' alt='KL and judge bars'><h2>Phase wall times</h2><table>{timing}</table>"
             f"<h2>Samples (held-out prompts)</h2>{sample_html}</body></html>")
 
 
-def build(config: PhaseConfig, out: UnitWriter) -> None:
+def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> None:
     store = config.store
     train = store.require("train")["metrics"]
     ev = store.read_json("evaluate", "metrics.json")
@@ -171,15 +287,20 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         Row("tokens: prefill / sample / train", " / ".join(map(TOKENS.format, tokens.values())), TOKENS.name),
         Row(f"cost of this run{on_tinker}, at tinker.prices", DOLLARS.format(dollars), DOLLARS.name)]
     samples = sorted(replies, key=lambda r: -r[SIMILARITY.of("student")])[:3] + replies[:2]
-    for name, data in plots(history, val, replies, ev).items():
+    for name, data in plots(history, val, replies, ev, train["objective"]).items():
         out.write_bytes(name, data)
+    if len(compared) > 1:
+        out.write_bytes("objectives.png", comparison_plot(compared))
     ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
-    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes, ingest).encode())
-    out.write_bytes("report.html", render_html(title, rows, times, samples, notes, ingest).encode())
+    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes, ingest, compared).encode())
+    out.write_bytes("report.html", render_html(title, rows, times, samples, notes, ingest, compared).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
                         **tokens, "tinker_cost_usd": round(dollars, 6),
                         "similarity_median_student": statistics.median(r[SIMILARITY.of("student")] for r in replies)})
 
 
 def main(config: PhaseConfig) -> dict:
-    return run_unit(config, "report", lambda out: build(config, out))
+    compared = same_data(config)
+    # a run evaluated later on the same data redoes this report, so that its comparison includes that run
+    return run_unit(config, "report", lambda out: build(config, out, compared),
+                    extra_key=[(run.run_id, run.evaluated) for run in compared])

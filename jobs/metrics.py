@@ -85,6 +85,10 @@ PERSONA_SIMILARITY = Metric("persona_similarity_{}", "similarity to the characte
 OUT_OF_CHARACTER = Metric("out_of_character_{}", 'replies out of character ("as an AI"...)', SHARE, "lower", ROLES)
 IN_CHARACTER = Metric("in_character_{}", "judged in character (a classifier of teacher vs base replies)", SHARE,
                       "higher", ("student", "base", "teacher_resampled"))
+IN_CHARACTER_TURN_1 = Metric("in_character_turn_1_{}", "judged in character in held-out conversations, turn 1",
+                             SHARE, "higher", IN_CHARACTER.variants)
+IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in held-out conversations, turns 3+",
+                            SHARE, "higher", IN_CHARACTER.variants)
 JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (5-fold)", SHARE,
                         "higher")
 KL = Metric("kl_{}", "KL(teacher with card ‖ model) per token of the teacher's replies", NATS, "lower",
@@ -105,7 +109,8 @@ LATENCY_RATIO = Metric("latency_ratio", "latency ratio per request (with ÷ with
 PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower", CARD)
 PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
 
-METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
+METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
+           JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
            PROMPT_TOKENS, TOKEN_REDUCTION,
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)

@@ -35,6 +35,8 @@ from jobs.metrics import (
     COST_PER_REQUEST,
     COST_RATIO,
     IN_CHARACTER,
+    IN_CHARACTER_LATER,
+    IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
     KL,
     KL_CLOSED,
@@ -60,6 +62,7 @@ class Prompts:
     """The held-out prompts as tokens, with and without the card, and the teacher's replies to them; `pairs` are
     the conversations as teacher and student see them (`jobs.distill`)."""
 
+    system: str
     with_card: list[list[int]]
     without_card: list[list[int]]
     teacher_replies: list[list[int]]
@@ -67,7 +70,7 @@ class Prompts:
 
     @classmethod
     def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
-        return cls(with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
+        return cls(system=system, with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
                    without_card=[renderer.prompt(r["prompt"]) for r in rows],
                    teacher_replies=[renderer.reply(r["reply"]) for r in rows],
                    pairs=[distill.pair(renderer, r["messages"], system) for r in rows])
@@ -85,6 +88,8 @@ class Measured:
     kl: dict[str, list[list[float]]] = field(default_factory=dict)
     # the judge's training replies that are not the teacher's: the base model's, to training prompts
     judge_negatives: list[str] = field(default_factory=list)
+    # the held-out conversations replayed: by role, by turn, the replies
+    turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
 
@@ -129,8 +134,8 @@ def kl_to_teacher(client: Metered, prompts: Prompts, seen: Measured) -> list[lis
     return [distill.kl_per_position(t, m) for t, m in zip(seen.teacher_topk, model, strict=True)]
 
 
-def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict], config: PhaseConfig,
-                       seen: Measured, bar: Progress) -> None:
+def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict], conversations: list[list[dict]],
+                       config: PhaseConfig, seen: Measured, bar: Progress) -> None:
     """The base model's replies, a second teacher sample, the NLL of the teacher's replies under base and
     teacher (the same model, without and with the card), the teacher's top k and the base's KL to it, the base's
     replies the judge learns from, and latency."""
@@ -153,11 +158,16 @@ def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict]
     resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
     seen.replies["teacher_resampled"] = sample_replies(client, prompts.with_card, resample)
     bar.advance(1, step="teacher resampled")
+    seen.turns["base"] = replay(client, conversations, None, SamplingParams.from_config(ev.sampling))
+    seen.turns["teacher_resampled"] = replay(client, conversations, prompts.system, resample)
+    bar.advance(1, step="conversations replayed")
     seen.usage.update(client.usage)
 
 
-def measure_student(client: Metered, prompts: Prompts, config: PhaseConfig, seen: Measured, bar: Progress) -> None:
+def measure_student(client: Metered, prompts: Prompts, conversations: list[list[dict]], config: PhaseConfig,
+                    seen: Measured, bar: Progress) -> None:
     params = SamplingParams.from_config(config.pipeline.evaluate.sampling)
+    seen.turns["student"] = replay(client, conversations, None, params)
     seen.replies["student"] = sample_replies(client, prompts.without_card, params)
     bar.advance(1, step="student replies")
     seen.nll["student"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
@@ -174,11 +184,17 @@ def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float
             for role in SIMILARITY.variants}
 
 
+def character(card: CharacterCard) -> str:
+    """What persona similarity compares a reply with: the character's name and topics, short enough for the
+    embedding model."""
+    return f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name
+
+
 def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> dict[str, float]:
     from jobs.backends.embeddings import cosine_to_reference
 
-    character = [f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name] * len(replies["teacher"])
-    return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role], character))
+    return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role],
+                                                                             [character(card)] * len(replies[role])))
             for role in PERSONA_SIMILARITY.variants}
 
 
@@ -206,23 +222,87 @@ def kl(per_position: dict[str, list[list[float]]]) -> dict[str, float | None]:
             KL_CLOSED.key: 1 - mean["student"] / mean["base"] if mean["base"] > 0 else None}
 
 
-def in_character(replies: dict[str, list[str]], teacher_replies: list[str],
-                 base_replies: list[str]) -> dict[str, float]:
-    """The judge: a logistic regression on sentence embeddings of teacher (1) against base (0) replies to training
-    prompts; its accuracy on held-out folds, and the share of each role's eval replies it calls the teacher's."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
+class Judge:
+    """The in-character judge: a logistic regression on sentence embeddings of teacher (1) against base (0) replies
+    to training prompts, and its accuracy on held-out folds of them."""
 
-    from jobs.backends.embeddings import embed
+    def __init__(self, teacher_replies: list[str], base_replies: list[str]):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
 
-    features = embed(teacher_replies + base_replies)
-    labels = [1] * len(teacher_replies) + [0] * len(base_replies)
-    judge = LogisticRegression(max_iter=1000)
-    accuracy = float(cross_val_score(judge, features, labels, cv=5).mean())
-    judge.fit(features, labels)
-    return {JUDGE_ACCURACY.key: accuracy,
-            **{IN_CHARACTER.of(role): float(judge.predict(embed(replies[role])).mean())
-               for role in IN_CHARACTER.variants}}
+        from jobs.backends.embeddings import embed
+
+        features = embed(teacher_replies + base_replies)
+        labels = [1] * len(teacher_replies) + [0] * len(base_replies)
+        self.model = LogisticRegression(max_iter=1000)
+        self.accuracy = float(cross_val_score(self.model, features, labels, cv=5).mean())
+        self.model.fit(features, labels)
+
+    def share(self, replies: list[str]) -> float:
+        """The share of the replies it calls the teacher's."""
+        from jobs.backends.embeddings import embed
+
+        return float(self.model.predict(embed(replies)).mean())
+
+
+def in_character(replies: dict[str, list[str]], judge: Judge) -> dict[str, float]:
+    return {JUDGE_ACCURACY.key: judge.accuracy,
+            **{IN_CHARACTER.of(role): judge.share(replies[role]) for role in IN_CHARACTER.variants}}
+
+
+def replay(client: Metered, conversations: list[list[dict]], system: str | None,
+           params: SamplingParams) -> dict[int, list[str]]:
+    """Each held-out conversation answered by the client's model turn by turn, each turn given the recorded
+    conversation before it (the visitor's questions and the teacher's replies): by turn, the replies of the
+    conversations that reach it."""
+    turns: dict[int, list[str]] = {}
+    for turn in range(1, max(map(len, conversations), default=0) // 2 + 1):
+        before = [messages[:2 * turn - 1] for messages in conversations if len(messages) >= 2 * turn]
+        card = [{"role": "system", "content": system}] if system else []
+        turns[turn] = sample_replies(client, [client.renderer.chat(card + h) for h in before], params)
+    return turns
+
+
+def replayed(conversations: list[list[dict]], turns: dict[str, dict[int, list[str]]]) -> list[dict]:
+    """conversations.jsonl: each held-out conversation as recorded, and each role's reply at each of its turns."""
+    rows = []
+    for i, messages in enumerate(conversations):
+        # turn t's replies are those of the conversations reaching it, in order
+        place = {t: sum(len(m) >= 2 * t for m in conversations[:i]) for t in range(1, len(messages) // 2 + 1)}
+        rows.append({"messages": messages, **{role: [by_turn[t][place[t]] for t in place]
+                                              for role, by_turn in turns.items()}})
+    return rows
+
+
+def turn_rows(turns: dict[str, dict[int, list[str]]], conversations: list[list[dict]], judge: Judge,
+              card: CharacterCard, forbidden: tuple[str, ...]) -> list[dict]:
+    """turns.jsonl: per turn and role, the in-character figures of its replies and their similarity to the
+    recorded teacher replies (the teacher's row is its second sample's)."""
+    from jobs.backends.embeddings import cosine_to_reference
+
+    rows = []
+    for role, by_turn in turns.items():
+        for turn, replies in by_turn.items():
+            recorded = [m[2 * turn - 1]["content"] for m in conversations if len(m) >= 2 * turn]
+            rows.append({"turn": turn, "role": role, "replies": len(replies),
+                         IN_CHARACTER.label: judge.share(replies),
+                         PERSONA_SIMILARITY.label: statistics.mean(
+                             cosine_to_reference(replies, [character(card)] * len(replies))),
+                         OUT_OF_CHARACTER.label: statistics.mean(
+                             any(p in t.lower() for p in forbidden) for t in replies),
+                         SIMILARITY.label: statistics.mean(cosine_to_reference(replies, recorded))})
+    return rows
+
+
+def by_turn(turns: dict[str, dict[int, list[str]]], judge: Judge) -> dict[str, float | None]:
+    """Judged in character at turn 1 of the held-out conversations and, pooled, at turns 3 and later (None where
+    no conversation reaches them)."""
+    def share(role: str, first: int, last: int) -> float | None:
+        replies = [r for turn, rs in turns.get(role, {}).items() if first <= turn <= last for r in rs]
+        return judge.share(replies) if replies else None
+
+    return {**{IN_CHARACTER_TURN_1.of(role): share(role, 1, 1) for role in IN_CHARACTER_TURN_1.variants},
+            **{IN_CHARACTER_LATER.of(role): share(role, 3, 10**6) for role in IN_CHARACTER_LATER.variants}}
 
 
 def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
@@ -241,12 +321,13 @@ def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
 
 
 def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts, card: CharacterCard,
-            judge_rows: list[dict], config: PhaseConfig) -> dict[str, float | None]:
+            judge: Judge, config: PhaseConfig) -> dict[str, float | None]:
     """Every figure of metrics.json, as computed (`metrics.record` rounds them)."""
     return {**{key: statistics.mean(values) for key, values in similarity.items()},
             **persona_similarity(seen.replies, card),
             **out_of_character(seen.replies, config.pipeline.audit.forbidden),
-            **in_character(seen.replies, [r["reply"] for r in judge_rows], seen.judge_negatives),
+            **in_character(seen.replies, judge),
+            **by_turn(seen.turns, judge),
             **kl(seen.kl),
             **nll(seen.nll, prompts.teacher_replies),
             **tokens_and_cost(prompts, config.pipeline.evaluate.prices),
@@ -267,24 +348,29 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     store, ev = config.store, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
+    conversations = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
     # training prompts only: the eval replies the judge scores are never the ones it learned from
     judge_rows = store.read_jsonl("split", "train.jsonl")[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     backend = open_backend(config)
-    bar = Progress(8, "evaluate")
+    bar = Progress(9, "evaluate")
 
     base = Metered(backend.sampler())
     prompts = Prompts.render(base.renderer, rows, card.teacher_system_prompt())
     seen = Measured(replies={"teacher": [r["reply"] for r in rows]})
-    measure_base_model(base, prompts, judge_rows, config, seen, bar)
+    measure_base_model(base, prompts, judge_rows, conversations, config, seen, bar)
     del base  # one model in memory at a time
-    measure_student(Metered(backend.sampler(read_adapter(config).sampling)), prompts, config, seen, bar)
+    measure_student(Metered(backend.sampler(read_adapter(config).sampling)), prompts, conversations, config, seen,
+                    bar)
 
     similarity = similarity_to_teacher(seen.replies)
-    recorded = metrics.record(figures(seen, similarity, prompts, card, judge_rows, config))
-    bar.advance(1, step="similarity")
+    judge = Judge([r["reply"] for r in judge_rows], seen.judge_negatives)
+    recorded = metrics.record(figures(seen, similarity, prompts, card, judge, config))
+    bar.advance(1, step="similarity, judge")
 
     out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
+    out.write_jsonl("turns.jsonl", turn_rows(seen.turns, conversations, judge, card, config.pipeline.audit.forbidden))
+    out.write_jsonl("conversations.jsonl", replayed(conversations, seen.turns))
     written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
                "judge_replies": 2 * len(judge_rows), **recorded,
                "prices_per_mtok": ev.prices.model_dump(), **seen.usage}

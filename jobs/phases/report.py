@@ -15,6 +15,7 @@ from jobs.metrics import (
     KL,
     KL_CLOSED,
     NATS,
+    OUT_OF_CHARACTER,
     PERSONA_SIMILARITY,
     SIMILARITY,
     TOKENS,
@@ -152,6 +153,38 @@ def comparison_plot(runs: list[Compared]) -> bytes:
     return data
 
 
+TURN_FIGURES = (IN_CHARACTER, PERSONA_SIMILARITY, OUT_OF_CHARACTER, SIMILARITY)  # turns.jsonl's columns, by label
+
+
+def turns_table(turns: list[dict]) -> str:
+    """Evaluate's per-turn figures of the held-out conversations: a row per turn and role."""
+    header = ["turn", "role", "replies", *(m.label for m in TURN_FIGURES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(turns, key=lambda r: (r["turn"], r["role"])):
+        cells = [m.unit.format(row[m.label]) for m in TURN_FIGURES]
+        lines.append("| " + " | ".join([str(row["turn"]), row["role"].replace("_", " "), str(row["replies"]),
+                                        *cells]) + " |")
+    return "\n".join(lines)
+
+
+def turns_plot(turns: list[dict]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, (IN_CHARACTER, PERSONA_SIMILARITY), strict=True):
+        for role in sorted({r["role"] for r in turns}):
+            rows = sorted((r for r in turns if r["role"] == role), key=lambda r: r["turn"])
+            ax.plot([r["turn"] for r in rows], [r[metric.label] for r in rows], "o-", label=role.replace("_", " "))
+        ax.set(xlabel="turn of the conversation", title=metric.label.split(" (")[0])
+        ax.set_xticks(sorted({r["turn"] for r in turns}))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Held-out conversations, turn by turn (each turn after the recorded ones before it)")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def comparison_examples(runs: list[Compared], count: int = 3) -> list[dict]:
     """The first held-out prompts with the teacher's, the base's and every run's student reply."""
     first = runs[0].replies[:count]
@@ -214,8 +247,10 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
 
 
 def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                    notes: str, ingest: list[tuple[str, str]], compared: list[Compared]) -> str:
+                    notes: str, ingest: list[tuple[str, str]], compared: list[Compared], turns: list[dict]) -> str:
     lines = [f"# {title}", "", notes, "", markdown_table(rows)]
+    if turns:
+        lines += ["", "## Conversations, turn by turn", "", turns_table(turns), "", "![turns](turns.png)"]
     if len(compared) > 1:
         lines += ["", "## Objectives compared on the same data", "", comparison_table(compared), "",
                   "![objectives](objectives.png)", ""]
@@ -234,16 +269,24 @@ def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]],
     return "\n".join(lines) + "\n"
 
 
+def _html_table(markdown: str) -> str:
+    """A Markdown table (header, rule, rows) as an HTML table."""
+    lines = markdown.splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
+    return "<table>" + "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in rows) \
+        + "</table>"
+
+
 def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                notes: str, ingest: list[tuple[str, str]], compared: list[Compared]) -> str:
+                notes: str, ingest: list[tuple[str, str]], compared: list[Compared], turns: list[dict]) -> str:
     e = html.escape
-    comparison = ""
+    sections = ""
+    if turns:
+        sections += (f"<h2>Conversations, turn by turn</h2>{_html_table(turns_table(turns))}"
+                       "<img src='turns.png' alt='figures by turn'>")
     if len(compared) > 1:
-        table_lines = comparison_table(compared).splitlines()
-        cells = [[c.strip() for c in line.strip("|").split("|")] for line in table_lines[:1] + table_lines[2:]]
-        comparison = ("<h2>Objectives compared on the same data</h2><table>"
-                      + "".join(f"<tr>{''.join(f'<td>{e(c)}</td>' for c in row)}</tr>" for row in cells)
-                      + "</table><img src='objectives.png' alt='objectives compared'>"
+        sections += (f"<h2>Objectives compared on the same data</h2>{_html_table(comparison_table(compared))}"
+                       "<img src='objectives.png' alt='objectives compared'>"
                       + "".join(f"<div class='s'><p><b>Prompt:</b> {e(x.pop('prompt'))}</p><ul>"
                                 + "".join(f"<li><i>{e(k)}:</i> {e(v)}</li>" for k, v in x.items()) + "</ul></div>"
                                 for x in comparison_examples(compared)))
@@ -259,7 +302,7 @@ def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], sam
             "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
             "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
             "vertical-align:top}img{max-width:100%}.s td{width:33%}</style></head><body>"
-            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>{comparison}"
+            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>{sections}"
             f"<h2>Card and prompts</h2><table>{card}</table>"
             "<img src='loss.png' alt='loss curve'><img src='similarity.png' alt='similarity histograms'>"
             f"<img src='distillation.png' alt='KL and judge bars'><h2>Phase wall times</h2><table>{timing}</table>"
@@ -291,9 +334,13 @@ def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> Non
         out.write_bytes(name, data)
     if len(compared) > 1:
         out.write_bytes("objectives.png", comparison_plot(compared))
+    turns = store.read_jsonl("evaluate", "turns.jsonl")
+    if turns:
+        out.write_bytes("turns.png", turns_plot(turns))
     ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
-    out.write_bytes("report.md", render_markdown(title, rows, times, samples, notes, ingest, compared).encode())
-    out.write_bytes("report.html", render_html(title, rows, times, samples, notes, ingest, compared).encode())
+    page = (title, rows, times, samples, notes, ingest, compared, turns)
+    out.write_bytes("report.md", render_markdown(*page).encode())
+    out.write_bytes("report.html", render_html(*page).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
                         **tokens, "tinker_cost_usd": round(dollars, 6),
                         "similarity_median_student": statistics.median(r[SIMILARITY.of("student")] for r in replies)})

@@ -35,6 +35,8 @@ EXPECTED_KEYS = {
     "similarity_student", "similarity_base", "similarity_teacher_resampled", "persona_similarity_student",
     "persona_similarity_base", "persona_similarity_teacher", "out_of_character_student", "out_of_character_base",
     "out_of_character_teacher", "in_character_student", "in_character_base", "in_character_teacher_resampled",
+    "in_character_turn_1_student", "in_character_turn_1_base", "in_character_turn_1_teacher_resampled",
+    "in_character_turn_3_on_student", "in_character_turn_3_on_base", "in_character_turn_3_on_teacher_resampled",
     "judge_accuracy", "kl_student", "kl_base", "kl_closed", "nll_student", "nll_base", "nll_teacher",
     "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
     "cost_per_request_with_card", "cost_per_request_without_card", "cost_ratio", "prompt_cost_ratio",
@@ -110,8 +112,8 @@ def test_report_and_model_card_show_the_same_evaluate_rows():
     train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,
              "steps": 12}
     rows = report.figures(train, ev, {"kept": 90, "rows_in": 96, "trimmed": 3})
-    markdown = report.render_markdown("title", rows, [], [], "notes", [], [])
-    page = report.render_html("title", rows, [], [], "notes", [], [])
+    markdown = report.render_markdown("title", rows, [], [], "notes", [], [], [])
+    page = report.render_html("title", rows, [], [], "notes", [], [], [])
     card = export.model_card(phase_config("metrics-test"), "Ada Lovelace", train, ev)
     evaluate_lines = markdown_table(figure_rows(ev)).splitlines()[2:]
     assert len(evaluate_lines) == len(METRICS)
@@ -158,7 +160,7 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     ticks = itertools.count()
     monkeypatch.setattr(evaluate.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
     config = phase_config("metrics-test")
-    prompts = evaluate.Prompts(with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
+    prompts = evaluate.Prompts(system="card", with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
                                teacher_replies=[[0], [0] * 3], pairs=[])
     client = CountingClient()
     seen = evaluate.Measured(
@@ -167,11 +169,14 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
         nll={"student": [1.0, 2.0], "base": [3.0, 4.0], "teacher": [1.0, 1.0]},
         latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)),
         kl={"student": [[0.1], [0.3, 0.1, 0.1]], "base": [[0.4], [0.4, 0.4, 0.4]]},
-        judge_negatives=[f"Hello there, number {i}." for i in range(10)])
-    judge_rows = [{"reply": f"I compose, number {i}."} for i in range(10)]
+        judge_negatives=[f"Hello there, number {i}." for i in range(10)],
+        turns={"student": {1: ["I compose."], 2: ["Hi."], 3: ["I compose.", "I compose."]},
+               "base": {1: ["Hi."], 2: ["Hi."], 3: ["Hi.", "I compose."]},
+               "teacher_resampled": {1: ["I compose."]}})
+    judge = evaluate.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives)
     card = CharacterCard.model_construct(name="I compose.", topics=[])
     similarity = evaluate.similarity_to_teacher(seen.replies)
-    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge_rows, config))
+    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge, config))
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -187,6 +192,10 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
             recorded["in_character_teacher_resampled"]) == (0.5, 0.0, 0.5)
     # a mean over every position of every reply: 0.6 / 4 and 1.6 / 4; the student removed 62.5% of the base's KL
     assert (recorded["kl_student"], recorded["kl_base"], recorded["kl_closed"]) == (0.15, 0.4, 0.625)
+    # by turn: turn 1, and turns 3 on pooled; none where no conversation reaches them
+    assert (recorded["in_character_turn_1_student"], recorded["in_character_turn_3_on_student"]) == (1.0, 1.0)
+    assert (recorded["in_character_turn_1_base"], recorded["in_character_turn_3_on_base"]) == (0.0, 0.5)
+    assert recorded["in_character_turn_3_on_teacher_resampled"] is None
     assert (recorded["prompt_tokens_with_card"], recorded["prompt_tokens_without_card"]) == (20, 4)
     assert recorded["token_reduction"] == 0.8 and recorded["prompt_cost_ratio"] == 5.0
     assert recorded["reply_tokens"] == 2
@@ -204,3 +213,38 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
                              "similarity_base", "similarity_teacher_resampled", "nll_student", "nll_base",
                              "nll_teacher", "kl_student", "kl_base"]
     assert (rows[1]["student"], rows[1]["similarity_base"], rows[1]["nll_base"]) == ("Bonn.", 1.0, 4.0)
+
+
+class ScriptedClient:
+    """Stands in for a metered model in a replay: it answers each chat with the number of messages it was given,
+    and keeps the chats."""
+
+    def __init__(self):
+        self.chats: list[list[dict]] = []
+        self.renderer = self
+
+    def chat(self, messages):
+        self.chats.append(messages)
+        return [len(messages)]
+
+    def decode(self, tokens):
+        return f"after {tokens[0]} messages"
+
+    def sample(self, prompts, params):
+        return prompts
+
+
+def test_a_replay_gives_each_turn_the_recorded_conversation_before_it():
+    conversations = [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
+                      {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}],
+                     [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "b1"}]]
+    client = ScriptedClient()
+    turns = evaluate.replay(client, conversations, "the card", SamplingParams(max_tokens=4))
+    assert turns == {1: ["after 2 messages", "after 2 messages"], 2: ["after 4 messages"], 3: ["after 6 messages"]}
+    third = client.chats[-1]
+    assert third[0] == {"role": "system", "content": "the card"} and third[1:] == conversations[0][:5]
+    rows = evaluate.replayed(conversations, {"student": turns})
+    assert rows[0]["student"] == ["after 2 messages", "after 4 messages", "after 6 messages"]
+    assert rows[1] == {"messages": conversations[1], "student": ["after 2 messages"]}
+    assert evaluate.replay(client, [], None, SamplingParams(max_tokens=4)) == {}

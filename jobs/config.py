@@ -90,6 +90,19 @@ class SamplingConfig(Section):
     seed: int = 0
 
 
+class ConversationsConfig(Section):
+    """Multi-turn teacher data: a simulated visitor asks follow-ups and the teacher answers them with the card."""
+
+    # -- the share of the prompts that open a conversation instead of a single-turn example (chosen by a hash of
+    # the prompt id, so each shard chooses alone); 0: every example is single-turn
+    share: float = Field(0.0, ge=0.0, le=1.0)
+    # -- assistant turns per conversation: the prompt's reply, then a follow-up question and reply per further turn
+    # (a conversation ends early when the visitor has no question)
+    turns: int = Field(4, ge=2, le=32)
+    # -- how the visitor (the same engine without the card) samples its questions
+    visitor: SamplingConfig = SamplingConfig(max_new_tokens=40, temperature=0.9)
+
+
 class AuditConfig(Section):
     min_reply_words: int = Field(3, ge=1)
     max_reply_tokens: int = Field(512, ge=1)
@@ -99,13 +112,16 @@ class AuditConfig(Section):
 
 class SplitConfig(Section):
     eval_count: int = Field(40, ge=1)
+    # -- conversations held out whole in eval_conversations.jsonl (those with at least 3 turns, else the most),
+    # never trained on; 0: none
+    eval_conversations: int = Field(0, ge=0)
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     seed: int = 0
 
     @property
     def min_rows(self) -> int:
-        """Rows split needs: the held-out eval rows and at least two to train on."""
-        return self.eval_count + 2
+        """Rows split needs: the held-out eval rows and conversations and at least two to train on."""
+        return self.eval_count + self.eval_conversations + 2
 
 
 Objective = Literal["sft", "logit", "on_policy"]
@@ -190,6 +206,7 @@ class PipelineConfig(Section):
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
     teacher: SamplingConfig = SamplingConfig()
+    conversations: ConversationsConfig = ConversationsConfig()
     audit: AuditConfig = AuditConfig()
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
@@ -204,8 +221,11 @@ class PipelineConfig(Section):
             raise ValueError("train.checkpoint_every must not exceed train.steps")
         if self.train.warm_start_steps >= self.train.steps and self.train.objective == "on_policy":
             raise ValueError("train.warm_start_steps must be fewer than train.steps (on_policy)")
+        if self.split.eval_conversations and not self.conversations.share:
+            raise ValueError("split.eval_conversations needs conversations (conversations.share > 0)")
         if self.model.backend == "tinker":
-            for name, section in (("teacher", self.teacher), ("evaluate.sampling", self.evaluate.sampling)):
+            for name, section in (("teacher", self.teacher), ("conversations.visitor", self.conversations.visitor),
+                                  ("evaluate.sampling", self.evaluate.sampling)):
                 if section.repetition_penalty != 1.0:
                     raise ValueError(f"{name}.repetition_penalty must be 1.0 with model.backend=tinker "
                                      "(Tinker's sampler has no repetition penalty)")

@@ -45,14 +45,17 @@ TABLE = (
                     "and assigns shards",
           after=("preflight",), sections=("ingest", "model", "teacher"), engine=True, extra="data",
           figures=("prompts", "shards")),
-    Phase("teacher", "the teacher model answers one shard of prompts with the card",
-          reads=("ingest",), sections=("model", "teacher"), engine=True, sharded=True),
-    Phase("student", "turns teacher replies into conversations without the card",
+    Phase("teacher", "the teacher model answers one shard of prompts with the card, some as conversations with a "
+                     "simulated visitor",
+          reads=("ingest",), sections=("model", "teacher", "conversations"), engine=True, sharded=True),
+    Phase("student", "turns teacher replies and conversations into chats without the card",
           reads=("ingest", "teacher")),
-    Phase("audit", "drops empty, truncated, duplicate, out-of-character and over-long replies",
+    Phase("audit", "drops empty, truncated, duplicate, out-of-character and over-long replies; cuts a conversation "
+                   "before its first bad turn",
           reads=("student",), sections=("audit",), figures=("kept", "dropped")),
-    Phase("split", "splits the conversations into train, validation and held-out eval sets",
-          reads=("audit",), sections=("split",)),
+    Phase("split", "splits the conversations into train, validation and held-out eval sets (single-turn and whole "
+                   "conversations)",
+          reads=("audit",), sections=("split", "conversations")),
     Phase("train", "trains the LoRA student toward the teacher (sft, logit or on-policy; resumable checkpoints)",
           reads=("ingest", "split"), sections=("model", "train"), engine=True, figures=("first_loss", "last_loss")),
     Phase("evaluate", "scores the student against the teacher: KL, in-character judge, similarity, cost, latency",

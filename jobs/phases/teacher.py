@@ -1,57 +1,185 @@
 """Teacher: the base model with the card as system prompt answers one shard of prompts.
 
-Replies are cached across runs under a key of the card, the model and the sampling settings and the shard's
-prompts: a new run that changes only training settings reuses them; a changed card regenerates.
+A share of the prompts (`conversations.share`, chosen by a hash of the prompt id) opens a conversation instead:
+after the teacher's reply, a simulated visitor (the same engine *without* the card, told it is a curious visitor
+talking with the character) asks a follow-up question about what was just said, the teacher answers it with
+the card and the whole conversation before it, and so on for `conversations.turns` assistant turns. Each turn is
+one batched call for the visitors and one for the teacher, over every conversation still going.
+
+Replies are cached across runs under a key of the card, the model, the sampling and conversation settings and the
+shard's prompts: a new run that changes only training settings reuses them; a changed card regenerates.
 """
 
 from __future__ import annotations
 
-from jobs.backends.base import Backend, SamplingParams
+import dataclasses
+import hashlib
+import re
+
+from jobs.backends.base import Metered, SamplingClient, SamplingParams
 from jobs.card import CharacterCard
-from jobs.config import digest
+from jobs.config import ConversationsConfig, digest
 from jobs.errors import InputError
 from jobs.log import Progress
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
+VISITOR = "Visitor"  # how the visitor's lines are labelled in the transcript it reads
+VISITOR_SYSTEM = ("You are a curious visitor talking with {name}. Read the conversation so far and ask {name} one "
+                  "short follow-up question about what {name} just said. Write only the question.")
+# the sampler seeds prompt i of a call with `seed + i`; each (turn, role) gets its own block of seeds
+SEED_STRIDE = 1 << 20
+# labels a visitor's line may open with, besides the character's name
+QUOTES = "\"'`*_ \u201c\u201d\u2018\u2019\u00ab\u00bb"  # straight, curly and angle quotes, markdown emphasis
+LABELS = ("visitor", "user", "you", "me", "guest", "interviewer", "question", "follow-up question",
+          "follow-up", "followup", "q")
 
-def generate(config: PhaseConfig, backend: Backend, system: str, prompts: list[dict]) -> list[dict]:
-    teacher = backend.sampler()
+
+def opens_conversation(prompt_id: object, share: float) -> bool:
+    """Whether a prompt opens a conversation: a hash of its id alone, so a shard's choice does not depend on
+    the other shards (or on which shard the prompt is in)."""
+    if share <= 0:
+        return False
+    value = int.from_bytes(hashlib.sha256(f"conversation:{prompt_id}".encode()).digest()[:8], "big")
+    return value / 2**64 < share
+
+
+def turn_seed(seed: int, turn: int, role: str) -> int:
+    """The base seed of a turn's call: turn 1's teacher keeps the section's seed (as a single-turn reply); every
+    later turn's visitor and teacher get blocks of their own."""
+    slot = 2 * (turn - 1) - (1 if role == "visitor" else 0)
+    return seed + SEED_STRIDE * slot
+
+
+def clean_question(text: str, name: str = "") -> str:
+    """The visitor's question from what it wrote: its first line with text (not a heading ending in a colon), without
+    speaker labels ("Visitor:", "**Question:**", the character's name), surrounding quotes or anything after the
+    first question mark; "" when nothing is left."""
+    # a heading the visitor echoed ("The conversation so far:") is not its question
+    line = next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().endswith(":")), "")
+    names = [*LABELS, *(n.lower() for n in [name, *name.split()] if n)]
+    label = re.compile(r"^[*_#>\s-]*(?:" + "|".join(map(re.escape, sorted(set(names), key=len, reverse=True)))
+                       + r")[*_\s]*[:\uff1a][*_\s]*", re.IGNORECASE)
+    previous = None
+    while previous != line:
+        previous = line
+        line = label.sub("", line).strip()
+        line = line.strip(QUOTES).strip()
+    if "?" in line:
+        line = line[:line.index("?") + 1]
+    line = " ".join(line.split())
+    return line if re.search(r"\w", line) else ""
+
+
+def transcript(name: str, messages: list[dict]) -> str:
+    """The conversation so far as the visitor reads it (its user message)."""
+    lines = [f"{VISITOR if m['role'] == 'user' else name}: {m['content']}" for m in messages if m["role"] != "system"]
+    return "\n".join(lines) + f"\n\nWhat do you ask {name} next? One short question."
+
+
+def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts: list[dict], name: str) -> list[dict]:
+    """The shard's rows: every prompt's reply (one batched call), and for the prompts that open a conversation the
+    follow-ups (`converse`). `name` is the character's, as the visitor addresses it."""
     render = teacher.renderer
     with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
     params = SamplingParams.from_config(config.pipeline.teacher)
     with Progress(len(prompts), f"teacher shard {config.shard}") as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
-    return [{"id": p["id"], "prompt": p["prompt"], "reply": render.decode(tokens),
+    rows = [{"id": p["id"], "prompt": p["prompt"], "reply": render.decode(tokens),
              "reply_tokens": len(tokens), "finished": len(tokens) < params.max_tokens,
              "prompt_tokens_with_card": len(full), "prompt_tokens_without_card": len(render.prompt(p["prompt"]))}
             for p, tokens, full in zip(prompts, replies, with_card, strict=True)]
+    talks = config.pipeline.conversations
+    opened = [row for row in rows if opens_conversation(row["id"], talks.share)]
+    if opened:
+        converse(config, teacher, system, name, opened, talks)
+    return rows
+
+
+def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: str, rows: list[dict],
+             talks: ConversationsConfig) -> None:
+    """Adds `followups` to each row: turn by turn, the visitors' questions (one batched call), then the teacher's
+    answers with the card and the whole conversation (one batched call). A conversation ends early when its
+    visitor has no question or its next prompt would not fit the model's context."""
+    render = teacher.renderer
+    teacher_params = SamplingParams.from_config(config.pipeline.teacher)
+    visitor_system = VISITOR_SYSTEM.format(name=name)
+    chats = {row["id"]: [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reply"]}]
+             for row in rows}
+    for row in rows:
+        row["followups"] = []
+    going = list(rows)
+    for turn in range(2, talks.turns + 1):
+        if not going:
+            break
+        with Progress(2 * len(going), f"teacher shard {config.shard} turn {turn}") as bar:
+            asked = []
+            for row in going:
+                try:
+                    asked.append((row, render.chat([{"role": "system", "content": visitor_system},
+                                                    {"role": "user", "content": transcript(name, chats[row["id"]])}])))
+                except InputError:
+                    bar.advance(2)  # the conversation outgrew the context: it ends here
+            visitor_params = dataclasses.replace(SamplingParams.from_config(talks.visitor),
+                                                 seed=turn_seed(talks.visitor.seed, turn, "visitor"))
+            written = sample(teacher, [tokens for _, tokens in asked], visitor_params, bar)
+            answering = []
+            for (row, _), tokens in zip(asked, written, strict=True):
+                question = clean_question(render.decode(tokens), name)
+                if not question:
+                    bar.advance()
+                    continue
+                history = [*chats[row["id"]], {"role": "user", "content": question}]
+                try:
+                    answering.append((row, question, render.chat([{"role": "system", "content": system}, *history])))
+                except InputError:
+                    bar.advance()
+            params = dataclasses.replace(teacher_params, seed=turn_seed(teacher_params.seed, turn, "teacher"))
+            answers = sample(teacher, [tokens for *_, tokens in answering], params, bar)
+        going = []
+        for (row, question, _), tokens in zip(answering, answers, strict=True):
+            reply = render.decode(tokens)
+            row["followups"].append({"question": question, "reply": reply, "reply_tokens": len(tokens),
+                                     "finished": len(tokens) < params.max_tokens})
+            chats[row["id"]] += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            going.append(row)
+
+
+def sample(client: SamplingClient, prompts: list[list[int]], params: SamplingParams, bar: Progress) -> list[list[int]]:
+    return client.sample(prompts, params, on_batch=bar.advance) if prompts else []
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
     store = config.store
     card = store.read_json("ingest", "card.json")
     prompts = [row for row in store.read_jsonl("ingest", "prompts.jsonl") if row["shard"] == config.shard]
-    system = CharacterCard.model_validate(card).teacher_system_prompt()
+    character = CharacterCard.model_validate(card)
+    system = character.teacher_system_prompt()
     backend = open_backend(config)
     precision = backend.precision()
-    cache_key = digest({"system": system, "model": config.pipeline.model.model_dump(), "precision": precision,
-                        "sampling": config.pipeline.teacher.model_dump(), "prompts": prompts})
+    pipeline = config.pipeline
+    cache_key = digest({"system": system, "name": character.name, "model": pipeline.model.model_dump(),
+                        "precision": precision, "sampling": pipeline.teacher.model_dump(),
+                        "conversations": pipeline.conversations.model_dump(), "prompts": prompts})
     cached = store.cache_key("teacher", cache_key, "replies.jsonl")
+    usage = {"prefill_tokens": 0, "sample_tokens": 0}  # cached replies cost nothing this time
     if store.exists(cached):
         rows = parse_jsonl(store.get_bytes(cached), cached)
         out.metrics["cache_hit"] = 1
     else:
-        rows = generate(config, backend, system, prompts)
+        teacher = Metered(backend.sampler())
+        rows = generate(config, teacher, system, prompts, character.name)
+        usage = dict(teacher.usage)
         store.put_bytes(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
     out.write_jsonl("replies.jsonl", rows)
-    reply_tokens = sum(r["reply_tokens"] for r in rows)
-    prompt_tokens = sum(r["prompt_tokens_with_card"] for r in rows)
-    fresh = 1 - out.metrics["cache_hit"]  # cached replies cost nothing this time
-    out.metrics.update({**precision, "backend": backend.name, "rows": len(rows), "reply_tokens": reply_tokens,
-                        "prompt_tokens_with_card": prompt_tokens,
-                        "prefill_tokens": fresh * prompt_tokens, "sample_tokens": fresh * reply_tokens})
+    talks = [r for r in rows if "followups" in r]
+    out.metrics.update({**precision, "backend": backend.name, "rows": len(rows),
+                        "reply_tokens": sum(r["reply_tokens"] for r in rows),
+                        "prompt_tokens_with_card": sum(r["prompt_tokens_with_card"] for r in rows),
+                        "conversations": len(talks), "followups": sum(len(r["followups"]) for r in talks),
+                        "followup_reply_tokens": sum(f["reply_tokens"] for r in talks for f in r["followups"]),
+                        **usage})
 
 
 def main(config: PhaseConfig) -> dict:

@@ -30,6 +30,7 @@ from jobs.backends.base import Metered, SamplingParams, TopK
 from jobs.backends.renderer import Renderer
 from jobs.card import CharacterCard
 from jobs.config import PricesConfig
+from jobs.errors import InputError
 from jobs.log import Progress
 from jobs.metrics import (
     COST_PER_REQUEST,
@@ -235,7 +236,11 @@ class Judge:
         features = embed(teacher_replies + base_replies)
         labels = [1] * len(teacher_replies) + [0] * len(base_replies)
         self.model = LogisticRegression(max_iter=1000)
-        self.accuracy = float(cross_val_score(self.model, features, labels, cv=5).mean())
+        # five folds, fewer when a class has fewer replies (the ci profile's few training rows)
+        folds = min(5, len(teacher_replies), len(base_replies))
+        if folds < 2:
+            raise InputError(f"the in-character judge needs at least 2 training rows, there are {folds}")
+        self.accuracy = float(cross_val_score(self.model, features, labels, cv=folds).mean())
         self.model.fit(features, labels)
 
     def share(self, replies: list[str]) -> float:

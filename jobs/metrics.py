@@ -89,8 +89,8 @@ IN_CHARACTER_TURN_1 = Metric("in_character_turn_1_{}", "judged in character in h
                              SHARE, "higher", IN_CHARACTER.variants)
 IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in held-out conversations, turns 3+",
                             SHARE, "higher", IN_CHARACTER.variants)
-JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)", SHARE,
-                        "higher")
+JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)",
+                        SHARE, "higher")
 KL = Metric("kl_{}", "KL(teacher with card ‖ model) per token of the teacher's replies", NATS, "lower",
             ("student", "base"))
 KL_CLOSED = Metric("kl_closed", "KL closed: share of the base's KL to the teacher that the student removed", SHARE,

@@ -202,3 +202,40 @@ def test_optim_step_is_adamw_with_the_given_hyperparameters_and_clipping():
     trainer.optim_step(2e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, grad_clip_norm=0.5)
     for copy, p in zip(copies, params, strict=True):
         assert torch.allclose(copy.detach(), p.detach(), rtol=1e-5, atol=1e-8)
+
+
+def test_one_sure_soft_target_is_cross_entropy_and_importance_sampling_at_ratio_one_is_sft():
+    """Soft targets whose one candidate is the true token with probability 1 are hard cross-entropy, loss and
+    gradients; importance sampling of the policy's own tokens (ratio 1) with advantage 1 has loss -1 (the
+    weighted mean of -ratio * advantage) and SFT's gradients, since d(-exp(logp - s)) = -dlogp where logp = s."""
+    trainer = LocalEngine.for_training(FLOAT32, CONFIG.train)
+    hard = batch(trainer.renderer)
+    trainer.forward_backward(hard)  # LoRA's B starts at zero: one step first makes every gradient non-zero
+    trainer.optim_step(1e-3)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        found = {name: p.grad.clone() for name, p in trainer._trainable()}
+        trainer.model.zero_grad(set_to_none=True)
+        return found
+
+    sft = trainer.forward_backward(hard)
+    sft_grads = gradients()
+    sure = [Datum(d.tokens, d.weights, candidates=[[t] for t in d.tokens], probs=[[1.0]] * len(d.tokens))
+            for d in hard]
+    soft = trainer.forward_backward(sure)
+    soft_grads = gradients()
+    sampled = trainer.compute_logprobs([d.tokens for d in hard])
+    on_policy = [Datum(d.tokens, d.weights, sampled_logprobs=[0.0] + lp, advantages=[1.0] * len(d.tokens))
+                 for d, lp in zip(hard, sampled, strict=True)]
+    policy = trainer.forward_backward(on_policy, loss_fn="importance_sampling")
+    policy_grads = gradients()
+
+    assert soft["tokens"] == policy["tokens"] == sft["tokens"] == sum(sum(d.weights[1:]) for d in hard)
+    assert soft["loss"] == pytest.approx(sft["loss"], rel=1e-5)
+    assert policy["loss"] == pytest.approx(-1.0, abs=1e-4)
+    for name, expected in sft_grads.items():
+        tolerance = 1e-4 * float(expected.abs().max())
+        assert torch.allclose(soft_grads[name], expected, rtol=1e-4, atol=tolerance), name
+        assert torch.allclose(policy_grads[name], expected, rtol=1e-3, atol=tolerance), name
+    flat = [torch.cat([g[name].flatten() for name in sft_grads]) for g in (sft_grads, policy_grads)]
+    assert float(F.cosine_similarity(flat[0], flat[1], dim=0)) > 0.9999

@@ -216,3 +216,167 @@ def test_tinker_a_key_without_the_tml_prefix_is_refused(server, tmp_path):
     response = httpx.post(f"{server.base_url}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-x"})
     assert response.status_code == 200
     assert "eyJhbGciOi" not in Path(server.log_path).read_text()
+
+
+# -- distillation: top-k and target log-probabilities, soft targets, importance sampling, a trainer's sampler --
+def sequences_and_starts(renderer) -> tuple[list[list[int]], list[int]]:
+    """The rows' full sequences and where their replies start, plus one scored only on its last 3 tokens and one
+    with nothing to score (start = its length: no request)."""
+    data = rows(renderer)
+    sequences = [d.tokens for d in data] + [data[0].tokens, data[1].tokens]
+    starts = [d.weights.index(1.0) for d in data] + [len(data[0].tokens) - 3, len(data[1].tokens)]
+    return sequences, starts
+
+
+def soft_batch(teacher, renderer, k: int = 4) -> list[Datum]:
+    """The rows with the teacher's top-k as soft targets on their replies (its probabilities renormalised)."""
+    import math
+
+    data = rows(renderer)
+    starts = [d.weights.index(1.0) for d in data]
+    out = []
+    for d, top in zip(data, teacher.topk_logprobs([d.tokens for d in data], starts, k), strict=True):
+        probs = [[math.exp(lp) / sum(math.exp(x) for x in row) for lp in row] for row in top.logprobs]
+        out.append(Datum(d.tokens, d.weights, candidates=[[]] * top.start + top.ids, probs=[[]] * top.start + probs))
+    return out
+
+
+def importance_batch(teacher, renderer) -> list[Datum]:
+    """The rows as on-policy samples: the base model's own log-probabilities, one advantage per row."""
+    data = rows(renderer)
+    logprobs = teacher.compute_logprobs([d.tokens for d in data])
+    return [Datum(d.tokens, d.weights, sampled_logprobs=[0.0] + lp, advantages=[advantage] * len(d.tokens))
+            for d, lp, advantage in zip(data, logprobs, [1.0, -0.5], strict=True)]
+
+
+def lora_weights(engine) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(engine.model).items()}
+
+
+@pytest.mark.slow
+def test_tinker_sampler_topk_and_target_logprobs_are_the_engines(service, sampler):
+    from jobs.backends.base import TopK
+    from jobs.backends.tinker_backend import TinkerSampler
+
+    ours = TinkerSampler(service.create_sampling_client(base_model=BASE).result(), sampler.renderer, 4)
+    sequences, starts = sequences_and_starts(sampler.renderer)
+    topk, expected = ours.topk_logprobs(sequences, starts, 5), sampler.topk_logprobs(sequences, starts, 5)
+    assert [t.start for t in topk] == starts and topk[-1] == TopK(len(sequences[-1]), [], [])
+    for sequence, got, want in zip(sequences, topk, expected, strict=True):
+        assert got.ids == want.ids and len(got.ids) == len(sequence) - got.start
+        assert all(r == pytest.approx(w, abs=1e-4) for r, w in zip(got.logprobs, want.logprobs, strict=True))
+    # targets of different widths per row (one row asks nothing): each id's log-probability where it was asked
+    targets = [TopK(t.start, [ids[:j % 4] for j, ids in enumerate(t.ids)], []) for t in expected]
+    found, want = ours.target_logprobs(sequences, targets), sampler.target_logprobs(sequences, targets)
+    for got_rows, want_rows, target in zip(found, want, targets, strict=True):
+        assert [len(r) for r in got_rows] == [len(ids) for ids in target.ids]
+        assert all(r == pytest.approx(w, abs=1e-4) for r, w in zip(got_rows, want_rows, strict=True))
+
+    # the wire, straight from the SDK: a dense target tensor gets a dense answer, 0.0 where it asked nothing
+    import numpy as np
+
+    sc, sequence = ours.client, sequences[0]
+    ids = np.full((len(sequence) - 1, 2), -1, dtype=np.int64)
+    ids[-1] = [sequence[-1], 7]
+    response = sc.sample(prompt=tinker.ModelInput.from_ints(sequence), num_samples=1,
+                         sampling_params=tinker.SamplingParams(max_tokens=1),
+                         target_prompt_logprobs=tinker.TensorData.from_numpy(ids)).result()
+    answer = response.target_prompt_logprobs
+    assert answer.sparse_crow_indices is None and answer.shape == [len(sequence) - 1, 2]
+    dense = np.asarray(answer.data).reshape(answer.shape)
+    assert not dense[:-1].any()
+    assert dense[-1].tolist() == pytest.approx(sampler.target_logprobs([sequence], [TopK(len(sequence) - 1,
+                                                                       [[sequence[-1], 7]], [])])[0][0], abs=1e-4)
+    # prompt_logprobs_last_n: only the suffix is scored (the SDK checks that too), as compute_logprobs
+    suffix = sc.compute_logprobs(tinker.ModelInput.from_ints(sequence), prompt_logprobs_last_n=3).result()
+    assert suffix[:-3] == [None] * (len(sequence) - 3)
+    assert suffix[-3:] == pytest.approx(sampler.compute_logprobs([sequence])[0][-3:], abs=2e-4)
+    ids[-1] = [sequence[-1], 10**7]
+    with pytest.raises(tinker.TinkerError, match="vocabulary"):
+        sc.sample(prompt=tinker.ModelInput.from_ints(sequence), num_samples=1,
+                  sampling_params=tinker.SamplingParams(max_tokens=1),
+                  target_prompt_logprobs=tinker.TensorData.from_numpy(ids)).result()
+
+
+def dense(data: list) -> list:
+    """The same Datums with every loss_fn_input dense (the SDK sends a 2-D one sparse where that is smaller)."""
+    return [tinker.Datum(model_input=d.model_input,
+                         loss_fn_inputs={name: tinker.TensorData.from_numpy(td.to_numpy())
+                                         for name, td in d.loss_fn_inputs.items()}) for d in data]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_fn", ["soft", "importance_sampling"])
+def test_tinker_trainer_soft_targets_and_importance_sampling_train_as_the_engine(service, server, sampler, loss_fn):
+    """Two steps of TinkerTrainer through the SDK and the stand-in, and of the local engine: the same mean loss
+    each step and the same LoRA weights after (the second step moves the A matrices too, and with
+    importance_sampling its ratios are no longer 1); forward() gives the loss without a gradient, in Tinker's
+    output shapes; the trainer's own sampler samples and scores with the trained weights."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from jobs.backends.base import SamplingParams, TopK
+    from jobs.backends.tinker_backend import TinkerTrainer
+
+    soft = loss_fn == "soft"
+    batch = soft_batch(sampler, sampler.renderer) if soft else importance_batch(sampler, sampler.renderer)
+    kind = "cross_entropy" if soft else "importance_sampling"
+    trainer = TinkerTrainer(service.create_lora_training_client(base_model=BASE, rank=RANK, seed=0).result(),
+                            sampler.renderer, 4)
+    engine = LocalEngine.for_training(FLOAT32, TrainConfig(lora_rank=RANK, lora_alpha=32, seed=0))
+    initial = lora_weights(engine)
+    total = sum(sum(d.weights[1:]) for d in batch)
+    data = (TinkerTrainer._soft_data if soft else TinkerTrainer._importance_sampling_data)(batch, total)
+    if soft:
+        assert data[0].loss_fn_inputs["weights"].sparse_crow_indices is not None  # the prompt rows are left out
+    forward = trainer.client.forward(dense(data), kind).result()
+    losses = []
+    for step in range(2):
+        pending = trainer.forward_backward(batch, kind)
+        trainer.optim_step(LR).result()
+        ours, local = pending.result(), engine.forward_backward(batch, loss_fn=kind)
+        engine.optim_step(LR)
+        assert ours["tokens"] == local["tokens"] == total
+        assert ours["loss"] == pytest.approx(local["loss"], rel=1e-4, abs=1e-6), step
+        losses.append(ours["loss"])
+    assert forward.metrics["loss:sum"] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    if not soft:  # at ratio 1 the loss is minus the weighted mean advantage; after a step the ratios move
+        replies = [sum(d.weights[1:]) for d in batch]
+        assert losses[0] == pytest.approx(-(replies[0] - 0.5 * replies[1]) / total, rel=1e-4)
+        assert losses[1] != pytest.approx(losses[0], rel=1e-3)
+    for out, datum in zip(forward.loss_fn_outputs, batch, strict=True):
+        n = len(datum.tokens) - 1
+        assert out["logprobs"].shape == ([n, 4] if soft else [n])
+        if soft:  # the candidates' log-probabilities (row j: the token at j + 1), the base model's before step 0
+            start = datum.weights.index(1.0)
+            got = np.asarray(out["logprobs"].data).reshape(n, 4)[start - 1:].tolist()
+            want = sampler.target_logprobs([datum.tokens], [TopK(start, (datum.candidates or [])[start:], [])])[0]
+            assert all(r == pytest.approx(w, abs=1e-4) for r, w in zip(got, want, strict=True))
+
+    name = f"{loss_fn}-2"
+    trainer.client.save_weights_for_sampler(name).result()
+    saved = load_file(server.data_dir / "models" / trainer.client.model_id / "sampler_weights" / name
+                      / "adapter_model.safetensors")
+    expected = lora_weights(engine)
+    assert saved.keys() == expected.keys()
+    assert any("lora_A" in key and not torch.equal(saved[key], initial[key]) for key in saved)  # step 2 moved A
+    for key, tensor in saved.items():
+        assert torch.allclose(tensor, expected[key], rtol=1e-3, atol=LR * 1e-2), key
+
+    # the trainer's own sampler: the trained weights, as the local engine has them, not the base model's
+    student = trainer.sampler()
+    sequences, starts = sequences_and_starts(sampler.renderer)
+    trained = student.topk_logprobs(sequences[:2], starts[:2], 3)
+    local_trained, base = engine.topk_logprobs(sequences[:2], starts[:2], 3), sampler.topk_logprobs(sequences[:2],
+                                                                                                    starts[:2], 3)
+    for got_topk, want_topk, base_topk in zip(trained, local_trained, base, strict=True):
+        assert got_topk.ids == want_topk.ids
+        assert all(r == pytest.approx(w, abs=1e-4) for r, w in zip(got_topk.logprobs, want_topk.logprobs, strict=True))
+        assert max(abs(a - b) for r, w in zip(got_topk.logprobs, base_topk.logprobs, strict=True)
+                   for a, b in zip(r, w, strict=True)) > 1e-3
+    params = SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=5)
+    prompts = [sampler.renderer.prompt(q) for q, _ in ROWS]
+    assert student.sample(prompts, params) == engine.sample(prompts, params)

@@ -14,14 +14,24 @@ semantics it chose, since the hosted service's are not observable offline:
   lora_alpha=32, seed=lora seed))` on the CPU (dtype: the project's `model.dtype=auto` rule, or `--dtype`).
   Base models resolve through `model_files.model_dir`, so only models available offline work. A model id is
   `<session>:train:<n>`, as the SDK itself assumes for create-from-state;
-- training: `cross_entropy` only, Tinker's weighted *sum* -sum(w * logp) (not a mean). Each datum's
-  `target_tokens` must be its `model_input` shifted by one (next-token training). Gradients accumulate over
+- training: Tinker's losses are weighted *sums* (not means), mapped onto `LocalEngine.forward_backward(...,
+  reduction="sum", loss_fn=...)`:
+  - `cross_entropy` with 1-D `target_tokens` and `weights` (N,): -sum(w * logp); the targets must be
+    `model_input` shifted by one (next-token training);
+  - `cross_entropy` with 2-D (N, K) `target_tokens` and `weights` (top-k distillation): -sum_{i,j} w_ij *
+    log p(t_ij) at position i, the engine's soft targets (`Datum(candidates=t_i, probs=w_i)`, weight 1 on the
+    rows with any non-zero w); all datums of a request 1-D or all 2-D;
+  - `importance_sampling` with `target_tokens` (model_input shifted by one), `logprobs` (the sampler's) and
+    `advantages`, all (N,), and nothing else: -sum(exp(logp - logprobs) * advantages)
+    (`Datum(sampled_logprobs=..., advantages=...)`); positions with advantage 0 add nothing and are skipped.
+  A loss_fn_inputs tensor may be dense or sparse CSR (cells it leaves out are 0, the pad the SDK uses when it
+  sends a 2-D tensor sparse). Other losses (ppo, cispo, dro, custom, ...) are refused. Gradients accumulate over
   forward_backward requests (the SDK splits big batches into chunks) until `optim_step`, which is torch's
   AdamW with the request's lr, betas, eps, weight decay and global-norm clipping (0: none). Requests of one
   model are applied in seq_id order whatever order they arrive in; a repeated seq_id (a retry) gets the
-  first one's future. Outputs: `loss_fn_outputs[i]["logprobs"]` (float32, one per target token: the target's
-  log-probability where its weight is non-zero, 0.0 where it is zero, whose logits are never computed; all
-  positions for `forward`) and metrics `{"loss:sum": ...}`;
+  first one's future. Outputs: `loss_fn_outputs[i]["logprobs"]` (float32, the targets' log-probabilities: (N,),
+  or (N, K) for 2-D targets, where the position is weighted (has a non-zero advantage) and 0.0 elsewhere, whose
+  logits are never computed; all positions for `forward`) and metrics `{"loss:sum": ...}`;
 - checkpoints live in `--data-dir` and survive clients and server restarts: `save_state(name)` writes
   `models/<model_id>/weights/<name>/` (adapter, optimizer and RNG state, meta.json) =
   `tinker://<model_id>/weights/<name>`; `create_training_client_from_state[_with_optimizer](path)` restores
@@ -35,8 +45,18 @@ semantics it chose, since the hosted service's are not observable offline:
   by the request's seed (sample j of a request: seed + j * 2**32; no seed: a random one), so a reply depends
   only on prompt, parameters and seed, never on the batch it shared. Stop: the end-of-turn token only (None,
   or a stop list of the eos id or its text); the returned tokens end with it when `stop_reason == "stop"`.
-  `top_k` and per-token sample logprobs are not supported (sequences carry no logprobs).
-  `compute_logprobs` (prompt_logprobs) returns [None, logp(t1|t0), ...] from `LocalEngine.compute_logprobs`;
+  `top_k`, per-token sample logprobs (sequences carry none), `topk_sample_logprobs` and `prompt_alt_tokens_k` are
+  not supported. `compute_logprobs` (prompt_logprobs) returns [None, logp(t1|t0), ...] from
+  `LocalEngine.compute_logprobs`;
+- scoring prompts (with the sample; max_tokens=1 makes a request a prefill), from one
+  `LocalEngine.position_logprobs` pass over a batch's prompts, the pass `topk_logprobs` and `target_logprobs`
+  make: `prompt_logprobs_last_n=n` scores only the last n positions (prompt_logprobs NaN before them: None to the
+  SDK); `topk_prompt_logprobs=k` answers a TopkLogprobs of `length` = len(prompt) rows, row i for prompt position
+  i as prompt_logprobs (row 0 and the rows before the last n: the SDK's sentinel, token 0 and -99999.0, read back
+  as None), k = min(k, vocabulary) columns, most likely first; `target_prompt_logprobs` ([len(prompt) - 1, K]
+  int64 token ids, row i for position i + 1, dense or sparse CSR; -1 and unlisted cells ask nothing) answers
+  float32 log-probabilities in the same shape and layout, 0.0 where nothing was asked. An id outside the
+  vocabulary fails the request (category user);
 - faults and latency: `--latency S` makes each result available no sooner than S after its request arrived
   (requests in flight overlap; training still applies in order). `--fault-rate R` answers that share of the
   mutating and polling requests (forward_backward, optim_step, save/load weights, asample, retrieve_future)
@@ -51,6 +71,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import random
@@ -148,6 +169,30 @@ class SampleJob:
     seeds: list[int]
     prompt_logprobs: bool
     arrived: float
+    topk: int = 0  # topk_prompt_logprobs
+    last_n: int | None = None  # prompt_logprobs_last_n: score only the prompt's last n tokens
+    targets: Targets | None = None  # target_prompt_logprobs
+
+    @property
+    def scores(self) -> bool:
+        """Whether the prompt is scored per position (top-k, targets, a suffix), not just its log-probabilities."""
+        return bool(self.topk or self.targets or self.last_n)
+
+
+@dataclasses.dataclass
+class Targets:
+    """A request's target_prompt_logprobs: the token ids to score at each prompt position 1..len-1 (row i =
+    position i + 1; -1 and unlisted cells ask nothing), and the layout the answer keeps: dense (rows, width) or
+    the request's own sparse CSR indices."""
+
+    cells: list[list[tuple[int, int]]]  # per row: (column, token id) of the cells that ask
+    shape: tuple[int, int]
+    crow: list[int] | None = None
+    col: list[int] | None = None
+
+    @property
+    def first_row(self) -> int:
+        return next(i for i, row in enumerate(self.cells) if row)
 
 
 # -- the server's state and its one compute worker ---------------------------------------------------------------
@@ -408,21 +453,46 @@ class Backend:
         from jobs.backends.base import Datum
 
         loss_fn, forward_only, data = body["loss_fn"], body["forward_only"], body["data"]
-        if loss_fn != "cross_entropy":
-            raise UserError(f"loss_fn {loss_fn!r} is not supported here (only cross_entropy)")
         if not data:
             raise UserError("no data")
         engine = model.engine
-        datums = [Datum(tokens, weights) for tokens, weights in data]
+        vocab = int(engine.model.config.vocab_size)
+        if any(not 0 <= t < vocab for d in data for row in [d["tokens"], *(d.get("candidates") or [])] for t in row):
+            raise UserError(f"a token id outside the vocabulary (0..{vocab - 1})")
+        datums = [Datum(d["tokens"], d["weights"], candidates=d.get("candidates"), probs=d.get("probs"),
+                        sampled_logprobs=d.get("sampled_logprobs"), advantages=d.get("advantages")) for d in data]
+        soft = data[0]["width"] is not None
         if forward_only:
-            logprobs = engine.compute_logprobs([d.tokens for d in datums])
-            loss = -sum(w * lp for d, row in zip(datums, logprobs, strict=True)
-                        for w, lp in zip(d.weights[1:], row, strict=True))
+            logprobs, loss = self._forward(engine, loss_fn, datums, soft)
         else:
             engine.model.train()
-            result = engine.forward_backward(datums, reduction="sum", logprobs=True)
-            logprobs, loss = result["logprobs"], result["loss"]
+            result = engine.forward_backward(datums, reduction="sum", logprobs=True, loss_fn=loss_fn)
+            logprobs, loss = result["candidate_logprobs" if soft else "logprobs"], result["loss"]
         return forward_backward_output(logprobs, {"loss:sum": loss})
+
+    @staticmethod
+    def _forward(engine, loss_fn: str, datums: list, soft: bool) -> tuple[list, float]:
+        """forward(): the loss and the target log-probabilities at every position, no gradient."""
+        import math
+
+        from jobs.backends.base import TopK
+
+        if soft:  # row j of a datum: the distribution of its token j + 1, scored at its K targets
+            logprobs: list = engine.target_logprobs([d.tokens for d in datums],
+                                                    [TopK(1, (d.candidates or [])[1:], []) for d in datums])
+            loss = -sum(w * lp for d, rows in zip(datums, logprobs, strict=True)
+                        for weights, row in zip((d.probs or [])[1:], rows, strict=True)
+                        for w, lp in zip(weights, row, strict=True))
+            return logprobs, loss
+        logprobs = engine.compute_logprobs([d.tokens for d in datums])
+        if loss_fn == "importance_sampling":
+            loss = -sum(math.exp(lp - s) * a for d, row in zip(datums, logprobs, strict=True)
+                        for lp, s, a in zip(row, (d.sampled_logprobs or [])[1:], (d.advantages or [])[1:], strict=True)
+                        if a)
+        else:
+            loss = -sum(w * lp for d, row in zip(datums, logprobs, strict=True)
+                        for w, lp in zip(d.weights[1:], row, strict=True))
+        return logprobs, loss
 
     def _optim_step(self, model: TrainModel, body: dict) -> dict:
         adam = body.get("adam_params")
@@ -495,10 +565,11 @@ class Backend:
                                         repetition_penalty=1.0, seed=0, batch_size=self.engine_batch)
                 prompts = [job.prompt for job in jobs for _ in job.seeds]
                 replies = engine.sample(prompts, params, seeds=[seed for job in jobs for seed in job.seeds])
-                scored = [job for job in jobs if job.prompt_logprobs]
-                logprobs = dict(zip((id(j) for j in scored),
-                                    engine.compute_logprobs([j.prompt for j in scored]) if scored else [],
+                plain = [job for job in jobs if job.prompt_logprobs and not job.scores]
+                logprobs = dict(zip((id(j) for j in plain),
+                                    engine.compute_logprobs([j.prompt for j in plain]) if plain else [],
                                     strict=True))
+                scores = self._score(engine, [job for job in jobs if job.scores])
             except Exception as error:
                 for job in jobs:
                     self._run(job.future, _raise, error)
@@ -508,7 +579,57 @@ class Backend:
                 mine, replies = replies[:len(job.seeds)], replies[len(job.seeds):]
                 sequences = [(reply + [end], "stop") if len(reply) < max_tokens else (reply, "length")
                              for reply in mine]
-                job.future.resolve(sample_response(sequences, logprobs.get(id(job))))
+                scored = scores.get(id(job), {})
+                if isinstance(scored, Exception):
+                    self._run(job.future, _raise, scored)
+                else:
+                    self._run(job.future, sample_response, sequences,
+                              scored.pop("prompt_logprobs", logprobs.get(id(job))), scored.get("topk"),
+                              scored.get("targets"))
+
+    @staticmethod
+    def _score(engine, jobs: list[SampleJob]) -> dict[int, dict | Exception]:
+        """Per job (by id) the sample_response arguments for its prompt_logprobs, top-k and target log-probabilities,
+        from one `LocalEngine.position_logprobs` pass over the jobs' prompts (each from the first position any of
+        them needs); a job that names a token outside the vocabulary gets its UserError instead."""
+        import torch
+
+        found: dict[int, dict | Exception] = {}
+        vocab = int(engine.model.config.vocab_size)
+        valid = []
+        for job in jobs:
+            if job.targets and any(token >= vocab for row in job.targets.cells for _, token in row):
+                found[id(job)] = UserError(f"target_prompt_logprobs names a token id outside the vocabulary "
+                                           f"(0..{vocab - 1})")
+            else:
+                valid.append(job)
+        # prompt log-probabilities and the top-k cover the last `last_n` positions (all but the first by default);
+        # targets, row i for position i + 1, from the first row that names one
+        scored_from = [len(job.prompt) - job.last_n if job.last_n else 1 for job in valid]
+        starts = [min(first if job.prompt_logprobs or job.topk else len(job.prompt),
+                      job.targets.first_row + 1 if job.targets else len(job.prompt))
+                  for job, first in zip(valid, scored_from, strict=True)]
+        for i, rows in engine.position_logprobs([job.prompt for job in valid], starts) if valid else ():
+            job, first, start = valid[i], scored_from[i], starts[i]
+            mine = rows[first - start:] if job.prompt_logprobs or job.topk else rows[:0]  # start <= first then
+            scored: dict = {}
+            if job.prompt_logprobs:
+                actual = torch.tensor(job.prompt[first:], device=mine.device)
+                scored["prompt_logprobs"] = [None] * (first - 1) + mine.gather(1, actual[:, None]).squeeze(1).tolist()
+            if job.topk:
+                values, ids = mine.topk(min(job.topk, mine.shape[-1]), dim=-1)
+                scored["topk"] = (len(job.prompt), ids.shape[-1], ids.tolist(), values.tolist())
+            if job.targets:
+                answers: list[dict[int, float]] = []
+                for row, cells in enumerate(job.targets.cells):  # row i: position i + 1
+                    if cells:
+                        values = rows[row + 1 - start][[token for _, token in cells]].tolist()
+                        answers.append({column: value for (column, _), value in zip(cells, values, strict=True)})
+                    else:
+                        answers.append({})
+                scored["targets"] = targets_tensor(job.targets, answers)
+            found[id(job)] = scored
+        return found
 
 
 def _raise(error: Exception):
@@ -516,14 +637,28 @@ def _raise(error: Exception):
 
 
 # -- protobuf ----------------------------------------------------------------------------------------------------
+LOSS_INPUTS = {"cross_entropy": ("target_tokens", "weights"),
+               "importance_sampling": ("target_tokens", "logprobs", "advantages")}
+
+
 def parse_forward_backward(raw: bytes) -> tuple[str, int, dict]:
-    """(model_id, seq_id, {loss_fn, forward_only, data: [(tokens, weights)]}) from the SDK's protobuf body; a
-    datum's tokens are model_input + its last target, weights[0] = 0 (the engine's Datum convention)."""
+    """(model_id, seq_id, {loss_fn, forward_only, data}) from the SDK's protobuf body. Each datum is a dict in the
+    engine's `Datum` convention (tokens = model_input + its last target, index 0 of every per-token list a
+    placeholder) with "width": None for 1-D targets, K for 2-D (N, K) ones:
+    - cross_entropy, 1-D: tokens, weights;
+    - cross_entropy, 2-D: tokens, weights (1 where a row has any non-zero weight), candidates (the row's K
+      target ids) and probs (the row's K weights), so the engine's soft-target loss -sum_j w_j log p(t_j) is
+      Tinker's -sum_{i,j} w_ij log p(t_ij);
+    - importance_sampling: tokens, weights (1 where the advantage is non-zero: the others add nothing),
+      sampled_logprobs, advantages."""
     import numpy as np
     from tinker.proto import tinker_public_pb2 as pb
 
     msg = pb.ForwardBackwardRequest()
     msg.ParseFromString(raw)
+    loss_fn = msg.loss_fn
+    if loss_fn not in LOSS_INPUTS:
+        raise UserError(f"loss_fn {loss_fn!r} is not supported here (only {', '.join(LOSS_INPUTS)})")
     data = []
     for i, datum in enumerate(msg.data):
         tokens: list[int] = []
@@ -533,48 +668,183 @@ def parse_forward_backward(raw: bytes) -> tuple[str, int, dict]:
             tokens += np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist()
         inputs = {name: _tensor(t) for name, t in datum.loss_fn_inputs.items()}
         if "target_tokens" not in inputs:
-            raise UserError("cross_entropy needs loss_fn_inputs['target_tokens']")
-        targets = [int(x) for x in inputs["target_tokens"]]
-        weights = [float(x) for x in inputs["weights"]] if "weights" in inputs else [1.0] * len(targets)
-        if not tokens or len(targets) != len(tokens) or len(weights) != len(tokens):
-            raise UserError(f"datum {i}: model_input, target_tokens and weights must have the same length")
-        if targets[:-1] != tokens[1:]:
-            raise UserError(f"datum {i}: target_tokens must be model_input shifted by one (next-token targets)")
-        data.append((tokens + targets[-1:], [0.0] + weights))
-    return msg.model_id, msg.seq_id, {"loss_fn": msg.loss_fn, "forward_only": msg.forward_only, "data": data}
+            raise UserError(f"{loss_fn} needs loss_fn_inputs['target_tokens']")
+        if loss_fn == "importance_sampling":
+            data.append(_importance_sampling_datum(i, tokens, inputs))
+        elif inputs["target_tokens"].ndim == 2:
+            data.append(_soft_datum(i, tokens, inputs))
+        else:
+            if "weights" in inputs and inputs["weights"].ndim != 1:
+                raise UserError(f"datum {i}: 1-D target_tokens need 1-D weights")
+            targets = inputs["target_tokens"].astype(np.int64).tolist()
+            weights = inputs["weights"].tolist() if "weights" in inputs else [1.0] * len(targets)
+            if not tokens or len(targets) != len(tokens) or len(weights) != len(tokens):
+                raise UserError(f"datum {i}: model_input, target_tokens and weights must have the same length")
+            _check_shifted(i, tokens, targets)
+            data.append({"tokens": tokens + targets[-1:], "weights": [0.0] + weights, "width": None})
+    if len({d["width"] is None for d in data}) > 1:
+        raise UserError("a request's datums must all have 1-D target_tokens or all 2-D (N, K) ones")
+    return msg.model_id, msg.seq_id, {"loss_fn": loss_fn, "forward_only": msg.forward_only, "data": data}
 
 
-def _tensor(msg) -> list:
+def _check_shifted(i: int, tokens: list[int], targets: list[int]) -> None:
+    if targets[:-1] != tokens[1:]:
+        raise UserError(f"datum {i}: target_tokens must be model_input shifted by one (next-token targets)")
+
+
+def _soft_datum(i: int, tokens: list[int], inputs: dict) -> dict:
+    import numpy as np
+
+    targets, weights = inputs["target_tokens"].astype(np.int64), inputs.get("weights")
+    if weights is None or weights.shape != targets.shape:
+        raise UserError(f"datum {i}: 2-D target_tokens {list(targets.shape)} need weights of the same shape")
+    if not tokens or targets.shape[0] != len(tokens) or targets.shape[1] < 1:
+        raise UserError(f"datum {i}: 2-D target_tokens must have one row per model_input token and K >= 1 columns")
+    asks = (weights != 0).any(axis=1).tolist()
+    return {"tokens": tokens + [int(targets[-1, 0])], "weights": [0.0] + [1.0 if a else 0.0 for a in asks],
+            "candidates": [[]] + targets.tolist(), "probs": [[]] + weights.astype(np.float64).tolist(),
+            "width": int(targets.shape[1])}
+
+
+def _importance_sampling_datum(i: int, tokens: list[int], inputs: dict) -> dict:
+    import numpy as np
+
+    unknown = sorted(set(inputs) - set(LOSS_INPUTS["importance_sampling"]))
+    missing = [name for name in LOSS_INPUTS["importance_sampling"] if name not in inputs]
+    if unknown or missing:
+        raise UserError(f"datum {i}: importance_sampling takes loss_fn_inputs target_tokens, logprobs and advantages"
+                        + (f"; missing {', '.join(missing)}" if missing else "")
+                        + (f"; not {', '.join(unknown)}" if unknown else ""))
+    targets = inputs["target_tokens"].astype(np.int64)
+    sampled, advantages = inputs["logprobs"].astype(np.float64), inputs["advantages"].astype(np.float64)
+    if not tokens or any(a.ndim != 1 or len(a) != len(tokens) for a in (targets, sampled, advantages)):
+        raise UserError(f"datum {i}: model_input, target_tokens, logprobs and advantages must have the same length")
+    _check_shifted(i, tokens, targets.tolist())
+    return {"tokens": tokens + [int(targets[-1])], "weights": [0.0] + (advantages != 0).astype(float).tolist(),
+            "sampled_logprobs": [0.0] + sampled.tolist(), "advantages": [0.0] + advantages.tolist(), "width": None}
+
+
+def _tensor(msg):
+    """A loss_fn_inputs tensor as a numpy array of its shape (1-D when none is given); a sparse CSR one is
+    densified with 0 in the cells it leaves out (the pad the SDK uses when it makes one from a 2-D tensor)."""
     import numpy as np
     from tinker.proto import tinker_public_pb2 as pb
 
-    if msg.HasField("sparse_csr"):
-        raise UserError("sparse loss_fn_inputs are not supported here")
     dtype = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}.get(msg.dtype)
     if dtype is None:
         raise UserError(f"unsupported tensor dtype {msg.dtype}")
-    return np.frombuffer(msg.dense, dtype=dtype).tolist()
+    shape = [int(n) for n in msg.shape]
+    if msg.HasField("sparse_csr"):
+        values = np.frombuffer(msg.sparse_csr.values, dtype=dtype)
+        crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype=np.int64)
+        col = np.frombuffer(msg.sparse_csr.col_indices, dtype=np.int64)
+        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values) or crow[0] != 0 \
+                or crow[-1] != len(col) or (np.diff(crow) < 0).any() or ((col < 0) | (col >= shape[1])).any():
+            raise UserError(f"a sparse CSR tensor of shape {shape} with malformed indices")
+        dense = np.zeros(shape, dtype=dtype)
+        dense[np.repeat(np.arange(shape[0]), np.diff(crow)), col] = values
+        return dense
+    array = np.frombuffer(msg.dense, dtype=dtype)
+    if shape and int(np.prod(shape)) != array.size:
+        raise UserError(f"a tensor of shape {shape} with {array.size} values")
+    return array.reshape(shape) if shape else array
 
 
-def forward_backward_output(logprobs: list[list[float]], metrics: dict[str, float]) -> bytes:
+def forward_backward_output(logprobs: list, metrics: dict[str, float]) -> bytes:
+    """Per datum its "logprobs": a list of floats (1-D targets) or of rows of K floats (2-D (N, K) targets). Runs
+    of datums with the same trailing shape go out as one ArrayRecord each, as the SDK reads ragged outputs."""
     import numpy as np
     from tinker.proto import tinker_public_pb2 as pb
 
     out = pb.ForwardBackwardOutput()
     out.loss_fn_output_type = "ArrayRecord"
-    record = out.loss_fn_outputs.add()
-    record.num_datums = len(logprobs)
-    field = record.fields["logprobs"]
     arrays = [np.asarray(row, dtype=np.float32) for row in logprobs]
-    field.data = b"".join(a.tobytes() for a in arrays)
-    field.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64).tobytes()
-    field.dtype = pb.DTYPE_FLOAT32
+    runs: list[list[np.ndarray]] = []
+    for array in arrays:
+        if runs and runs[-1][0].shape[1:] == array.shape[1:]:
+            runs[-1].append(array)
+        else:
+            runs.append([array])
+    for run in runs or [[]]:
+        record = out.loss_fn_outputs.add()
+        record.num_datums = len(run)
+        field = record.fields["logprobs"]
+        field.data = b"".join(a.tobytes() for a in run)
+        field.offsets = np.cumsum([0] + [a.nbytes for a in run], dtype=np.int64).tobytes()
+        field.dtype = pb.DTYPE_FLOAT32
+        if run and run[0].ndim == 2:
+            field.trailing_shape.extend(run[0].shape[1:])
     for name, value in metrics.items():
         out.metrics[name] = float(value)
     return out.SerializeToString()
 
 
-def sample_response(sequences: list[tuple[list[int], str]], prompt_logprobs: list[float] | None) -> bytes:
+def parse_targets(raw: dict, length: int) -> Targets:
+    """A sample request's target_prompt_logprobs (the JSON TensorData: int64, shape [len(prompt) - 1, K], dense
+    or sparse CSR) as `Targets`; -1 and the cells a sparse tensor leaves out ask nothing."""
+    if not isinstance(raw, dict) or raw.get("dtype") != "int64":
+        raise UserError("target_prompt_logprobs must be an int64 tensor of token ids")
+    shape = raw.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or shape[0] != length - 1 or int(shape[1]) < 1:
+        raise UserError(f"target_prompt_logprobs must have shape [len(prompt) - 1, K] = [{length - 1}, K], "
+                        f"not {shape}")
+    rows, width = int(shape[0]), int(shape[1])
+    data = [int(x) for x in raw.get("data") or []]
+    raw_crow, raw_col = raw.get("sparse_crow_indices"), raw.get("sparse_col_indices")
+    if (raw_crow is None) != (raw_col is None):
+        raise UserError("target_prompt_logprobs: sparse_crow_indices and sparse_col_indices come together")
+    crow: list[int] | None = None
+    col: list[int] | None = None
+    if raw_crow is None or raw_col is None:
+        if len(data) != rows * width:
+            raise UserError(f"target_prompt_logprobs: {len(data)} values for shape {shape}")
+        cells = [[(j, data[i * width + j]) for j in range(width) if data[i * width + j] != -1] for i in range(rows)]
+    else:
+        crow, col = [int(x) for x in raw_crow], [int(x) for x in raw_col]
+        if len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(col) or len(col) != len(data) \
+                or any(b < a for a, b in itertools.pairwise(crow)) or any(not 0 <= c < width for c in col):
+            raise UserError("target_prompt_logprobs: malformed sparse CSR indices")
+        cells = [[(col[k], data[k]) for k in range(crow[i], crow[i + 1]) if data[k] != -1] for i in range(rows)]
+    if any(token < 0 for row in cells for _, token in row):
+        raise UserError("target_prompt_logprobs: a token id is negative (-1 asks nothing; others are not ids)")
+    if not any(cells):
+        raise UserError("target_prompt_logprobs names no token id")
+    return Targets(cells, (rows, width), crow, col)
+
+
+def targets_tensor(targets: Targets, found: list[dict[int, float]]):
+    """The answer to `targets` (found[i]: column -> log-probability in row i) in the request's layout: float32,
+    0.0 where nothing was asked."""
+    import numpy as np
+    from tinker.proto import tinker_public_pb2 as pb
+
+    msg = pb.Tensor()
+    msg.dtype = pb.DTYPE_FLOAT32
+    msg.shape.extend(targets.shape)
+    if targets.crow is not None and targets.col is not None:
+        values = [found[i].get(targets.col[k], 0.0) for i in range(targets.shape[0])
+                  for k in range(targets.crow[i], targets.crow[i + 1])]
+        msg.sparse_csr.values = np.asarray(values, dtype=np.float32).tobytes()
+        msg.sparse_csr.crow_indices = np.asarray(targets.crow, dtype=np.int64).tobytes()
+        msg.sparse_csr.col_indices = np.asarray(targets.col, dtype=np.int64).tobytes()
+    else:
+        dense = np.zeros(targets.shape, dtype=np.float32)
+        for i, row in enumerate(found):
+            for j, value in row.items():
+                dense[i, j] = value
+        msg.dense = dense.tobytes()
+    return msg
+
+
+TOPK_MASK = (0, -99999.0)  # the SDK's sentinel for a position with no top-k (tinker.types.topk_logprobs)
+
+
+def sample_response(sequences: list[tuple[list[int], str]], prompt_logprobs: list[float | None] | None,
+                    topk: tuple[int, int, list[list[int]], list[list[float]]] | None = None,
+                    targets=None) -> bytes:
+    """`prompt_logprobs`: positions 1.. of the prompt (None: not scored; NaN on the wire); `topk`: (prompt length,
+    k, ids, log-probabilities) of the last len(ids) positions, the rows before them the SDK's sentinel; `targets`:
+    a `targets_tensor`."""
     import numpy as np
     from tinker.proto import tinker_public_pb2 as pb
 
@@ -584,7 +854,21 @@ def sample_response(sequences: list[tuple[list[int], str]], prompt_logprobs: lis
         seq.tokens = np.asarray(tokens, dtype=np.int32).tobytes()
         seq.stop_reason = pb.STOP_REASON_STOP if stop_reason == "stop" else pb.STOP_REASON_LENGTH
     if prompt_logprobs is not None:  # NaN reads back as None: the first token has no context
-        out.prompt_logprobs = np.asarray([float("nan")] + list(prompt_logprobs), dtype=np.float32).tobytes()
+        out.prompt_logprobs = np.asarray([float("nan")] + [float("nan") if x is None else x for x in prompt_logprobs],
+                                         dtype=np.float32).tobytes()
+    if topk is not None:
+        length, k, ids, logprobs = topk
+        token_ids = np.full((length, k), TOPK_MASK[0], dtype=np.int32)
+        values = np.full((length, k), TOPK_MASK[1], dtype=np.float32)
+        if ids:
+            token_ids[length - len(ids):] = ids
+            values[length - len(ids):] = logprobs
+        out.topk_prompt_logprobs.token_ids = token_ids.tobytes()
+        out.topk_prompt_logprobs.logprobs = values.tobytes()
+        out.topk_prompt_logprobs.k = k
+        out.topk_prompt_logprobs.length = length
+    if targets is not None:
+        out.target_prompt_logprobs.CopyFrom(targets)
     return out.SerializeToString()
 
 
@@ -806,22 +1090,36 @@ class Handler(BaseHTTPRequestHandler):
         ids = [f"{future.request_id}:{i}" for i in range(num)]
         try:
             prompt = [t for chunk in body["prompt"]["chunks"] for t in _chunk_tokens(chunk)]
-            if body.get("topk_prompt_logprobs") or body.get("topk_sample_logprobs") or body.get("prompt_alt_tokens_k") \
-                    or body.get("target_prompt_logprobs") or body.get("prompt_logprobs_last_n"):
-                raise UserError("top-k logprobs, target or alternative prompt tokens and prompt_logprobs_last_n are "
-                                "not supported here")
+            if body.get("topk_sample_logprobs") or body.get("prompt_alt_tokens_k"):
+                raise UserError("top-k logprobs of sampled tokens (topk_sample_logprobs) and alternative prompt tokens "
+                                "(prompt_alt_tokens_k) are not supported here")
             if int(params.get("top_k", -1)) not in (-1, 0):
                 raise UserError("top_k is not supported here")
             _check_stop(params.get("stop"), entry["base_model"])
             if not prompt or num < 1:
                 raise UserError("an empty prompt or num_samples < 1")
+            topk = int(body.get("topk_prompt_logprobs") or 0)
+            if topk < 0:
+                raise UserError(f"topk_prompt_logprobs must be 0 or greater, not {topk}")
+            last_n = body.get("prompt_logprobs_last_n")
+            if last_n is not None:
+                last_n = int(last_n)
+                if not body.get("prompt_logprobs"):
+                    raise UserError("prompt_logprobs_last_n needs prompt_logprobs")
+                if not 1 <= last_n <= len(prompt) - 1:
+                    raise UserError(f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = "
+                                    f"{len(prompt) - 1}, not {last_n}")
+            targets = None
+            if body.get("target_prompt_logprobs") is not None:
+                targets = parse_targets(body["target_prompt_logprobs"], len(prompt))
             seed = params.get("seed")
             if seed is None:
                 seed = backend._seed_rng.randrange(2**31)
             seeds = [(int(seed) + j * 2**32) % 2**63 for j in range(num)]
             job = SampleJob(future, (entry["base_model"], entry.get("adapter")), prompt,
                             int(params.get("max_tokens") or 16), float(params.get("temperature", 1.0)),
-                            float(params.get("top_p", 1.0)), seeds, bool(body.get("prompt_logprobs")), arrived)
+                            float(params.get("top_p", 1.0)), seeds, bool(body.get("prompt_logprobs")), arrived,
+                            topk=topk, last_n=last_n, targets=targets)
         except UserError as error:
             backend.futures[future.request_id] = future
             future.fail(str(error), "user")

@@ -397,7 +397,9 @@ class LocalEngine:
         losses): sum(w * loss) itself, so its loss and gradients are the mean's times the total weight.
         Returns {"loss", "tokens" (the total weight)}, and with `logprobs` also "logprobs": per datum, the
         log-probability of each of its tokens after the first (len(tokens) - 1 values) at the positions with a
-        non-zero weight, and 0.0 at the others (their logits are never computed)."""
+        non-zero weight, and 0.0 at the others (their logits are never computed); with soft targets also
+        "candidate_logprobs": per datum, one row per token after the first, the log-probability of each of its
+        `candidates` there (0.0 where the weight is zero)."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         prefix_len = shared_prefix_length([d.tokens for d in batch])
@@ -423,7 +425,8 @@ class LocalEngine:
             per_position = -ratio * flat([d.advantages or [] for d in batch])[keep]
         elif batch[0].candidates is not None:
             candidates, probs = self._soft_targets(batch, prefix_len)
-            per_position = -(logits.log_softmax(dim=-1).gather(1, candidates) * probs).sum(dim=1)
+            chosen = logits.log_softmax(dim=-1).gather(1, candidates)
+            per_position = -(chosen * probs).sum(dim=1)
         else:
             per_position = -target_logprobs
         total = weights.sum()
@@ -431,13 +434,36 @@ class LocalEngine:
         if reduction == "mean":
             loss = loss / total.clamp(min=1.0)
         loss.backward()
-        result: dict[str, float | list[list[float]]] = {
+        result: dict[str, float | list[list[float]] | list[list[list[float]]]] = {
             "loss": float(loss.detach()), "tokens": float(total.clamp(min=1.0) if reduction == "mean" else total)}
         if logprobs:
             packed = torch.zeros(tokens.shape[1], dtype=torch.float32, device=self.device)
             packed[keep] = target_logprobs.detach()
             result["logprobs"] = [[0.0] * prefix_len + packed[start:end - 1].tolist() for start, end in segments]
+            if loss_fn == "cross_entropy" and batch[0].candidates is not None:
+                result["candidate_logprobs"] = self._unpack_rows(batch, segments, keep, chosen.detach(), prefix_len)
         return result
+
+    @staticmethod
+    def _unpack_rows(batch: list[Datum], segments: list[tuple[int, int]], keep: torch.Tensor, rows: torch.Tensor,
+                     prefix_len: int) -> list[list[list[float]]]:
+        """`rows` (one per kept position, in packing order) back per datum: for tokens[1:], each position's
+        first len(candidates) values, zeros where the position was not kept."""
+        kept, values = keep.tolist(), rows.tolist()
+        index = [-1] * len(kept)
+        count = 0
+        for column, flag in enumerate(kept):
+            if flag:
+                index[column], count = count, count + 1
+        out = []
+        for (start, _), datum in zip(segments, batch, strict=True):
+            mine = []
+            for j, candidates in enumerate((datum.candidates or [])[1:]):  # position j predicts token j + 1
+                column = start + j - prefix_len
+                row = values[index[column]] if j >= prefix_len and kept[column] else None
+                mine.append(row[:len(candidates)] if row is not None else [0.0] * len(candidates))
+            out.append(mine)
+        return out
 
     def _soft_targets(self, batch: list[Datum], prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidates and their target probabilities at every weighted position, in packing order, as
@@ -445,10 +471,10 @@ class LocalEngine:
         rows = [(ids, probs) for d in batch for w, ids, probs in
                 zip(d.weights[prefix_len + 1:], (d.candidates or [])[prefix_len + 1:], (d.probs or [])[prefix_len + 1:],
                     strict=True) if w > 0]
-        width = max(len(ids) for ids, _ in rows)
-        candidates = self._tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+        width = max((len(ids) for ids, _ in rows), default=1)  # no weighted position: (0, 1), a zero loss
+        candidates = self._tensor([ids + [0] * (width - len(ids)) for ids, _ in rows]).reshape(len(rows), width)
         probs = torch.tensor([p + [0.0] * (width - len(p)) for _, p in rows], dtype=torch.float32, device=self.device)
-        return candidates, probs
+        return candidates, probs.reshape(len(rows), width)
 
     def optim_step(self, learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> None:

@@ -121,7 +121,8 @@ TINKER_TOLERANCE = 0.02
 # figures that are the backend's name or wall-clock time, not results
 NOT_RESULTS = {"backend", "device", "dtype", *LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key}
 # what evaluate's metrics.json holds besides the registered figures: how they were measured
-EVALUATE_SETTINGS = {"backend", "device", "dtype", "eval_prompts", "prices_per_mtok", "prefill_tokens", "sample_tokens"}
+EVALUATE_SETTINGS = {"backend", "device", "dtype", "eval_prompts", "judge_replies", "prices_per_mtok", "prefill_tokens",
+                     "sample_tokens"}
 
 
 @pytest.mark.timeout(1800)  # two whole ci runs (the local one shared with the tests above) in its set-up

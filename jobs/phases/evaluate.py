@@ -7,9 +7,9 @@ and direction:
   spread: a greedy student can land above it);
 - similarity to the character (its name and topics, short enough for the embedding model) and the share of
   replies out of character (the audit's phrases, e.g. "as an AI"), which show the persona;
-- an in-character judge: a logistic regression over sentence embeddings, fitted on the teacher's replies to
-  training prompts against the base model's replies to the same prompts (sampled as the teacher samples, without
-  the card), applied to each role's eval replies;
+- an in-character judge: a logistic regression over sentence embeddings, fitted on the teacher's replies in
+  training conversations (every turn) against the base model's replies after the same conversations (sampled as
+  the teacher samples, without the card), applied to each role's eval replies;
 - per-token KL(teacher with card || model) at the positions of the teacher's replies, for student and base
   (`jobs.distill`), and the share of the base's KL the student removed;
 - mean per-token NLL of the teacher's sampled replies under student, base and teacher;
@@ -148,10 +148,11 @@ def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict]
     seen.teacher_topk = distill.teacher_topk(client, prompts.pairs, ev.kl_top_k)
     seen.kl["base"] = kl_to_teacher(client, prompts, seen)
     bar.advance(1, step="base and teacher NLL, KL")
-    # sampled as the teacher samples, so that the card is the only difference the judge can learn
+    # sampled as the teacher samples, each after the same conversation the teacher answered (its first question,
+    # and for a conversation every later turn too), so that the card is the only difference the judge can learn
     as_teacher = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 2}))
-    seen.judge_negatives = sample_replies(client, [client.renderer.prompt(r["prompt"]) for r in judge_rows],
-                                          as_teacher)
+    seen.judge_negatives = [reply for replies in replay(client, [r["messages"] for r in judge_rows], None,
+                                                        as_teacher).values() for reply in replies]
     bar.advance(1, step="judge replies")
     seen.latency = latency(client, prompts, ev.latency_requests, SamplingParams.from_config(ev.sampling, batch_size=1))
     bar.advance(1, step="latency")
@@ -221,6 +222,13 @@ def kl(per_position: dict[str, list[list[float]]]) -> dict[str, float | None]:
     mean = {role: statistics.mean(v for row in per_position[role] for v in row) for role in KL.variants}
     return {**{KL.of(role): value for role, value in mean.items()},
             KL_CLOSED.key: 1 - mean["student"] / mean["base"] if mean["base"] > 0 else None}
+
+
+def judge_positives(rows: list[dict]) -> list[str]:
+    """The teacher's replies the judge learns from, in `replay`'s order: every first turn, then every second..."""
+    turns = max(len(r["messages"]) for r in rows) // 2
+    return [r["messages"][2 * t - 1]["content"] for t in range(1, turns + 1) for r in rows
+            if len(r["messages"]) >= 2 * t]
 
 
 class Judge:
@@ -369,7 +377,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
                     bar)
 
     similarity = similarity_to_teacher(seen.replies)
-    judge = Judge([r["reply"] for r in judge_rows], seen.judge_negatives)
+    judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
     recorded = metrics.record(figures(seen, similarity, prompts, card, judge, config))
     bar.advance(1, step="similarity, judge")
 
@@ -377,7 +385,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     out.write_jsonl("turns.jsonl", turn_rows(seen.turns, conversations, judge, card, config.pipeline.audit.forbidden))
     out.write_jsonl("conversations.jsonl", replayed(conversations, seen.turns))
     written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
-               "judge_replies": 2 * len(judge_rows), **recorded,
+               "judge_replies": 2 * len(seen.judge_negatives), **recorded,
                "prices_per_mtok": ev.prices.model_dump(), **seen.usage}
     out.write_json("metrics.json", written)
     out.metrics.update({k: v for k, v in written.items() if not isinstance(v, dict)})

@@ -245,7 +245,9 @@ def test_chat_answers_as_the_student_and_remembers_the_conversation(ci_run):
     third = turns[2]["sent"]
     assert [m["role"] for m in third] == ["user", "assistant", "user", "assistant", "user"]
     assert third[0]["content"] == "My name is Clara." and third[-1]["content"] == "What is my name?"
-    assert [third[1]["content"], third[3]["content"]] == [answers[0].strip(), answers[1].strip()]
+    # its own earlier replies, whole (the terminal shows a reply's first line after the prompt)
+    assert [third[1]["content"], third[3]["content"]] == [turns[0]["reply"], turns[1]["reply"]]
+    assert [turns[i]["reply"].splitlines()[0] for i in (0, 1)] == [answers[0].strip(), answers[1].strip()]
     assert turns[0]["prompt_tokens"] < turns[1]["prompt_tokens"] < turns[2]["prompt_tokens"]
 
 

@@ -200,11 +200,16 @@ def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> di
             for role in PERSONA_SIMILARITY.variants}
 
 
+def says_out_of_character(text: str, forbidden: tuple[str, ...]) -> bool:
+    """Whether a reply has a phrase the audit forbids."""
+    return any(phrase in text.lower() for phrase in forbidden)
+
+
 def out_of_character(replies: dict[str, list[str]], forbidden: tuple[str, ...]) -> dict[str, float]:
     """Share of replies with a phrase the audit forbids. The teacher's is its second sample's: its first replies
     passed the audit, so none of them is out of character."""
     texts = {"student": replies["student"], "base": replies["base"], "teacher": replies["teacher_resampled"]}
-    return {OUT_OF_CHARACTER.of(role): statistics.mean(any(p in t.lower() for p in forbidden) for t in texts[role])
+    return {OUT_OF_CHARACTER.of(role): statistics.mean(says_out_of_character(t, forbidden) for t in texts[role])
             for role in OUT_OF_CHARACTER.variants}
 
 
@@ -233,7 +238,7 @@ def judge_positives(rows: list[dict]) -> list[str]:
 
 class Judge:
     """The in-character judge: a logistic regression on sentence embeddings of teacher (1) against base (0) replies
-    to training prompts, and its accuracy on held-out folds of them."""
+    in training rows, and its accuracy on held-out folds of them."""
 
     def __init__(self, teacher_replies: list[str], base_replies: list[str]):
         from sklearn.linear_model import LogisticRegression
@@ -301,8 +306,8 @@ def turn_rows(turns: dict[str, dict[int, list[str]]], conversations: list[list[d
                          IN_CHARACTER.label: judge.share(replies),
                          PERSONA_SIMILARITY.label: statistics.mean(
                              cosine_to_reference(replies, [character(card)] * len(replies))),
-                         OUT_OF_CHARACTER.label: statistics.mean(
-                             any(p in t.lower() for p in forbidden) for t in replies),
+                         OUT_OF_CHARACTER.label: statistics.mean(says_out_of_character(t, forbidden)
+                                                                 for t in replies),
                          SIMILARITY.label: statistics.mean(cosine_to_reference(replies, recorded))})
     return rows
 

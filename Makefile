@@ -22,7 +22,7 @@ TORCH_PIP_ARGS ?=
 BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-ci objectives chat review test test-fast bench render clean tinker-server
+.PHONY: help setup run run-ci objectives chat review test test-fast bench bench-top-k render clean tinker-server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ test-fast: setup ## the tests that run no model
 
 bench: setup ## the local engine against HF generate and TRL's SFTTrainer on this CPU (BENCH_ARGS="--prompts 240")
 	$(PY) tests/bench_engine.py $(BENCH_ARGS)
+
+bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
 
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml

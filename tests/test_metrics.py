@@ -107,6 +107,22 @@ def test_rows_format_each_value_by_its_unit_and_show_which_way_is_better():
     assert rows["latency per request: with card / without card"][1:] == ("0.123 / 0.123", "s", "↓")
 
 
+def test_compared_runs_are_named_by_objective_steps_and_the_settings_train_recorded():
+    from jobs.config import TrainConfig
+    from jobs.phases.train import objective_settings
+
+    def named(train: TrainConfig) -> str:
+        metrics = {"objective": train.objective, "steps": train.steps, "settings": objective_settings(train)}
+        return report.Compared("run-1", "", metrics, 1.0, {}, []).name
+
+    assert named(TrainConfig(objective="logit", top_k=64, learning_rate=1e-3)) \
+        == "logit, 60 steps, learning rate 0.001, top k 64 (run-1)"
+    assert named(TrainConfig(objective="sft", learning_rate=2e-4)) == "sft, 60 steps, learning rate 0.0002 (run-1)"
+    assert "warm start steps 5" in named(TrainConfig(objective="on_policy", warm_start_steps=5))
+    # a run trained before the settings were recorded
+    assert report.Compared("run-0", "", {"objective": "sft", "steps": 9}, 1.0, {}, []).name == "sft, 9 steps (run-0)"
+
+
 def test_report_and_model_card_show_the_same_evaluate_rows():
     ev = {**record(made_up()), "eval_prompts": 8}
     train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,

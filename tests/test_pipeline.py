@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, alive, descendants
 
+from jobs.config import TrainConfig
 from jobs.metrics import KEYS, LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO, figure_rows, markdown_table
 
 pytestmark = pytest.mark.slow
@@ -168,6 +169,7 @@ def test_report_has_the_figures_and_the_loss_went_down(ci_run):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train = manifest(ci_run, "train")["metrics"]
     assert train["last_loss_mean"] < train["first_loss_mean"]
+    assert train["objective"] == "logit" and train["settings"]["top_k"] == TrainConfig().top_k
     assert manifest(ci_run, "report")["metrics"]["loss_decreased"] is True
     evaluation = manifest(ci_run, "evaluate")["metrics"]
     assert 0.5 < evaluation["token_reduction"] < 1 and evaluation["cost_ratio"] > 1

@@ -94,7 +94,10 @@ class Compared:
 
     @property
     def name(self) -> str:
-        return f"{self.train['objective']}, {self.train['steps']} steps ({self.run_id})"
+        # the train settings that tell runs of one objective apart (`train.objective_settings`; older runs lack them)
+        settings = "".join(f", {key.replace('_', ' ')} {value}"
+                           for key, value in self.train.get("settings", {}).items())
+        return f"{self.train['objective']}, {self.train['steps']} steps{settings} ({self.run_id})"
 
 
 def same_data(config: PhaseConfig) -> list[Compared]:

@@ -130,6 +130,14 @@ class OnPolicy(SFT):
                                              "rollout_tokens": sum(map(len, replies)) / len(replies)}
 
 
+def objective_settings(train: TrainConfig) -> dict[str, float | int]:
+    """The settings of `train` that the objective uses besides steps and batch size: recorded with the train
+    metrics, so that runs of one objective on the same data can be told apart in the report."""
+    used = {"logit": ("top_k",), "on_policy": ("warm_start_steps", "rollout_tokens", "rollout_temperature")}
+    return {"learning_rate": train.learning_rate,
+            **{key: getattr(train, key) for key in used.get(train.objective, ())}}
+
+
 def validation_loss(trainer, data: list[Datum]) -> float | None:
     if not data:
         return None
@@ -215,7 +223,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     window = max(1, min(5, len(losses) // 4))
     out.metrics.update({
         **backend.precision(), "backend": backend.name,
-        "objective": train.objective, "steps": train.steps, "train_rows": len(rows),
+        "objective": train.objective, "settings": objective_settings(train), "steps": train.steps,
+        "train_rows": len(rows),
         "first_loss": losses[0], "last_loss": losses[-1],
         "first_loss_mean": round(sum(losses[:window]) / window, 5),
         "last_loss_mean": round(sum(losses[-window:]) / window, 5),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from bench_engine import describe_cpu
 
 from jobs import distill
 from jobs.backends.local import LocalEngine
@@ -58,9 +58,8 @@ def main() -> None:
     store = ArtifactStore(StoreSettings.from_env(), args.run_id)
     rows, held_out = store.read_jsonl("split", "train.jsonl"), store.read_jsonl("split", "eval.jsonl")
     system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
-    print(f"CPU: {platform.processor() or platform.machine()}, torch capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; run {args.run_id}: "
-          f"{len(rows)} train rows, {len(held_out)} held-out; {pipeline.train.steps} steps of "
+    print(describe_cpu())
+    print(f"run {args.run_id}: {len(rows)} train rows, {len(held_out)} held-out; {pipeline.train.steps} steps of "
           f"{pipeline.train.batch_size}, learning rate {pipeline.train.learning_rate}", flush=True)
     base = LocalEngine.for_sampling(pipeline.model)
     pairs = [distill.pair(base.renderer, row["messages"], system) for row in held_out]

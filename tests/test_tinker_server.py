@@ -136,6 +136,14 @@ def test_tinker_sampling_is_seeded_batched_per_request_and_scores_prompts(servic
     logprobs = sc.compute_logprobs(tinker.ModelInput.from_ints(sequence)).result()
     assert logprobs[0] is None and len(logprobs) == len(sequence)
     assert logprobs[1:] == pytest.approx(sampler.compute_logprobs([sequence])[0], abs=2e-4)
+    # scored under concurrency, batched with other prompts on the server: bit for bit the same log-probabilities
+    # (what lets a retried request, which lands in another batch, change nothing)
+    sequences = [sequence] + [other + sampler.renderer.reply("Neefe, in Bonn.") for other in others] * 5
+    before = server.stats()["sample_batches"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda s: sc.compute_logprobs(tinker.ModelInput.from_ints(s)).result(), sequences))
+    assert server.stats()["sample_batches"] - before < len(sequences)  # some were batched
+    assert together[0] == logprobs
 
 
 def tinker_params_to_local(max_tokens: int):

@@ -47,10 +47,10 @@ semantics it chose, since the hosted service's are not observable offline:
   or a stop list of the eos id or its text); the returned tokens end with it when `stop_reason == "stop"`.
   `top_k`, per-token sample logprobs (sequences carry none), `topk_sample_logprobs` and `prompt_alt_tokens_k` are
   not supported. `compute_logprobs` (prompt_logprobs) returns [None, logp(t1|t0), ...] from
-  `LocalEngine.compute_logprobs`;
-- scoring prompts (with the sample; max_tokens=1 makes a request a prefill), from one
-  `LocalEngine.position_logprobs` pass over a batch's prompts, the pass `topk_logprobs` and `target_logprobs`
-  make: `prompt_logprobs_last_n=n` scores only the last n positions (prompt_logprobs NaN before them: None to the
+  `LocalEngine.compute_logprobs`, one prompt a pass;
+- scoring prompts (with the sample; max_tokens=1 makes a request a prefill), from a
+  `LocalEngine.position_logprobs` pass over each prompt alone (packed with others, a prompt's log-probabilities
+  would depend in the last bits on what arrived beside it), the pass `topk_logprobs` and `target_logprobs` make: `prompt_logprobs_last_n=n` scores only the last n positions (prompt_logprobs NaN before them: None to the
   SDK); `topk_prompt_logprobs=k` answers a TopkLogprobs of `length` = len(prompt) rows, row i for prompt position
   i as prompt_logprobs (row 0 and the rows before the last n: the SDK's sentinel, token 0 and -99999.0, read back
   as None), k = min(k, vocabulary) columns, most likely first; `target_prompt_logprobs` ([len(prompt) - 1, K]
@@ -565,10 +565,10 @@ class Backend:
                                         repetition_penalty=1.0, seed=0, batch_size=self.engine_batch)
                 prompts = [job.prompt for job in jobs for _ in job.seeds]
                 replies = engine.sample(prompts, params, seeds=[seed for job in jobs for seed in job.seeds])
-                plain = [job for job in jobs if job.prompt_logprobs and not job.scores]
-                logprobs = dict(zip((id(j) for j in plain),
-                                    engine.compute_logprobs([j.prompt for j in plain]) if plain else [],
-                                    strict=True))
+                # one prompt per pass: packed with others, its log-probabilities would change in the last bits
+                # with whatever arrived beside it, and an answer must not depend on timing (or on a retry)
+                logprobs = {id(job): engine.compute_logprobs([job.prompt])[0]
+                            for job in jobs if job.prompt_logprobs and not job.scores}
                 scores = self._score(engine, [job for job in jobs if job.scores])
             except Exception as error:
                 for job in jobs:
@@ -590,8 +590,9 @@ class Backend:
     @staticmethod
     def _score(engine, jobs: list[SampleJob]) -> dict[int, dict | Exception]:
         """Per job (by id) the sample_response arguments for its prompt_logprobs, top-k and target log-probabilities,
-        from one `LocalEngine.position_logprobs` pass over the jobs' prompts (each from the first position any of
-        them needs); a job that names a token outside the vocabulary gets its UserError instead."""
+        from a `LocalEngine.position_logprobs` pass over the job's prompt alone (from the first position it needs;
+        alone for the reason `_sample_batch` gives); a job that names a token outside the vocabulary gets its
+        UserError instead."""
         import torch
 
         found: dict[int, dict | Exception] = {}
@@ -609,8 +610,8 @@ class Backend:
         starts = [min(first if job.prompt_logprobs or job.topk else len(job.prompt),
                       job.targets.first_row + 1 if job.targets else len(job.prompt))
                   for job, first in zip(valid, scored_from, strict=True)]
-        for i, rows in engine.position_logprobs([job.prompt for job in valid], starts) if valid else ():
-            job, first, start = valid[i], scored_from[i], starts[i]
+        for job, first, start in zip(valid, scored_from, starts, strict=True):
+            [(_, rows)] = engine.position_logprobs([job.prompt], [start])
             mine = rows[first - start:] if job.prompt_logprobs or job.topk else rows[:0]  # start <= first then
             scored: dict = {}
             if job.prompt_logprobs:

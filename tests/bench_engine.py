@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -27,30 +25,13 @@ import torch
 
 from jobs.assets import builtin
 from jobs.backends.base import SamplingParams
-from jobs.backends.local import LocalEngine, resolve_precision
+from jobs.backends.local import LocalEngine, describe_cpu, resolve_precision
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
 from jobs.config import load_pipeline_config
 from jobs.phases.student import single_turn
 from jobs.phases.train import batch_rows, learning_rate, to_datum
 from jobs.store import parse_jsonl
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def describe_cpu() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-                    platform.processor())
-    except OSError:
-        name = platform.processor()
-    from jobs.backends.local import _cpu_flags
-
-    flags = _cpu_flags()
-    present = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
-    return (f"cpu: {name}; {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()}; flags: {present}")
 
 
 def baseline_teacher(config, prompts: list[list[int]], params: SamplingParams, tokenizer) -> tuple[int, float]:

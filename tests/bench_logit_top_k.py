@@ -19,10 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from bench_engine import describe_cpu
 
 from jobs import distill
-from jobs.backends.local import LocalEngine
+from jobs.backends.local import LocalEngine, describe_cpu
 from jobs.card import CharacterCard
 from jobs.config import load_pipeline_config
 from jobs.phases.train import Logit, batch_rows, learning_rate

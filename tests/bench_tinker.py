@@ -18,23 +18,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 from jobs.assets import builtin
 from jobs.backends.base import Datum, SamplingParams
+from jobs.backends.local import describe_cpu
 from jobs.config import ModelConfig, TinkerConfig, TrainConfig
 from jobs.store import parse_jsonl
 from workflows.tinker_server import TinkerServer
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -76,7 +69,7 @@ def main() -> None:
         stats = server.stats()
 
     samples_per_s, steps_per_s = args.prompts / sample_s, args.steps / train_s
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; injected latency {args.latency:g}s per request")
+    print(f"{describe_cpu()}; injected latency {args.latency:g}s per request")
     print(f"teacher sampling: {samples_per_s:.2f} samples/s, ideal {sample_ideal:.2f} "
           f"({args.prompts} prompts, {args.in_flight} in flight): {samples_per_s / sample_ideal:.0%} of ideal")
     print(f"training: {steps_per_s:.3f} steps/s, ideal {1 / args.latency:.3f} ({args.steps} steps of "

@@ -16,6 +16,13 @@ from workflows.local_s3 import LocalS3
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The CPU under the durations: the same tests take 2-3x longer on some machines of one kind."""
+    from jobs.backends.local import describe_cpu
+
+    terminalreporter.write_line(describe_cpu())
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     server = LocalS3(tmp_path_factory.mktemp("s3") / "s3").start()

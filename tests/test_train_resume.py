@@ -59,15 +59,18 @@ def adapter(run_id: str, backend: str, folder) -> dict:
 
 
 def test_killed_training_resumes_to_the_same_adapter(backend, tmp_path):
-    prepare(f"resume-a-{backend}", backend)
-    finish(jobs("train", run_id=f"resume-a-{backend}", backend=backend))
-    uninterrupted = adapter(f"resume-a-{backend}", backend, tmp_path / "a")
-    assert store_for(f"resume-a-{backend}").require("train")["metrics"]["resumed_from"] == 0
+    run_id = f"resume-{backend}"
+    prepare(run_id, backend)
+    finish(jobs("train", run_id=run_id, backend=backend))
+    uninterrupted = adapter(run_id, backend, tmp_path / "a")
+    store = store_for(run_id)
+    assert store.require("train")["metrics"]["resumed_from"] == 0
 
-    prepare(f"resume-b-{backend}", backend)
-    store = store_for(f"resume-b-{backend}")
+    # the same training again on the same data, from nothing (its checkpoints gone too), killed this time
+    for key in store.list_keys(store.key("train") + "/"):
+        store.delete(key)
     index = store.key("train", "checkpoints.jsonl")
-    process = jobs("train", run_id=f"resume-b-{backend}", backend=backend)
+    process = jobs("train", run_id=run_id, backend=backend)
     deadline = time.time() + 300
     while not store.exists(index):
         assert process.poll() is None and time.time() < deadline, "train ended before its first checkpoint"
@@ -77,13 +80,13 @@ def test_killed_training_resumes_to_the_same_adapter(backend, tmp_path):
     assert process.returncode == -signal.SIGKILL
     assert store.manifest("train") is None, "a killed phase must not leave a manifest"
 
-    finish(jobs("train", run_id=f"resume-b-{backend}", backend=backend))
+    finish(jobs("train", run_id=run_id, backend=backend))
     metrics = store.require("train")["metrics"]
     assert 2 <= metrics["resumed_from"] < 8
     assert metrics["checkpoints"] == [2, 4, 6, 8]
     locations = [row["location"] for row in parse_jsonl(store.get_bytes(index), index)]
     assert all(loc.startswith("tinker://" if backend == "tinker" else "runs/") for loc in locations), locations
-    resumed = adapter(f"resume-b-{backend}", backend, tmp_path / "b")
+    resumed = adapter(run_id, backend, tmp_path / "b")
     assert resumed.keys() == uninterrupted.keys()
     different = [name for name in resumed if not (resumed[name] == uninterrupted[name]).all()]
     assert not different, f"{len(different)} tensors differ after resuming"

@@ -91,6 +91,13 @@ IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in
                             SHARE, "higher", IN_CHARACTER.variants)
 JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)",
                         SHARE, "higher")
+# a second judge on words and letter sequences instead of sentence embeddings: the embeddings see what a reply is
+# about, the n-grams how it is said (tense, person, function words, punctuation), so it tells the teacher's voice
+# from a reply that only shares its topics
+IN_CHARACTER_LEXICAL = Metric("in_character_lexical_{}", "judged in character by a classifier of word and letter "
+                              "n-grams (the voice, not the topic)", SHARE, "higher", IN_CHARACTER.variants)
+LEXICAL_JUDGE_ACCURACY = Metric("lexical_judge_accuracy", "the n-gram judge's accuracy on replies it did not learn "
+                                "from (cross-validated)", SHARE, "higher")
 KL = Metric("kl_{}", "KL(teacher with card ‖ model) per token of the teacher's replies", NATS, "lower",
             ("student", "base"))
 KL_CLOSED = Metric("kl_closed", "KL closed: share of the base's KL to the teacher that the student removed", SHARE,
@@ -110,7 +117,7 @@ PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower"
 PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
 
 METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
-           JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
+           JUDGE_ACCURACY, IN_CHARACTER_LEXICAL, LEXICAL_JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
            PROMPT_TOKENS, TOKEN_REDUCTION,
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)

@@ -37,7 +37,9 @@ EXPECTED_KEYS = {
     "out_of_character_teacher", "in_character_student", "in_character_base", "in_character_teacher_resampled",
     "in_character_turn_1_student", "in_character_turn_1_base", "in_character_turn_1_teacher_resampled",
     "in_character_turn_3_on_student", "in_character_turn_3_on_base", "in_character_turn_3_on_teacher_resampled",
-    "judge_accuracy", "kl_student", "kl_base", "kl_closed", "nll_student", "nll_base", "nll_teacher",
+    "judge_accuracy", "in_character_lexical_student", "in_character_lexical_base",
+    "in_character_lexical_teacher_resampled", "lexical_judge_accuracy", "kl_student", "kl_base", "kl_closed",
+    "nll_student", "nll_base", "nll_teacher",
     "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
     "cost_per_request_with_card", "cost_per_request_without_card", "cost_ratio", "prompt_cost_ratio",
     "latency_with_card_s", "latency_without_card_s", "latency_ratio", "prefill_with_card_s", "prefill_without_card_s",
@@ -185,14 +187,15 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
         nll={"student": [1.0, 2.0], "base": [3.0, 4.0], "teacher": [1.0, 1.0]},
         latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)),
         kl={"student": [[0.1], [0.3, 0.1, 0.1]], "base": [[0.4], [0.4, 0.4, 0.4]]},
-        judge_negatives=[f"Hello there, number {i}." for i in range(10)],
+        judge_negatives=[f"Hello there from Vienna and Bonn, as an AI, number {i}." for i in range(10)],
         turns={"student": {1: ["I compose."], 2: ["Hi."], 3: ["I compose.", "I compose."]},
                "base": {1: ["Hi."], 2: ["Hi."], 3: ["Hi.", "I compose."]},
                "teacher_resampled": {1: ["I compose."]}})
     judge = evaluate.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives)
+    lexical = evaluate.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives, lexical=True)
     card = CharacterCard.model_construct(name="I compose.", topics=[])
     similarity = evaluate.similarity_to_teacher(seen.replies)
-    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge, config))
+    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge, lexical, config))
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -206,6 +209,10 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert recorded["judge_accuracy"] == 1.0
     assert (recorded["in_character_student"], recorded["in_character_base"],
             recorded["in_character_teacher_resampled"]) == (0.5, 0.0, 0.5)
+    # the n-gram judge learned the words themselves ("compose" against "Vienna", "Bonn", "AI"): the same here
+    assert recorded["lexical_judge_accuracy"] == 1.0
+    assert (recorded["in_character_lexical_student"], recorded["in_character_lexical_base"],
+            recorded["in_character_lexical_teacher_resampled"]) == (0.5, 0.0, 0.5)
     # a mean over every position of every reply: 0.6 / 4 and 1.6 / 4; the student removed 62.5% of the base's KL
     assert (recorded["kl_student"], recorded["kl_base"], recorded["kl_closed"]) == (0.15, 0.4, 0.625)
     # by turn: turn 1, and turns 3 on pooled; none where no conversation reaches them

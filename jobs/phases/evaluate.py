@@ -9,7 +9,8 @@ and direction:
   replies out of character (the audit's phrases, e.g. "as an AI"), which show the persona;
 - an in-character judge: a logistic regression over sentence embeddings, fitted on the teacher's replies in
   training conversations (every turn) against the base model's replies after the same conversations (sampled as
-  the teacher samples, without the card), applied to each role's eval replies;
+  the teacher samples, without the card), applied to each role's eval replies; and a second judge on word and
+  letter n-grams, fitted on the same replies: the embeddings see a reply's topic, the n-grams its voice;
 - per-token KL(teacher with card || model) at the positions of the teacher's replies, for student and base
   (`jobs.distill`), and the share of the base's KL the student removed;
 - mean per-token NLL of the teacher's sampled replies under student, base and teacher;
@@ -37,12 +38,14 @@ from jobs.metrics import (
     COST_RATIO,
     IN_CHARACTER,
     IN_CHARACTER_LATER,
+    IN_CHARACTER_LEXICAL,
     IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
     KL,
     KL_CLOSED,
     LATENCY,
     LATENCY_RATIO,
+    LEXICAL_JUDGE_ACCURACY,
     NLL,
     OUT_OF_CHARACTER,
     PERSONA_SIMILARITY,
@@ -237,35 +240,50 @@ def judge_positives(rows: list[dict]) -> list[str]:
 
 
 class Judge:
-    """The in-character judge: a logistic regression on sentence embeddings of teacher (1) against base (0) replies
-    in training rows, and its accuracy on held-out folds of them."""
+    """The in-character judge: a logistic regression of teacher (1) against base (0) replies in training rows, on
+    sentence embeddings (what a reply is about) or, `lexical`, on word and letter n-grams (how it is said); and
+    its accuracy on held-out folds of them."""
 
-    def __init__(self, teacher_replies: list[str], base_replies: list[str]):
+    def __init__(self, teacher_replies: list[str], base_replies: list[str], lexical: bool = False):
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import cross_val_score
 
-        from jobs.backends.embeddings import embed
-
-        features = embed(teacher_replies + base_replies)
+        self.lexical = lexical
         labels = [1] * len(teacher_replies) + [0] * len(base_replies)
-        self.model = LogisticRegression(max_iter=1000)
+        if lexical:
+            from sklearn.feature_extraction.text import TfidfVectorizer
+            from sklearn.pipeline import make_pipeline, make_union
+
+            # C 10: many weak features (function words, punctuation), each worth little alone
+            self.model = make_pipeline(make_union(TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5),
+                                                                  sublinear_tf=True),
+                                                  TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
+                                       LogisticRegression(max_iter=2000, C=10.0))
+        else:
+            self.model = LogisticRegression(max_iter=1000)
         # five folds, fewer when a class has fewer replies (the ci profile's few training rows)
         folds = min(5, len(teacher_replies), len(base_replies))
         if folds < 2:
             raise InputError(f"the in-character judge needs at least 2 training rows, there are {folds}")
+        features = self.features(teacher_replies + base_replies)
         self.accuracy = float(cross_val_score(self.model, features, labels, cv=folds).mean())
         self.model.fit(features, labels)
 
-    def share(self, replies: list[str]) -> float:
-        """The share of the replies it calls the teacher's."""
+    def features(self, replies: list[str]):
         from jobs.backends.embeddings import embed
 
-        return float(self.model.predict(embed(replies)).mean())
+        return replies if self.lexical else embed(replies)
+
+    def share(self, replies: list[str]) -> float:
+        """The share of the replies it calls the teacher's."""
+        return float(self.model.predict(self.features(replies)).mean())
 
 
-def in_character(replies: dict[str, list[str]], judge: Judge) -> dict[str, float]:
+def in_character(replies: dict[str, list[str]], judge: Judge, lexical: Judge) -> dict[str, float]:
     return {JUDGE_ACCURACY.key: judge.accuracy,
-            **{IN_CHARACTER.of(role): judge.share(replies[role]) for role in IN_CHARACTER.variants}}
+            **{IN_CHARACTER.of(role): judge.share(replies[role]) for role in IN_CHARACTER.variants},
+            LEXICAL_JUDGE_ACCURACY.key: lexical.accuracy,
+            **{IN_CHARACTER_LEXICAL.of(role): lexical.share(replies[role]) for role in IN_CHARACTER_LEXICAL.variants}}
 
 
 def replay(client: Metered, conversations: list[list[dict]], system: str | None,
@@ -339,12 +357,12 @@ def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
 
 
 def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts, card: CharacterCard,
-            judge: Judge, config: PhaseConfig) -> dict[str, float | None]:
+            judge: Judge, lexical: Judge, config: PhaseConfig) -> dict[str, float | None]:
     """Every figure of metrics.json, as computed (`metrics.record` rounds them)."""
     return {**{key: statistics.mean(values) for key, values in similarity.items()},
             **persona_similarity(seen.replies, card),
             **out_of_character(seen.replies, config.pipeline.audit.forbidden),
-            **in_character(seen.replies, judge),
+            **in_character(seen.replies, judge, lexical),
             **by_turn(seen.turns, judge),
             **kl(seen.kl),
             **nll(seen.nll, prompts.teacher_replies),
@@ -383,7 +401,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     similarity = similarity_to_teacher(seen.replies)
     judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
-    recorded = metrics.record(figures(seen, similarity, prompts, card, judge, config))
+    lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
+    recorded = metrics.record(figures(seen, similarity, prompts, card, judge, lexical, config))
     bar.advance(1, step="similarity, judge")
 
     out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))

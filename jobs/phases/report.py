@@ -12,6 +12,7 @@ from jobs.metrics import (
     DOLLARS,
     HEADER,
     IN_CHARACTER,
+    IN_CHARACTER_LEXICAL,
     KL,
     KL_CLOSED,
     NATS,
@@ -66,11 +67,14 @@ def plots(history: list[dict], val: list[dict], replies: list[dict], ev: dict, o
     images["similarity.png"] = _png(fig)
     plt.close(fig)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.5))
+    roles = ("base", "student", "teacher_resampled")
     bars = {"KL(teacher ‖ model) per token": (left, ["base, no card", "student, no card"],
                                               [ev[KL.of(role)] for role in ("base", "student")]),
-            "judged in character": (right, ["base", "student", "teacher, 2nd sample"],
-                                    [ev[IN_CHARACTER.of(role)] for role in ("base", "student", "teacher_resampled")])}
+            "judged in character (embeddings)": (middle, ["base", "student", "teacher, 2nd sample"],
+                                                 [ev[IN_CHARACTER.of(role)] for role in roles]),
+            "judged in character (n-grams)": (right, ["base", "student", "teacher, 2nd sample"],
+                                              [ev[IN_CHARACTER_LEXICAL.of(role)] for role in roles])}
     for title, (ax, names, values) in bars.items():
         ax.bar(names, values, color=["#999999", "#3b7dd8", "#d88b3b"][:len(values)])
         for i, value in enumerate(values):
@@ -117,7 +121,7 @@ def same_data(config: PhaseConfig) -> list[Compared]:
     return found
 
 
-COMPARED = (KL_CLOSED, KL, IN_CHARACTER, SIMILARITY, PERSONA_SIMILARITY)
+COMPARED = (KL_CLOSED, KL, IN_CHARACTER, IN_CHARACTER_LEXICAL, SIMILARITY, PERSONA_SIMILARITY)
 
 
 def comparison_table(runs: list[Compared]) -> str:
@@ -126,7 +130,8 @@ def comparison_table(runs: list[Compared]) -> str:
                        else m.label for m in COMPARED), "train time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [" / ".join(m.unit.format(run.figures[key]) for key in m.keys) for m in COMPARED]
+        # .get: runs evaluated before a figure existed show it as missing
+        cells = [" / ".join(m.unit.format(run.figures.get(key)) for key in m.keys) for m in COMPARED]
         lines.append("| " + " | ".join([run.name, *cells, f"{run.train_s:.0f} s"]) + " |")
     return "\n".join(lines)
 

@@ -148,7 +148,9 @@ class TrainConfig(Section):
     learning_rate: float = Field(5e-4, gt=0.0, lt=1.0)
     lora_rank: int = Field(16, ge=1, le=256)
     lora_alpha: int = Field(32, ge=1)
-    max_seq_len: int = Field(256, ge=16)
+    # tokens of a training row kept (the rest cut): the demo's four-turn conversations run to ~470, and a cut
+    # conversation trains nothing of its later turns
+    max_seq_len: int = Field(512, ge=16)
     checkpoint_every: int = Field(20, ge=1)
     val_every: int = Field(20, ge=1)
     seed: int = 0

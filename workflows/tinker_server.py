@@ -50,7 +50,8 @@ semantics it chose, since the hosted service's are not observable offline:
   `LocalEngine.compute_logprobs`, one prompt a pass;
 - scoring prompts (with the sample; max_tokens=1 makes a request a prefill), from a
   `LocalEngine.position_logprobs` pass over each prompt alone (packed with others, a prompt's log-probabilities
-  would depend in the last bits on what arrived beside it), the pass `topk_logprobs` and `target_logprobs` make: `prompt_logprobs_last_n=n` scores only the last n positions (prompt_logprobs NaN before them: None to the
+  would depend in the last bits on what arrived beside it), the pass `topk_logprobs` and `target_logprobs` make:
+  `prompt_logprobs_last_n=n` scores only the last n positions (prompt_logprobs NaN before them: None to the
   SDK); `topk_prompt_logprobs=k` answers a TopkLogprobs of `length` = len(prompt) rows, row i for prompt position
   i as prompt_logprobs (row 0 and the rows before the last n: the SDK's sentinel, token 0 and -99999.0, read back
   as None), k = min(k, vocabulary) columns, most likely first; `target_prompt_logprobs` ([len(prompt) - 1, K]

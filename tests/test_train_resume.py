@@ -4,6 +4,7 @@ whose checkpoints are `tinker://` paths)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -29,10 +30,13 @@ def backend(request, store_env, monkeypatch) -> str:
     return request.param
 
 
-def jobs(*args: str, run_id: str, backend: str) -> subprocess.Popen:
+def jobs(*args: str, run_id: str, backend: str, threads: int = 0) -> subprocess.Popen:
+    """`python -m jobs`; `threads` > 0 caps its torch threads (DISTILL_THREADS), as the runner does for steps
+    that run side by side."""
+    env = {**os.environ, "DISTILL_THREADS": str(threads)} if threads else None
     return subprocess.Popen([sys.executable, "-m", "jobs", *args, "--profile", "ci", "--run-id", run_id, *TRAIN,
                              "--backend", backend],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -42,7 +46,9 @@ def finish(process: subprocess.Popen) -> None:
 
 def prepare(run_id: str, backend: str) -> None:
     finish(jobs("ingest", run_id=run_id, backend=backend))
-    shards = [jobs("teacher", "--shard", str(i), run_id=run_id, backend=backend) for i in (0, 1)]
+    # two processes with a thread per core each would spin against each other (2-10x slower on 2 cores)
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    shards = [jobs("teacher", "--shard", str(i), run_id=run_id, backend=backend, threads=threads) for i in (0, 1)]
     for process in shards:
         finish(process)
     for phase in ("student", "audit", "split"):

@@ -78,13 +78,19 @@ def test_a_task_starts_when_its_own_dependencies_are_done(tmp_path):
     assert span["quick"][1] <= span["after_quick"][0]
 
 
-def test_retries_until_success(tmp_path):
-    flaky = ("import os,sys; p=os.environ['OUT']+'-count'; n=int(open(p).read()) if os.path.exists(p) else 0; "
-             "open(p,'w').write(str(n+1)); sys.exit(0 if n >= 1 else 1)")
-    doc = workflow({"flaky": container(flaky, retry={"limit": "2", "backoff": {"duration": "0s"}})},
-                   [{"name": "flaky", "template": "flaky"}])
+def test_retries_until_success_each_attempt_with_empty_volumes_removed_after(tmp_path):
+    # the attempt count lives outside the step's volumes (its path is an argument, which the runner does not
+    # rewrite); what an attempt leaves in its /tmp volume the next one must not see, as in a new pod
+    flaky = ("import os,sys; p=sys.argv[1]; n=int(open(p).read()) if os.path.exists(p) else 0; "
+             "open(p,'w').write(str(n+1)); left=os.path.exists(os.environ['OUT']+'-left'); "
+             "open(os.environ['OUT']+'-left','w').write('x'); print('left', left); sys.exit(0 if n >= 1 else 1)")
+    template = container(flaky, retry={"limit": "2", "backoff": {"duration": "0s"}})
+    template["container"]["args"] = [str(tmp_path / "count")]
+    doc = workflow({"flaky": template}, [{"name": "flaky", "template": "flaky"}])
     results = make_runner(doc, tmp_path, **{"run-id": "r"}).run()
     assert results[0].attempts == 2
+    assert (tmp_path / "logs" / "flaky.log").read_text().split() == ["left", "False", "left", "False"]
+    assert not (tmp_path / "work" / "flaky").exists()  # the finished step's volume is gone
 
 
 def test_exit_code_excluded_by_the_retry_expression_is_not_retried(tmp_path):

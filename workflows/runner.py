@@ -139,14 +139,24 @@ class ProcessExecutor:
         self._stopping = False
 
     def volume_dirs(self, step: Step) -> dict[str, Path]:
-        """mount path -> local folder for this step."""
+        """mount path -> local folder for this attempt of the step: its own volumes start empty, as a new pod's
+        emptyDirs do (a retry does not see what the failed attempt left)."""
         folders = {}
         for mount in step.template["container"].get("volumeMounts", []):
             name = mount["name"]
-            base = self.shared.get(name) or self.work / step.label / name
+            base = self.shared.get(name)
+            if base is None:
+                base = self.work / step.label / name
+                shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True, exist_ok=True)
             folders[mount["mountPath"]] = base
         return folders
+
+    def release(self, step: Step) -> None:
+        """Removes a finished step's own volumes, as Kubernetes does with a pod's emptyDirs: its scratch (an
+        export's merged model, the checkpoints train downloads) is in S3 or no longer needed. A failed step's
+        stay for a look."""
+        shutil.rmtree(self.work / step.label, ignore_errors=True)
 
     @staticmethod
     def local_path(path: str, folders: dict[str, Path]) -> str:
@@ -288,7 +298,9 @@ class Runner:
             if code == 0:
                 took = time.time() - started
                 self.say(f"✓ {step.label} {took:.1f}s")
-                return StepResult(step, took, attempt, self.read_outputs(step, folders))
+                outputs = self.read_outputs(step, folders)
+                self.executor.release(step)
+                return StepResult(step, took, attempt, outputs)
             if self._stopping.is_set():
                 raise StepFailed(f"{step.label} stopped", code)
             retryable = not (expression and code == int(expression.group(1)))

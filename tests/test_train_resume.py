@@ -21,13 +21,32 @@ pytestmark = pytest.mark.slow
 TRAIN = ("--set", "train.steps=8", "--set", "train.checkpoint_every=2", "--set", "train.val_every=4")
 
 
-@pytest.fixture(params=["local", "tinker"])
-def backend(request, store_env, monkeypatch) -> str:
-    """The backend every phase of the test runs on (through `--backend`); tinker talks to the local stand-in."""
-    if request.param == "tinker":
-        for key, value in request.getfixturevalue("tinker_server").env().items():
-            monkeypatch.setenv(key, value)
-    return request.param
+def backend_env(backend: str, tinker_server) -> dict[str, str]:
+    """What a process needs in its environment to reach `backend` (tinker: the session's stand-in)."""
+    return tinker_server.env() if backend == "tinker" else {}
+
+
+@pytest.fixture(scope="module", params=["local", "tinker"])
+def trained(request, s3_server, tinker_server, tmp_path_factory) -> dict:
+    """The phases up to train run once, uninterrupted, on the backend `request.param`: the resume test's
+    reference, and (tinker) the faults test's fault-free run."""
+    backend = request.param
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in backend_env(backend, tinker_server).items():
+            patch.setenv(key, value)
+        run_id = f"trained-{backend}"
+        prepare(run_id, backend)
+        finish(jobs("train", run_id=run_id, backend=backend))
+        return {"backend": backend, "run_id": run_id, "replies": teacher_replies(run_id),
+                "adapter": adapter(run_id, backend, tmp_path_factory.mktemp(run_id))}
+
+
+@pytest.fixture
+def backend(trained, tinker_server, monkeypatch) -> str:
+    """The backend of `trained`, reachable from this process (and so from its subprocesses) during the test."""
+    for key, value in backend_env(trained["backend"], tinker_server).items():
+        monkeypatch.setenv(key, value)
+    return trained["backend"]
 
 
 def jobs(*args: str, run_id: str, backend: str, threads: int = 0) -> subprocess.Popen:
@@ -64,11 +83,8 @@ def adapter(run_id: str, backend: str, folder) -> dict:
     return load_file(open_backend(config).adapter_files(read_adapter(config), folder) / "adapter_model.safetensors")
 
 
-def test_killed_training_resumes_to_the_same_adapter(backend, tmp_path):
-    run_id = f"resume-{backend}"
-    prepare(run_id, backend)
-    finish(jobs("train", run_id=run_id, backend=backend))
-    uninterrupted = adapter(run_id, backend, tmp_path / "a")
+def test_killed_training_resumes_to_the_same_adapter(trained, backend, tmp_path):
+    run_id = trained["run_id"]
     store = store_for(run_id)
     assert store.require("train")["metrics"]["resumed_from"] == 0
 
@@ -92,7 +108,7 @@ def test_killed_training_resumes_to_the_same_adapter(backend, tmp_path):
     assert metrics["checkpoints"] == [2, 4, 6, 8]
     locations = [row["location"] for row in parse_jsonl(store.get_bytes(index), index)]
     assert all(loc.startswith("tinker://" if backend == "tinker" else "runs/") for loc in locations), locations
-    resumed = adapter(run_id, backend, tmp_path / "b")
+    resumed, uninterrupted = adapter(run_id, backend, tmp_path), trained["adapter"]
     assert resumed.keys() == uninterrupted.keys()
     different = [name for name in resumed if not (resumed[name] == uninterrupted[name]).all()]
     assert not different, f"{len(different)} tensors differ after resuming"
@@ -102,23 +118,22 @@ def teacher_replies(run_id: str) -> dict[str, str]:
     return {row["id"]: row["reply"] for row in store_for(run_id).read_jsonl("student", "conversations.jsonl")}
 
 
-def test_tinker_one_request_in_ten_failing_changes_no_output(store_env, tinker_server, monkeypatch, tmp_path):
-    """The same phases against two stand-ins, one answering 10% of its requests 429 or 500 before doing any work:
-    the SDK retries, and the teacher's replies and the trained adapter come out bit for bit the same."""
+@pytest.mark.parametrize("trained", ["tinker"], indirect=True)
+def test_tinker_one_request_in_ten_failing_changes_no_output(trained, store_env, monkeypatch, tmp_path):
+    """The same phases as `trained`'s (fault-free) against a stand-in answering 10% of its requests 429 or 500
+    before doing any work: the SDK retries, and the teacher's replies and the trained adapter come out bit for bit
+    the same."""
     from workflows.tinker_server import TinkerServer
 
-    outputs = {}
     with TinkerServer(tmp_path / "faulty", fault_rate=0.1, fault_seed=7, dtype="float32") as faulty:
-        for name, server in (("clean", tinker_server), ("faulty", faulty)):
-            for key, value in server.env().items():
-                monkeypatch.setenv(key, value)
-            run_id = f"faults-{name}-tinker"
-            prepare(run_id, "tinker")
-            finish(jobs("train", run_id=run_id, backend="tinker"))
-            outputs[name] = (teacher_replies(run_id), adapter(run_id, "tinker", tmp_path / name))
+        for key, value in faulty.env().items():
+            monkeypatch.setenv(key, value)
+        run_id = "faults-tinker"
+        prepare(run_id, "tinker")
+        finish(jobs("train", run_id=run_id, backend="tinker"))
+        replies, trained_adapter = teacher_replies(run_id), adapter(run_id, "tinker", tmp_path / "adapter")
         faults = faulty.stats()
     assert sum(faults["faults"].values()) > 0, faults
-    (clean_replies, clean_adapter), (faulty_replies, faulty_adapter) = outputs["clean"], outputs["faulty"]
-    assert faulty_replies == clean_replies
-    assert faulty_adapter.keys() == clean_adapter.keys()
-    assert all((faulty_adapter[k] == clean_adapter[k]).all() for k in clean_adapter)
+    assert replies == trained["replies"]
+    assert trained_adapter.keys() == trained["adapter"].keys()
+    assert all((trained_adapter[k] == trained["adapter"][k]).all() for k in trained_adapter)

@@ -117,9 +117,10 @@ def test_compared_runs_are_named_by_objective_steps_and_the_settings_train_recor
         metrics = {"objective": train.objective, "steps": train.steps, "settings": objective_settings(train)}
         return report.Compared("run-1", "", metrics, 1.0, {}, []).name
 
-    assert named(TrainConfig(objective="logit", top_k=64, learning_rate=1e-3)) \
-        == "logit, 60 steps, learning rate 0.001, top k 64 (run-1)"
-    assert named(TrainConfig(objective="sft", learning_rate=2e-4)) == "sft, 60 steps, learning rate 0.0002 (run-1)"
+    assert named(TrainConfig(objective="logit", top_k=64, learning_rate=1e-3, max_seq_len=256)) \
+        == "logit, 60 steps, learning rate 0.001, max seq len 256, top k 64 (run-1)"
+    assert named(TrainConfig(objective="sft", learning_rate=2e-4)) \
+        == "sft, 60 steps, learning rate 0.0002, max seq len 512 (run-1)"
     assert "warm start steps 5" in named(TrainConfig(objective="on_policy", warm_start_steps=5))
     # a run trained before the settings were recorded
     assert report.Compared("run-0", "", {"objective": "sft", "steps": 9}, 1.0, {}, []).name == "sft, 9 steps (run-0)"

@@ -134,7 +134,7 @@ def objective_settings(train: TrainConfig) -> dict[str, float | int]:
     """The settings of `train` that the objective uses besides steps and batch size: recorded with the train
     metrics, so that runs of one objective on the same data can be told apart in the report."""
     used = {"logit": ("top_k",), "on_policy": ("warm_start_steps", "rollout_tokens", "rollout_temperature")}
-    return {"learning_rate": train.learning_rate,
+    return {"learning_rate": train.learning_rate, "max_seq_len": train.max_seq_len,
             **{key: getattr(train, key) for key in used.get(train.objective, ())}}
 
 

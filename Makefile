@@ -14,8 +14,10 @@ CARD ?=
 PROMPTS ?=
 BENCH_ARGS ?=
 # the run options (jobs/run_options.py) of every target that runs, reads or submits a run: the same options give
-# the same config, so `make chat` finds the run `make run` made (CARD and PROMPTS are the runner's alone)
+# the same config, so `make chat` finds the run `make run` made; CARD and PROMPTS too, where it runs on this machine
+# (a pod of `make submit` cannot read this machine's files)
 RUN_OPTIONS = --profile $(PROFILE) $(if $(CONFIG),--config "$(CONFIG)") $(if $(BACKEND),--backend $(BACKEND))
+INPUT_OPTIONS = $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
 # extra pip arguments for torch: on a machine with internet, "--index-url https://download.pytorch.org/whl/cpu"
 # takes the small CPU build; without them pip takes torch from its usual sources (here: the CPU wheel on disk)
 TORCH_PIP_ARGS ?=
@@ -41,8 +43,7 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	touch $@
 
 run: setup ## run the whole pipeline locally (PROFILE, CONFIG, BACKEND; CARD=your card [PROMPTS=...]; TINKER_SERVER=1)
-	$(PY) -m workflows.runner $(RUN_OPTIONS) $(if $(CARD),--card "$(CARD)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
-	  $(if $(TINKER_SERVER),--tinker-server)
+	$(PY) -m workflows.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) $(if $(TINKER_SERVER),--tinker-server)
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)
@@ -52,13 +53,13 @@ OBJECTIVES ?= sft logit on_policy
 
 objectives: setup ## one run per train objective on the same data (PROFILE...); the last report compares them
 	for objective in $(OBJECTIVES); do \
-	  $(PY) -m workflows.runner $(RUN_OPTIONS) --set train.objective=$$objective || exit 1; done
+	  $(PY) -m workflows.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) --set train.objective=$$objective || exit 1; done
 
-chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND)
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS)
+chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND, CARD, PROMPTS)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS) $(INPUT_OPTIONS)
 
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS)
+	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS) $(INPUT_OPTIONS)
 
 test: setup ## ruff and mypy, then all tests but the built images' (make test-images), with end-to-end ci runs
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.config import PipelineConfig, digest
 from jobs.errors import InputError, TransientError
 from jobs.phases import PHASES
-from jobs.run_options import add_run_options, pipeline_config
+from jobs.run_options import add_input_options, add_run_options, input_overrides, pipeline_config
 from jobs.store import StoreSettings, sha256_bytes
 
 TOOLS = ("run-id", "chat", "review")
@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m jobs", description="Character prompt distillation phases.")
     p.add_argument("command", choices=PHASES + TOOLS, help="a pipeline phase, or a tool")
     add_run_options(p)
+    add_input_options(p)
     p.add_argument("--shard", type=int, help="shard index (teacher)")
     return p
 
@@ -62,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
-        pipeline = pipeline_config(args)
+        pipeline = pipeline_config(args, input_overrides(args))
         settings = StoreSettings.from_env()
         run_id = args.run_id or derive_run_id(pipeline, settings)
         if args.command == "run-id":

@@ -2,15 +2,18 @@
 (`python -m workflows.runner`) and `python -m workflows.submit`.
 
 They say which built-in profile, what the user layers over it (a YAML file, inline YAML, single settings), the
-backend and the run id. An entry adds its own options beside them and may add settings of its own (the runner's
---card and --prompts), which go over --set.
+backend and the run id. An entry adds its own options beside them and may add settings of its own, which go over
+--set: the runner and `python -m jobs` take --card and --prompts (`add_input_options`), so that `make chat CARD=...`
+names the run `make run CARD=...` made; submit does not (a pod cannot read this machine's files).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -45,6 +48,27 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     options.add_argument("--run-id", type=check_run_id,
                          help="run id (default: derived from card, prompts and config, as `python -m jobs run-id` "
                               "prints it)")
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--card", help="a character card: YAML, Character Card V2/V3 JSON or a PNG with one "
+                                       "(sets ingest.card)")
+    parser.add_argument("--prompts", help="a JSONL/Parquet prompt file, or `synthesize` (sets ingest.prompts; with "
+                                          "--card alone the prompts are synthesized)")
+
+
+def input_overrides(args: argparse.Namespace) -> list[str]:
+    """--card and --prompts as settings. A local path is made absolute, as the steps may run in another folder
+    (and the run id, a hash of the config, then does not depend on the folder it was given from); JSON quoting
+    keeps it a string whatever characters it holds (JSON is YAML)."""
+    from jobs.prompts import SYNTHESIZE
+
+    def value(source: str) -> str:
+        named = source == SYNTHESIZE or source.startswith(("s3://", "hf:", "builtin:"))
+        return json.dumps(source if named else str(Path(source).resolve()))
+
+    return [f"ingest.{key}={value(source)}" for key, source in (("card", args.card), ("prompts", args.prompts))
+            if source]
 
 
 def pipeline_config(args: argparse.Namespace, settings: Sequence[str] = ()) -> PipelineConfig:

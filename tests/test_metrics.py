@@ -127,7 +127,7 @@ def test_compared_runs_are_named_by_objective_steps_and_the_settings_train_recor
 
 
 def test_report_and_model_card_show_the_same_evaluate_rows():
-    ev = {**record(made_up()), "eval_prompts": 8}
+    ev = {**record(made_up()), "eval_prompts": 8, "backend": "tinker"}
     train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,
              "steps": 12}
     rows = report.figures(train, ev, {"kept": 90, "rows_in": 96, "trimmed": 3})
@@ -145,6 +145,7 @@ def test_report_and_model_card_show_the_same_evaluate_rows():
     assert train_line in markdown and train_line in card
     assert "| validation loss, last | n/a | nats/token | ↓ |" in markdown
     assert "training rows kept by the audit" in markdown and "training rows kept by the audit" not in card
+    assert "held-out prompts through the `tinker` backend" in card  # where evaluate ran, not always "local"
 
 
 class CountingClient:

@@ -5,6 +5,7 @@ kind; a second ingest reuses them from the cache; a small prompt file is topped 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def card_run(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_id = result.stdout.split()[1].rstrip(":")
     ingest = data / "s3" / "distill" / "runs" / run_id / "ingest"
-    return {"data": data, "report": reports / run_id / "report.md", "ingest": ingest,
+    return {"data": data, "run_id": run_id, "report": reports / run_id / "report.md", "ingest": ingest,
             "profile": json.loads((ingest / "profile.json").read_text()),
             "synthesized": [json.loads(line) for line in (ingest / "synthesized.jsonl").read_text().splitlines()]}
 
@@ -64,6 +65,14 @@ def test_synthesized_prompts_are_distinct_audited_and_of_every_kind(card_run):
         assert audit(row["prompt"], Slot(row["kind"], (row["topic"],), 0), IngestConfig())[1] is None, row
     kept = [json.loads(line) for line in (card_run["ingest"] / "prompts.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in kept] == prompts and kept[0]["id"] == "s-00000"
+
+
+def test_the_tools_given_the_same_card_name_the_runners_run(card_run):
+    # what `make chat CARD=...` and `make review CARD=...` run: the card given as a relative path this time
+    card = os.path.relpath(EXAMPLES / "ada.png", REPO)
+    done = in_store(card_run["data"], "run-id", "--profile", "ci", "--card", card)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == card_run["run_id"]
 
 
 def test_a_second_ingest_takes_the_synthesized_prompts_from_the_cache(card_run):

@@ -417,7 +417,7 @@ class Runner:
 
 def parser() -> argparse.ArgumentParser:
     from jobs.cli import OneLineParser
-    from jobs.run_options import add_run_options
+    from jobs.run_options import add_input_options, add_run_options
     from workflows.local_s3 import add_fault_arguments
 
     p = OneLineParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
@@ -425,10 +425,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tinker-server", action="store_true",
                    help="serve the Tinker API for this run from the local stand-in (workflows.tinker_server) on "
                         "loopback, backed by the local engine; otherwise $TINKER_BASE_URL or the hosted service")
-    p.add_argument("--card", help="a character card: YAML, Character Card V2/V3 JSON or a PNG with one "
-                                  "(sets ingest.card)")
-    p.add_argument("--prompts", help="a JSONL/Parquet prompt file, or `synthesize` (sets ingest.prompts; with --card "
-                                     "alone the prompts are synthesized)")
+    add_input_options(p)
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
     p.add_argument("--reports-dir", default="reports", type=Path)
     p.add_argument("--workflow", default=RENDERED, type=Path, help="rendered WorkflowTemplate to run")
@@ -443,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.backends.model_files import cache_root
     from jobs.card import card_bytes, read_card
     from jobs.cli import derive_run_id
-    from jobs.run_options import pipeline_config, workflow_parameters
+    from jobs.run_options import input_overrides, pipeline_config, workflow_parameters
     from jobs.store import ArtifactStore, StoreSettings
     from workflows.local_s3 import LocalS3, fault_plan
 
@@ -452,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             args = p.parse_args(argv)
-            inputs = input_overrides(args.card, args.prompts)
+            inputs = input_overrides(args)
             pipeline = pipeline_config(args, inputs)
             if not pipeline.ingest.card.startswith("s3://"):  # a bad card is refused before anything starts
                 read_card(card_bytes(pipeline.ingest, StoreSettings()), pipeline.ingest.card)
@@ -517,18 +514,6 @@ def tinker_service(wanted: bool, dtype: str, data: Path) -> Iterator[dict[str, s
     with TinkerServer(data / "tinker", dtype=dtype) as server:
         print(f"Tinker API: the local stand-in at {server.base_url} (backed by the local engine)")
         yield server.env()
-
-
-def input_overrides(card: str | None, prompts: str | None) -> list[str]:
-    """--card and --prompts as settings. A local path is made absolute, as the steps may run in another folder;
-    JSON quoting keeps it a string whatever characters it holds (JSON is YAML)."""
-    from jobs.prompts import SYNTHESIZE
-
-    def value(source: str) -> str:
-        named = source == SYNTHESIZE or source.startswith(("s3://", "hf:", "builtin:"))
-        return json.dumps(source if named else str(Path(source).resolve()))
-
-    return [f"ingest.{key}={value(source)}" for key, source in (("card", card), ("prompts", prompts)) if source]
 
 
 def check_finished(store) -> None:

@@ -24,8 +24,8 @@ trained on replies the same base model gave with the card as its system prompt (
 
 {figures}
 
-Measured on {eval_prompts} held-out prompts with the local engine. Prompt the model with no system
-message (its chat template then adds its default system line), as in training.
+Measured on {eval_prompts} held-out prompts through the `{backend}` backend (`model.backend`). Prompt the
+model with no system message (its chat template then adds its default system line), as in training.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +38,7 @@ tokenizer = AutoTokenizer.from_pretrained("<this folder>/merged")
 def model_card(config: PhaseConfig, name: str, train: dict, ev: dict) -> str:
     """README.md of the export: the train loss and evaluate's figure table, as the report shows them."""
     return MODEL_CARD.format(base=config.pipeline.model.base, name=name, run_id=config.run_id,
-                             profile=config.pipeline.profile, eval_prompts=ev["eval_prompts"],
+                             profile=config.pipeline.profile, eval_prompts=ev["eval_prompts"], backend=ev["backend"],
                              figures=markdown_table([train_loss(train), *figure_rows(ev)]))
 
 

@@ -138,6 +138,10 @@ class TrainConfig(Section):
     # mass beyond them, so the student learns to put none there: with 32 it closed ~40% of the held-out KL (the
     # teacher's tail it lost), with 256 ~74% (demo data, 60 steps)
     top_k: int = Field(256, ge=1, le=1024)
+    # -- logit: the share of each position's target moved onto the token the teacher sampled there (0: the
+    # teacher's distribution alone, 1: sft's target). The distribution alone closes most of the KL but its
+    # student keeps the base's third-person voice; sft's takes the voice and loses the distribution
+    sampled_weight: float = Field(0.0, ge=0.0, le=1.0)
     # -- on_policy: SFT steps before the on-policy ones (a warm start)
     warm_start_steps: int = Field(0, ge=0)
     # -- on_policy: the longest reply the student samples per prompt, and its sampling temperature

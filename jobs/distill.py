@@ -50,14 +50,21 @@ def teacher_topk(teacher: SamplingClient, pairs: list[Paired], k: int) -> list[T
             for p, top in zip(pairs, found, strict=True)]
 
 
-def soft_datum(paired: Paired, target: TopK, max_len: int) -> Datum:
+def soft_datum(paired: Paired, target: TopK, max_len: int, sampled_weight: float = 0.0) -> Datum:
     """The student's training sequence with the teacher's top k (probabilities) as the target at each assistant
-    position (`target` from `teacher_topk`)."""
+    position (`target` from `teacher_topk`), `sampled_weight` of each target moved onto the token the teacher
+    sampled there (in place of the least likely candidate when the top k lacks it: a target keeps k tokens)."""
     length = len(paired.student_tokens)
     candidates: list[list[int]] = [[] for _ in range(length)]
     probs: list[list[float]] = [[] for _ in range(length)]
     for position, ids, logprobs in zip(paired.student_positions, target.ids, target.logprobs, strict=True):
-        candidates[position], probs[position] = ids, [math.exp(lp) for lp in logprobs]
+        ids, row = list(ids), [math.exp(lp) * (1.0 - sampled_weight) for lp in logprobs]
+        if sampled_weight:
+            sampled = paired.student_tokens[position]
+            if sampled not in ids:
+                ids[-1], row[-1] = sampled, 0.0
+            row[ids.index(sampled)] += sampled_weight
+        candidates[position], probs[position] = ids, row
     return Datum(paired.student_tokens[:max_len], paired.student_weights[:max_len], candidates[:max_len],
                  probs[:max_len])
 

@@ -39,6 +39,19 @@ def test_kl_over_the_whole_vocabulary_is_exact_and_over_the_top_k_a_lower_bound(
     assert distill.kl_per_position(same, [[math.log(0.5), math.log(0.25)]]) == [pytest.approx(0.0, abs=1e-9)]
 
 
+def test_sampled_weight_moves_that_share_of_each_target_onto_the_sampled_token():
+    # tokens 7 8 9; positions 1 and 2 are the reply, whose sampled tokens are 8 and 9
+    paired = distill.Paired([7, 8, 9], [7, 8, 9], [0.0, 1.0, 1.0], [1, 2], [1, 2])
+    target = TopK(1, [[8, 5], [5, 6]], [[math.log(0.6), math.log(0.4)], [math.log(0.7), math.log(0.3)]])
+    alone = distill.soft_datum(paired, target, 16)
+    assert alone.candidates[1:] == [[8, 5], [5, 6]] and alone.probs[1] == pytest.approx([0.6, 0.4])
+    mixed = distill.soft_datum(paired, target, 16, sampled_weight=0.25)
+    assert mixed.candidates[1] == [8, 5] and mixed.probs[1] == pytest.approx([0.6 * 0.75 + 0.25, 0.4 * 0.75])
+    # 9 is not among position 2's top k: it takes the least likely candidate's place, and k stays 2
+    assert mixed.candidates[2] == [5, 9] and mixed.probs[2] == pytest.approx([0.7 * 0.75, 0.25])
+    assert distill.soft_datum(paired, target, 16, sampled_weight=1.0).probs[1:] == [[1.0, 0.0], [0.0, 1.0]]
+
+
 @pytest.fixture(scope="module")
 def engine():
     return LocalEngine.for_sampling(MODEL)

@@ -118,7 +118,7 @@ def test_compared_runs_are_named_by_objective_steps_and_the_settings_train_recor
         return report.Compared("run-1", "", metrics, 1.0, {}, []).name
 
     assert named(TrainConfig(objective="logit", top_k=64, learning_rate=1e-3, max_seq_len=256)) \
-        == "logit, 60 steps, learning rate 0.001, max seq len 256, top k 64 (run-1)"
+        == "logit, 60 steps, learning rate 0.001, max seq len 256, top k 64, sampled weight 0.0 (run-1)"
     assert named(TrainConfig(objective="sft", learning_rate=2e-4)) \
         == "sft, 60 steps, learning rate 0.0002, max seq len 512 (run-1)"
     assert "warm start steps 5" in named(TrainConfig(objective="on_policy", warm_start_steps=5))

@@ -86,7 +86,8 @@ class Logit(SFT):
     def __init__(self, rows: list[dict], train: TrainConfig, teacher: SamplingClient, system: str):
         pairs = [distill.pair(teacher.renderer, row["messages"], system) for row in rows]
         targets = distill.teacher_topk(teacher, pairs, train.top_k)
-        self.data = [distill.soft_datum(p, t, train.max_seq_len) for p, t in zip(pairs, targets, strict=True)]
+        self.data = [distill.soft_datum(p, t, train.max_seq_len, train.sampled_weight)
+                     for p, t in zip(pairs, targets, strict=True)]
 
 
 class OnPolicy(SFT):
@@ -133,7 +134,8 @@ class OnPolicy(SFT):
 def objective_settings(train: TrainConfig) -> dict[str, float | int]:
     """The settings of `train` that the objective uses besides steps and batch size: recorded with the train
     metrics, so that runs of one objective on the same data can be told apart in the report."""
-    used = {"logit": ("top_k",), "on_policy": ("warm_start_steps", "rollout_tokens", "rollout_temperature")}
+    used = {"logit": ("top_k", "sampled_weight"),
+            "on_policy": ("warm_start_steps", "rollout_tokens", "rollout_temperature")}
     return {"learning_rate": train.learning_rate, "max_seq_len": train.max_seq_len,
             **{key: getattr(train, key) for key in used.get(train.objective, ())}}
 

@@ -83,7 +83,7 @@ def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts:
     render = teacher.renderer
     with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
     params = SamplingParams.from_config(config.pipeline.teacher)
-    with Progress(len(prompts), f"teacher shard {config.shard}") as bar:
+    with Progress(len(prompts), f"teacher shard {config.shard}", turn_stage(config.pipeline.conversations, 1)) as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
     rows = [{"id": p["id"], "prompt": p["prompt"], "reply": render.decode(tokens),
              "reply_tokens": len(tokens), "finished": len(tokens) < params.max_tokens,
@@ -112,7 +112,9 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
     for turn in range(2, talks.turns + 1):
         if not going:
             break
-        with Progress(2 * len(going), f"teacher shard {config.shard} turn {turn}") as bar:
+        with Progress(2 * len(going), f"teacher shard {config.shard}",
+                      stages=[(len(going), turn_stage(talks, turn, "visitor questions")),
+                              (len(going), turn_stage(talks, turn))]) as bar:
             asked = []
             for row in going:
                 try:
@@ -143,6 +145,11 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
                                      "finished": len(tokens) < params.max_tokens})
             chats[row["id"]] += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
             going.append(row)
+
+
+def turn_stage(talks: ConversationsConfig, turn: int, what: str = "teacher replies") -> str:
+    """What a progress line says runs: "turn 2/4: visitor questions" ("teacher replies" without conversations)."""
+    return f"turn {turn}/{talks.turns}: {what}" if talks.share > 0 else what
 
 
 def sample(client: SamplingClient, prompts: list[list[int]], params: SamplingParams, bar: Progress) -> list[list[int]]:

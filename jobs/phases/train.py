@@ -184,7 +184,12 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     rows = store.read_jsonl("split", "train.jsonl")
     system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
     # the logit targets are computed before the student's model is made, so one model is in memory while training
-    logit = Logit(rows, train, backend.sampler(), system) if train.objective == "logit" else None
+    logit: Logit | None = None
+    if train.objective == "logit":
+        # one long pass before step 1: its own progress (a heartbeat while the teacher scores every row)
+        with Progress(len(rows), "train", stage="teacher top-k before step 1") as bar:
+            logit = Logit(rows, train, backend.sampler(), system)
+            bar.advance(len(rows))
     trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)
     state: LoopState = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
     if latest:
@@ -192,8 +197,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     objective = logit or (OnPolicy(rows, train, backend.sampler(), system, trainer) if train.objective == "on_policy"
                           else SFT(trainer.renderer, rows, train))
     val = [to_datum(trainer.renderer, row, train.max_seq_len) for row in store.read_jsonl("split", "val.jsonl")]
-    with Progress(train.steps, "train") as bar:
-        bar.advance(state["step"])
+    with Progress(train.steps, "train", initial=state["step"], each=True) as bar:
         while state["step"] < train.steps:
             started = time.time()
             indices = batch_rows(len(rows), train.batch_size, state["data_position"], train.seed)
@@ -205,16 +209,16 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
             stepped.result()
             state["step"] += 1
             state["data_position"] += train.batch_size
+            seconds, sequence_tokens = time.time() - started, sum(len(d.tokens) for d in batch)
             state["history"].append({"step": state["step"], "loss": round(result["loss"], 5), "lr": lr,
-                                     "tokens": int(result["tokens"]),
-                                     "sequence_tokens": sum(len(d.tokens) for d in batch),
-                                     "seconds": round(time.time() - started, 3),
-                                     **{k: round(v, 5) for k, v in figures.items()}})
+                                     "tokens": int(result["tokens"]), "sequence_tokens": sequence_tokens,
+                                     "seconds": round(seconds, 3), **{k: round(v, 5) for k, v in figures.items()}})
             if state["step"] % train.val_every == 0 or state["step"] == train.steps:
                 loss = validation_loss(trainer, val)
                 if loss is not None:
                     state["val"].append({"step": state["step"], "loss": round(loss, 5)})
-            bar.advance(1, loss=f"{result['loss']:.3f}")
+            # every token of the batch went forward and back: the step's own rate, validation not counted
+            bar.advance(1, loss=round(result["loss"], 4), tokens_per_s=round(sequence_tokens / max(seconds, 1e-9)))
             if state["step"] % train.checkpoint_every == 0 or state["step"] == train.steps:
                 checkpoints.save(trainer, state)
     adapter = trainer.save_adapter("final")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jobs.backends.base import SamplingParams
-from jobs.backends.local import NUCLEUS_WIDTHS, choose_tokens, nucleus, shared_prefix_length
+from jobs.backends.sampling import NUCLEUS_WIDTHS, choose_tokens, nucleus, shared_prefix_length
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 0.5), (1.3, 0.99), (0.7, 1.0)])

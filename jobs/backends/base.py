@@ -26,6 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    # a local engine that keeps keys and values between calls may reuse them (a conversation's history); False
+    # where the reuse would change what is measured (latency)
+    reuse_kv: bool = True
 
     @classmethod
     def from_config(cls, section: SamplingConfig, batch_size: int | None = None) -> SamplingParams:
@@ -125,14 +128,21 @@ class Metered:
         self.usage = {"prefill_tokens": 0, "sample_tokens": 0}
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:
+        before = self._computed()
         replies = self.client.sample(prompts, params, on_batch=on_batch)
         self.usage["prefill_tokens"] += sum(map(len, prompts))
+        if before is not None:  # the local engine: what it ran through the model, the rest shared or kept
+            self.usage["computed_prefill_tokens"] = (self.usage.get("computed_prefill_tokens", 0)
+                                                     + (self._computed() or 0) - before)
         self.usage["sample_tokens"] += sum(map(len, replies))
         return replies
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         self.usage["prefill_tokens"] += sum(map(len, sequences))
         return self.client.compute_logprobs(sequences)
+
+    def _computed(self) -> int | None:
+        return getattr(self.client, "computed_prefill_tokens", None)
 
     def topk_logprobs(self, sequences: list[list[int]], starts: list[int], k: int) -> list[TopK]:
         self.usage["prefill_tokens"] += sum(map(len, sequences))

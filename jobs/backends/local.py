@@ -19,8 +19,9 @@ import os
 import platform
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +29,16 @@ import torch.nn.functional as F
 from jobs.backends import attention
 from jobs.backends.attention import Layout, SharedPrefix
 from jobs.backends.base import ADAPTER_WEIGHTS, Datum, LossFn, SamplingParams, TopK
+from jobs.backends.kv_cache import KVCache, RowState
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
+from jobs.backends.sampling import MIN_SHARED_PREFIX, choose_tokens, shared_prefix_length
 from jobs.config import ModelConfig, TrainConfig
 from jobs.errors import InputError
 from jobs.log import get_logger
 
 # tokens per packed forward in compute_logprobs: the float32 log-softmax over the vocabulary is the peak
 LOGPROB_TOKENS = 1024
-# a shared prefix shorter than this is not worth a separate forward pass
-MIN_SHARED_PREFIX = 16
-# how many of the most likely tokens nucleus sampling looks at, widening only when some row's nucleus is wider:
-# a full sort of the vocabulary (and sampling from all of it) costs more than the model's step
-NUCLEUS_WIDTHS = (256, 4096)
 _NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -85,6 +83,16 @@ class Precision:
         return getattr(torch, self.dtype)
 
 
+@dataclass
+class Decoded:
+    """A row's reply and, where the engine keeps them, the keys and values of the tokens it fed."""
+
+    reply: list[int]
+    tokens: tuple[int, ...] = ()
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
 def resolve_precision(model: ModelConfig) -> Precision:
     """The device and dtype that `model.device` and `model.dtype` mean on this machine."""
     device = model.device
@@ -103,73 +111,6 @@ def resolve_precision(model: ModelConfig) -> Precision:
     return Precision(device, dtype)
 
 
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """Tokens at the start of every row, leaving each row at least one token of its own."""
-    if len(rows) < 2:
-        return 0
-    length = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for row in rows[1:]:
-        same = 0
-        while same < length and row[same] == first[same]:
-            same += 1
-        length = same
-    return length if length >= MIN_SHARED_PREFIX else 0
-
-
-def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens each row may sample after temperature and top-p, and their probabilities (zero outside the
-    nucleus), as (candidates, probabilities), each (rows, width).
-
-    The nucleus is almost always among the few most likely tokens: those are looked at first, a wider set
-    when some row's nucleus is wider, and the whole vocabulary (as `generate` sorts it every step) last.
-    """
-    probs = (logits / params.temperature).softmax(dim=-1)
-    vocab = probs.shape[-1]
-    if params.top_p >= 1.0:
-        return torch.arange(vocab, device=probs.device).expand_as(probs), probs
-    for width in sorted({min(width, vocab) for width in (*NUCLEUS_WIDTHS, vocab)}):
-        top, candidates = probs.topk(width, dim=-1)
-        before = top.cumsum(dim=-1) - top  # the mass of the more likely tokens
-        if width == vocab or bool((before[:, -1] + top[:, -1] >= params.top_p).all()):
-            break
-    # a token stays while the more likely ones hold less than top_p; the most likely always does
-    return candidates, top.masked_fill(before >= params.top_p, 0.0)
-
-
-def draw(probs: torch.Tensor, generators: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-    """One column per row, drawn from each row's unnormalised probabilities by the inverse of its cumulative
-    distribution: one uniform number per row, from that row's own generator when `generators` is a list.
-
-    So a row's draw depends only on its own probabilities and generator: not on its batch companions, and not on
-    how many candidates `nucleus` looked at (torch.multinomial draws one number per candidate and so would)."""
-    rows = probs.shape[0]
-    if isinstance(generators, torch.Generator):
-        uniform = torch.rand(rows, generator=generators, device=probs.device)
-    else:
-        uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
-    cdf = probs.cumsum(dim=-1)
-    # the first column whose cumulative mass exceeds the draw: never a zero-probability one
-    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
-    return picked.squeeze(1).clamp(max=probs.shape[1] - 1)
-
-
-def choose_tokens(logits: torch.Tensor, history: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-    """The next token of each row, as transformers' generate picks it: the repetition penalty on every token in
-    the row so far (`history`, prompt included; a repeated id counts once), then greedy, or temperature and
-    nucleus (top-p) sampling. `generator` is one generator for all rows or one per row (`draw`)."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0:
-        penalty = params.repetition_penalty
-        before = logits.gather(1, history)
-        logits = logits.scatter(1, history, torch.where(before < 0, before * penalty, before / penalty))
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    candidates, probs = nucleus(logits, params)
-    return candidates.gather(1, draw(probs, generator)[:, None]).squeeze(1)
-
-
 class LocalEngine:
     def __init__(self, model, tokenizer, precision: Precision, trainable: bool):
         self.model = model
@@ -179,6 +120,10 @@ class LocalEngine:
         self.renderer = Renderer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._optimizer: torch.optim.AdamW | None = None  # made by the first optim_step or load_state
+        # keys and values kept between calls (`kv_cache`): only where the weights never change
+        self.kv: KVCache | None = None
+        # prompt tokens run through the model by `sample`: the rest came from a shared prefix or the kept cache
+        self.computed_prefill_tokens = 0
         if not trainable:
             self.model.eval()
 
@@ -199,14 +144,18 @@ class LocalEngine:
         return base, tokenizer
 
     @classmethod
-    def for_sampling(cls, model: ModelConfig, adapter_dir: Path | None = None) -> LocalEngine:
+    def for_sampling(cls, model: ModelConfig, adapter_dir: Path | None = None, kv_cache: bool = False) -> LocalEngine:
+        """An engine with fixed weights; with `kv_cache` it keeps each sampled row's keys and values, so a prompt
+        that continues an earlier one (a conversation's next turn) prefills only its new tokens."""
         precision = resolve_precision(model)
         base, tokenizer = cls._load_base(model, precision)
         if adapter_dir is not None:
             from peft import PeftModel
 
             base = PeftModel.from_pretrained(base, adapter_dir)
-        return cls(base, tokenizer, precision, trainable=False)
+        engine = cls(base, tokenizer, precision, trainable=False)
+        engine.kv = KVCache() if kv_cache else None
+        return engine
 
     @classmethod
     def for_training(cls, model: ModelConfig, train: TrainConfig) -> LocalEngine:
@@ -231,25 +180,48 @@ class LocalEngine:
         """Completion tokens (end-of-turn stripped) for each prompt. Row i samples with its own generator, seeded
         with `seeds[i]` (default `params.seed + i`), so its reply depends on its prompt, the parameters and its
         seed only: not on the other prompts of the call, their order or `params.batch_size` (up to the float
-        rounding of batched matrix products, which has not been seen to change a token in float32)."""
+        rounding of batched matrix products, which has not been seen to change a token in float32).
+
+        With a kept cache (`kv_cache`, and `params.reuse_kv`), a prompt that starts with the tokens of a row sampled
+        before (its prompt and reply) reuses their keys and values; `share_prefix=False` uses none of it."""
         if seeds is None:
             seeds = [params.seed + i for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        prefix_len = shared_prefix_length(prompts) if share_prefix else 0
-        prefix = self._prefix(prompts[0][:prefix_len])[0] if prefix_len else None
+        kv = self.kv if share_prefix and params.reuse_kv else None
+        prefix_len, prefix = self._shared_prefix(prompts, kv) if share_prefix else (0, None)
+        base = tuple(prompts[0][:prefix_len])
         # shortest first, so rows in a batch share a length and padding stays small
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), params.batch_size):
             chunk = order[start:start + params.batch_size]
             generators = [torch.Generator(device=self.device).manual_seed(seeds[i]) for i in chunk]
-            replies = self._decode([prompts[i] for i in chunk], prefix_len, prefix, params, generators)
-            for index, reply in zip(chunk, replies, strict=True):
-                results[index] = reply
+            rows = [prompts[i] for i in chunk]
+            found: list[tuple[RowState | None, int]] = (
+                [kv.find(base, row[prefix_len:]) for row in rows] if kv else [(None, 0)] * len(rows))
+            states = self._decode(rows, prefix_len, prefix, params, generators, found, remember=kv is not None)
+            for index, state, (reused, _) in zip(chunk, states, found, strict=True):
+                results[index] = state.reply
+                if kv is not None:
+                    kv.keep(RowState(base, state.tokens, state.keys, state.values), replaces=reused)
             if on_batch:
                 on_batch(len(chunk))
         return results
+
+    def _shared_prefix(self, prompts: list[list[int]], kv: KVCache | None) -> tuple[int, SharedPrefix | None]:
+        """The prefix every prompt shares and its keys and values: a kept one if the prompts all start with it
+        (so their rows find what they kept after it), else computed (and kept)."""
+        if kv is not None and (kept := kv.base_for(prompts)) is not None:
+            return len(kept[0]), kept[1]
+        length = shared_prefix_length(prompts)
+        if not length:
+            return 0, None
+        prefix = self._prefix(prompts[0][:length])[0]
+        self.computed_prefill_tokens += length
+        if kv is not None:
+            kv.add_base(tuple(prompts[0][:length]), prefix)
+        return length, prefix
 
     def _prefix(self, tokens: list[int], logprobs: bool = False) -> tuple[SharedPrefix, torch.Tensor | None]:
         """The prefix's keys and values, and with `logprobs` the log-softmax at each of its positions."""
@@ -263,18 +235,28 @@ class LocalEngine:
         return SharedPrefix.from_cache(cache), out.logits[0].float().log_softmax(dim=-1) if logprobs else None
 
     def _decode(self, rows: list[list[int]], prefix_len: int, prefix: SharedPrefix | None, params: SamplingParams,
-                generators: list[torch.Generator]) -> list[list[int]]:
-        from transformers import DynamicCache
-
-        ids, key_mask = self._left_pad([row[prefix_len:] for row in rows])
-        # real tokens continue the prefix's positions; left pads are never attended, any position does
-        positions = prefix_len + (key_mask.cumsum(dim=1) - 1).clamp(min=0)
+                generators: list[torch.Generator], found: list[tuple[RowState | None, int]],
+                remember: bool = False) -> list[Decoded]:
+        """Each row's reply, and the keys and values of every token it fed after the prefix. `found` gives, per
+        row, kept keys and values of its first tokens after the prefix (state, how many), which are not fed again:
+        they stand right-aligned before the row's new tokens, left pads before both and between them. With `remember`,
+        each row's fed keys and values come back with its reply."""
+        own = [row[prefix_len:] for row in rows]
+        reused = [length for _, length in found]
+        ids, key_mask = self._left_pad([tokens[length:] for tokens, length in zip(own, reused, strict=True)])
+        self.computed_prefill_tokens += int(key_mask.sum())
+        # real tokens continue the prefix's and the kept tokens' positions; pads are never attended
+        positions = prefix_len + self._tensor(reused)[:, None] + (key_mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache, kept_mask = self._kept(found)
+        if self.kv is not None:
+            self.kv.reused_tokens += sum(reused)
+        key_mask = torch.cat([kept_mask, key_mask], dim=1)
         # every token each row has seen, for the repetition penalty; short rows repeat their first token
         width = max(map(len, rows))
         history = self._tensor([row + row[:1] * (width - len(row)) for row in rows])
-        cache = DynamicCache()
         live = torch.arange(len(rows), device=self.device)  # which rows are still generating
         replies: list[list[int]] = [[] for _ in rows]
+        done: dict[int, Decoded] = {}
         for step in range(params.max_tokens):
             logits = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
                                 layout=Layout(key_mask=key_mask, prefix=prefix), logits_to_keep=1).logits[:, -1]
@@ -286,6 +268,10 @@ class LocalEngine:
             if step == params.max_tokens - 1 or not going.any():
                 break
             if not going.all():  # finished rows leave the batch and its cache
+                if remember:
+                    for slot in (~going).nonzero().squeeze(1).tolist():
+                        row = int(live[slot])
+                        done[row] = self._fed(cache, key_mask, slot, own[row] + replies[row], replies[row])
                 keep = going.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 live, tokens, key_mask, positions, history = (t[keep] for t in (live, tokens, key_mask, positions,
@@ -295,7 +281,41 @@ class LocalEngine:
             history = torch.cat([history, ids], dim=1)
             key_mask = torch.cat([key_mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
-        return replies
+        for slot, row in enumerate(live.tolist() if remember else []):
+            done[row] = self._fed(cache, key_mask, slot, own[row] + replies[row], replies[row])
+        return [done.get(row) or Decoded(replies[row]) for row in range(len(rows))]
+
+    def _kept(self, found: list[tuple[RowState | None, int]]) -> tuple[Any, torch.Tensor]:
+        """A decoding cache holding each row's reused keys and values right-aligned, and their mask."""
+        from transformers import DynamicCache
+
+        width = max(length for _, length in found)
+        mask = torch.zeros((len(found), width), dtype=torch.long, device=self.device)
+        if not width:
+            return DynamicCache(), mask
+        example = next(state for state, length in found if state is not None and length)
+        layers = []
+        for layer in range(len(example.keys)):
+            heads, _, dim = example.keys[layer].shape
+            keys = example.keys[layer].new_zeros((len(found), heads, width, dim))
+            values = torch.zeros_like(keys)
+            for i, (state, length) in enumerate(found):
+                if state is not None and length:
+                    keys[i, :, width - length:] = state.keys[layer][:, :length]
+                    values[i, :, width - length:] = state.values[layer][:, :length]
+            layers.append((keys, values))
+        for i, (_, length) in enumerate(found):
+            mask[i, width - length:] = 1 if length else 0
+        return DynamicCache(ddp_cache_data=layers), mask
+
+    @staticmethod
+    def _fed(cache, key_mask: torch.Tensor, slot: int, tokens: list[int], reply: list[int]) -> Decoded:
+        """Row `slot`'s reply and the keys and values of the tokens it fed (its own prompt tokens, then the reply
+        but the last token sampled, which was never fed), copied out of the batch's cache."""
+        real = key_mask[slot].bool()
+        count = int(real.sum())
+        return Decoded(reply, tuple(tokens[:count]), [layer.keys[slot][:, real] for layer in cache.layers],
+                       [layer.values[slot][:, real] for layer in cache.layers])
 
     @torch.no_grad()
     def compute_logprobs(self, sequences: list[list[int]], share_prefix: bool = True) -> list[list[float]]:

@@ -86,7 +86,7 @@ class LocalBackend:
     def sampler(self, adapter: str | None = None):
         from jobs.backends.local import LocalEngine
 
-        return LocalEngine.for_sampling(self.model, self.folders.get(adapter) if adapter else None)
+        return LocalEngine.for_sampling(self.model, self.folders.get(adapter) if adapter else None, kv_cache=True)
 
     def trainer(self, train: TrainConfig, resume_from: str | None = None) -> LocalTrainer:
         from jobs.backends.local import LocalEngine

@@ -4,6 +4,7 @@ the log format a pod gets."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ def test_a_silent_call_gets_heartbeat_lines():
     assert lines[-1]["done"] == 3
     assert {line["task"] for line in lines} == {"train before step 1: the teacher top-k"}
     assert {line["stage"] for line in lines} == {"before step 1: the teacher top-k"}
-    assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in zip(lines, lines[1:], strict=False))
+    assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in itertools.pairwise(lines))
 
 
 def test_stages_by_count_name_what_runs_and_a_new_stage_logs_a_line():

@@ -12,6 +12,8 @@ from conftest import phase_config
 
 from jobs.backends.base import SamplingParams
 from jobs.card import CharacterCard
+from jobs.evaluation import figures as evaluate_figures
+from jobs.evaluation import measure
 from jobs.metrics import (
     COST_PER_REQUEST,
     KEYS,
@@ -27,7 +29,7 @@ from jobs.metrics import (
     markdown_table,
     record,
 )
-from jobs.phases import evaluate, export, report
+from jobs.phases import export, report
 
 # the keys of evaluate's metrics.json that the rest of the pipeline, the DAG and the report's comparison of runs
 # read (nll_gap_closed is gone: it was not bounded, so it did not mean what its name said; kl_closed replaces it)
@@ -178,26 +180,27 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
                         lambda texts, references: [float(t == r) for t, r in zip(texts, references, strict=True)])
     monkeypatch.setattr(jobs.backends.embeddings, "embed", in_character_embedding)
     ticks = itertools.count()
-    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
     config = phase_config("metrics-test")
-    prompts = evaluate.Prompts(system="card", with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
+    prompts = measure.Prompts(system="card", with_card=[[0] * 10, [0] * 30], without_card=[[0] * 2, [0] * 6],
                                teacher_replies=[[0], [0] * 3], pairs=[])
     client = CountingClient()
-    seen = evaluate.Measured(
+    seen = measure.Measured(
         replies={"teacher": ["I compose.", "Vienna."], "teacher_resampled": ["I compose.", "As an AI, no."],
                  "student": ["I compose.", "Bonn."], "base": ["As an AI language model...", "Vienna."]},
         nll={"student": [1.0, 2.0], "base": [3.0, 4.0], "teacher": [1.0, 1.0]},
-        latency=evaluate.latency(client, prompts, 1, SamplingParams(max_tokens=4)),
+        latency=measure.latency(client, prompts, 1, SamplingParams(max_tokens=4)),
         kl={"student": [[0.1], [0.3, 0.1, 0.1]], "base": [[0.4], [0.4, 0.4, 0.4]]},
         judge_negatives=[f"Hello there from Vienna and Bonn, as an AI, number {i}." for i in range(10)],
         turns={"student": {1: ["I compose."], 2: ["Hi."], 3: ["I compose.", "I compose."]},
                "base": {1: ["Hi."], 2: ["Hi."], 3: ["Hi.", "I compose."]},
                "teacher_resampled": {1: ["I compose."]}})
-    judge = evaluate.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives)
-    lexical = evaluate.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives, lexical=True)
+    judge = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives)
+    lexical = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives, lexical=True)
     card = CharacterCard.model_construct(name="I compose.", topics=[])
-    similarity = evaluate.similarity_to_teacher(seen.replies)
-    recorded = record(evaluate.figures(seen, similarity, prompts, card, judge, lexical, config))
+    similarity = evaluate_figures.similarity_to_teacher(seen.replies)
+    recorded = record(evaluate_figures.figures(seen, similarity, prompts, card, judge, lexical,
+                                             config.pipeline.audit.forbidden, config.pipeline.evaluate.prices))
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -230,9 +233,9 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert recorded["cost_ratio"] == round(cost[20] / cost[4], 3) > 1
     assert client.calls == 4  # a warm-up and one timed request, with and without the card
     assert recorded["latency_with_card_s"] == recorded["prefill_without_card_s"] == recorded["latency_ratio"] == 1
-    assert evaluate.kl({"student": [[0.1]], "base": [[0.0]]})["kl_closed"] is None
+    assert evaluate_figures.kl({"student": [[0.1]], "base": [[0.0]]})["kl_closed"] is None
 
-    rows = evaluate.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
+    rows = evaluate_figures.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
                                similarity)
     assert list(rows[1]) == ["id", "prompt", "teacher", "student", "base", "teacher_resampled", "similarity_student",
                              "similarity_base", "similarity_teacher_resampled", "nll_student", "nll_base",
@@ -255,7 +258,7 @@ class ScriptedClient:
     def decode(self, tokens):
         return f"after {tokens[0]} messages"
 
-    def sample(self, prompts, params):
+    def sample(self, prompts, params, on_batch=None):
         return prompts
 
 
@@ -265,11 +268,11 @@ def test_a_replay_gives_each_turn_the_recorded_conversation_before_it():
                       {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}],
                      [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "b1"}]]
     client = ScriptedClient()
-    turns = evaluate.replay(client, conversations, "the card", SamplingParams(max_tokens=4))
+    turns = measure.replay(client, conversations, "the card", SamplingParams(max_tokens=4))
     assert turns == {1: ["after 2 messages", "after 2 messages"], 2: ["after 4 messages"], 3: ["after 6 messages"]}
     third = client.chats[-1]
     assert third[0] == {"role": "system", "content": "the card"} and third[1:] == conversations[0][:5]
-    rows = evaluate.replayed(conversations, {"student": turns})
+    rows = evaluate_figures.replayed(conversations, {"student": turns})
     assert rows[0]["student"] == ["after 2 messages", "after 4 messages", "after 6 messages"]
     assert rows[1] == {"messages": conversations[1], "student": ["after 2 messages"]}
-    assert evaluate.replay(client, [], None, SamplingParams(max_tokens=4)) == {}
+    assert measure.replay(client, [], None, SamplingParams(max_tokens=4)) == {}

@@ -23,6 +23,7 @@ from conftest import REPO, alive, descendants
 
 from jobs.config import TrainConfig
 from jobs.metrics import KEYS, LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO, figure_rows, markdown_table
+from jobs.phases.evaluate import BASE_PARTS, STUDENT_PARTS
 
 pytestmark = pytest.mark.slow
 PHASES = ("preflight", "ingest", "student", "audit", "split", "train", "evaluate", "report", "export", "publish")
@@ -84,8 +85,8 @@ def stop_while_stalled(data: Path, reports: Path, env: dict[str, str]) -> dict:
 @pytest.fixture(scope="module")
 def fault_run(ci_run, tmp_path_factory):
     data, reports = tmp_path_factory.mktemp("fault-data"), tmp_path_factory.mktemp("fault-reports")
-    # the fault-free run's teacher replies, as the content-addressed cache a second run on one store would find:
-    # every phase still runs, the teacher shards only read their replies instead of sampling them again
+    # the fault-free run's caches, as a second run on one store would find them: every phase still runs, the
+    # teacher shards read their replies instead of sampling them again, evaluate reads every part of the base model
     shutil.copytree(ci_run["data"] / "s3" / "distill" / "cache", data / "s3" / "distill" / "cache")
     env = {**os.environ, **CANARIES}
     stopped = stop_while_stalled(data, reports, env)
@@ -120,10 +121,12 @@ def jsonl(path: Path) -> list[dict]:
 # sampled token now and then: the test allows that much
 TINKER_TOLERANCE = 0.02
 # figures that are the backend's name or wall-clock time, not results
-NOT_RESULTS = {"backend", "device", "dtype", *LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key}
-# what evaluate's metrics.json holds besides the registered figures: how they were measured
+NOT_RESULTS = {"backend", "device", "dtype", *LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key,
+               "cached", "cached_figures"}
+# what evaluate's metrics.json holds besides the registered figures: how they were measured, and which of them came
+# from its cache
 EVALUATE_SETTINGS = {"backend", "device", "dtype", "eval_prompts", "judge_replies", "prices_per_mtok", "prefill_tokens",
-                     "sample_tokens"}
+                     "sample_tokens", "cached", "cached_figures"}
 
 
 @pytest.mark.timeout(1800)  # two whole ci runs (the local one shared with the tests above) in its set-up
@@ -305,3 +308,65 @@ def test_no_canary_secret_anywhere(fault_run):
 def contains(path: Path, needle: bytes) -> bool:
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:  # the model is 0.5 GB
         return view.find(needle) >= 0
+
+
+def step_log(run: dict, label: str) -> list[dict]:
+    """A step's JSON log lines (the runner keeps each step's output under <data>/logs/<run id>/)."""
+    lines = (run["data"] / "logs" / run["run_id"] / f"{label}.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def progress(run: dict, label: str) -> list[dict]:
+    return [line for line in step_log(run, label) if line["event"] == "progress"]
+
+
+def test_train_logs_every_step_from_the_first_with_its_loss_rate_and_eta(ci_run):
+    lines = progress(ci_run, "train")
+    steps = [line for line in lines if line["task"] == "train" and line["done"] > 0]
+    # a step longer than the heartbeat's 20 s would log its count twice
+    assert list(dict.fromkeys(line["done"] for line in steps)) == list(range(1, 7))
+    assert {line["total"] for line in steps} == {6}
+    first = steps[0]
+    assert first["loss"] > 0 and first["tokens_per_s"] > 0 and first["eta_s"] >= 0 and first["elapsed_s"] < 30
+    # the logit objective's top-k pass before step 1 has its own line, at its start and its end
+    topk = [line for line in lines if line["task"] == "train before step 1: the teacher's top-k"]
+    assert [line["done"] for line in topk][:1] + [line["done"] for line in topk][-1:] == [0, topk[0]["total"]]
+    assert lines.index(topk[-1]) < lines.index(first)
+    assert re.search(r"^  train: 1/6 .*loss=[0-9.]+ tokens_per_s=\d+", ci_run["stdout"], re.MULTILINE)
+
+
+def test_the_teacher_names_its_conversation_turns(ci_run):
+    for shard in (0, 1):
+        tasks = list(dict.fromkeys(line["task"] for line in progress(ci_run, f"teacher({shard})")))
+        assert tasks == [f"teacher shard {shard} turn {turn}" for turn in ("1/2: teacher replies",
+                                                                           "2/2: visitor questions",
+                                                                           "2/2: teacher replies")]
+
+
+def test_evaluate_counts_the_stages_that_run(ci_run):
+    stages = [line["stage"] for line in progress(ci_run, "evaluate")]
+    names = [*(part.name for part in BASE_PARTS + STUDENT_PARTS), "similarity, judges"]  # a cold cache: all run
+    assert list(dict.fromkeys(stages)) == [f"{i}/{len(names)}: {name}" for i, name in enumerate(names, 1)]
+    figures = json.loads((ci_run["runs"] / "evaluate" / "metrics.json").read_text())
+    assert figures["cached"] == figures["cached_figures"] == []
+    report = (ci_run["reports"] / ci_run["run_id"] / "report.md").read_text()
+    assert "| figures from evaluate's cache (an earlier run on this data) | none: every one computed in this run |" \
+        in report
+
+
+def test_a_warm_evaluate_cache_gives_the_cold_runs_figures(ci_run, fault_run):
+    """The fault run found the ci run's cache: evaluate read every base part from it, computed the student's, and
+    its figures are the ci run's, bit for bit (the latency too: it was read, not measured again)."""
+    cold = json.loads((ci_run["runs"] / "evaluate" / "metrics.json").read_text())
+    warm = json.loads((fault_run["runs"] / "evaluate" / "metrics.json").read_text())
+    assert warm["cached"] == [part.name for part in BASE_PARTS]
+    assert {key: warm[key] for key in KEYS} == {key: cold[key] for key in KEYS}
+    assert 0 < warm["prefill_tokens"] < cold["prefill_tokens"]  # only the student's requests this time
+    assert {"nll_base", "kl_base", "judge_accuracy", "latency_ratio"} <= set(warm["cached_figures"])
+    assert not {"nll_student", "kl_closed", "similarity_student"} & set(warm["cached_figures"])
+    stages = list(dict.fromkeys(line["stage"] for line in progress(fault_run, "evaluate")))
+    assert [stage.split(":")[0] for stage in stages] == [f"{i}/6" for i in range(1, 7)]
+    assert stages[0].startswith("1/6: read from the cache (base replies, ")
+    report = (fault_run["reports"] / ci_run["run_id"] / "report.md").read_text()
+    assert f"| figures from evaluate's cache (an earlier run on this data) | {len(warm['cached_figures'])} of " \
+           f"{len(KEYS)}: similarity_base, " in report

@@ -2,7 +2,7 @@
 
 On held-out prompts: the student (no card), the base model (no card) and the teacher (the base model with the
 card: its replies from the split, and a second sample). Each figure is declared in `jobs.metrics` with its unit
-and direction:
+and direction (`jobs.evaluation.figures` computes them):
 - embedding similarity of each reply to the teacher's, next to the second teacher sample's (the teacher's own
   spread: a greedy student can land above it);
 - similarity to the character (its name and topics, short enough for the embedding model) and the share of
@@ -16,31 +16,52 @@ and direction:
 - mean per-token NLL of the teacher's sampled replies under student, base and teacher;
 - prompt tokens per request with and without the card, and the cost at `evaluate.prices`;
 - latency per request and per prefill, with and without the card, on the same model.
-metrics.json holds the figures; replies.jsonl each prompt's replies with their similarity and NLL.
+
+The work is a list of parts (`PARTS`). The base model's parts (without the card, and with it: the teacher) do not
+depend on the student: each is computed once per split, model, card and the settings it reads, and read from the
+store's cache by every later run on the same data (`jobs.evaluation.cache`); the student's parts run every time.
+metrics.json holds the figures, `cached` (the parts read from the cache) and `cached_figures` (the figures made
+from those parts alone); replies.jsonl each prompt's replies with their similarity and NLL.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from jobs import distill, metrics
-from jobs.backends.base import Metered, SamplingParams, TopK
-from jobs.backends.renderer import Renderer
+from jobs.backends.base import Metered, SamplingParams
 from jobs.card import CharacterCard
-from jobs.config import PricesConfig
-from jobs.errors import InputError
-from jobs.log import Progress
+from jobs.config import PipelineConfig
+from jobs.evaluation.cache import SPLIT_FILES, PartCache, machine
+from jobs.evaluation.figures import (
+    Judge,
+    figures,
+    judge_positives,
+    replayed,
+    reply_rows,
+    similarity_to_teacher,
+    turn_rows,
+)
+from jobs.evaluation.measure import (
+    Measured,
+    Prompts,
+    kl_to_teacher,
+    latency,
+    replay,
+    replies_in,
+    reply_nll,
+    sample_replies,
+)
+from jobs.log import Progress, get_logger
 from jobs.metrics import (
-    COST_PER_REQUEST,
-    COST_RATIO,
     IN_CHARACTER,
     IN_CHARACTER_LATER,
     IN_CHARACTER_LEXICAL,
     IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
+    KEYS,
     KL,
     KL_CLOSED,
     LATENCY,
@@ -51,365 +72,318 @@ from jobs.metrics import (
     PERSONA_SIMILARITY,
     PREFILL,
     PREFILL_RATIO,
-    PROMPT_COST_RATIO,
-    PROMPT_TOKENS,
-    REPLY_TOKENS,
     SIMILARITY,
-    TOKEN_REDUCTION,
 )
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter
 
-
-@dataclass(frozen=True)
-class Prompts:
-    """The held-out prompts as tokens, with and without the card, and the teacher's replies to them; `pairs` are
-    the conversations as teacher and student see them (`jobs.distill`)."""
-
-    system: str
-    with_card: list[list[int]]
-    without_card: list[list[int]]
-    teacher_replies: list[list[int]]
-    pairs: list[distill.Paired]
-
-    @classmethod
-    def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
-        return cls(system=system, with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
-                   without_card=[renderer.prompt(r["prompt"]) for r in rows],
-                   teacher_replies=[renderer.reply(r["reply"]) for r in rows],
-                   pairs=[distill.pair(renderer, r["messages"], system) for r in rows])
+Advance = Callable[[int], object]
 
 
 @dataclass
-class Measured:
-    """What the models gave, filled one model at a time: each role's replies, the per-reply NLL of the teacher's
-    replies under each role, the latency figures and the tokens sent (as Tinker bills them)."""
+class Context:
+    """What the parts read: the config, the held-out prompts and conversations, the training rows the judge learns
+    from, and what the parts before them found."""
 
-    replies: dict[str, list[str]]
-    nll: dict[str, list[float]] = field(default_factory=dict)
-    # the teacher's top k at each position of its replies, and each model's KL to it there
-    teacher_topk: list[TopK] = field(default_factory=list)
-    kl: dict[str, list[list[float]]] = field(default_factory=dict)
-    # the judge's training replies that are not the teacher's: the base model's, to training prompts
-    judge_negatives: list[str] = field(default_factory=list)
-    # the held-out conversations replayed: by role, by turn, the replies
-    turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
-    latency: dict[str, float] = field(default_factory=dict)
-    usage: Counter[str] = field(default_factory=Counter)
+    config: PhaseConfig
+    prompts: Prompts
+    conversations: list[list[dict]]
+    judge_rows: list[dict]
+    seen: Measured
 
+    @property
+    def sampling(self) -> SamplingParams:
+        """How evaluate samples (greedy in every profile)."""
+        return SamplingParams.from_config(self.config.pipeline.evaluate.sampling)
 
-def sample_replies(client: Metered, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-    return [client.renderer.decode(tokens) for tokens in client.sample(prompts, params)]
-
-
-def reply_nll(client: Metered, prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
-    """Mean NLL per reply token of each reply after its prompt."""
-    logprobs = client.compute_logprobs([p + r for p, r in zip(prompts, replies, strict=True)])
-    return [-sum(lp[-len(r):]) / len(r) for lp, r in zip(logprobs, replies, strict=True)]
+    def as_teacher(self, offset: int) -> SamplingParams:
+        """The teacher's own sampling settings, with evaluate's seed moved by `offset`."""
+        pipeline = self.config.pipeline
+        return SamplingParams.from_config(pipeline.teacher.model_copy(
+            update={"seed": pipeline.evaluate.sampling.seed + offset}))
 
 
-def time_requests(client: Metered, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float]:
-    """Mean seconds per single request (generation) and per prompt forward pass (prefill), after a warm-up."""
-    client.sample(prompts[:1], params)
-    generate, prefill = [], []
-    for prompt in prompts:
-        started = time.perf_counter()
-        client.sample([prompt], params)
-        generate.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        client.compute_logprobs([prompt])
-        prefill.append(time.perf_counter() - started)
-    return statistics.mean(generate), statistics.mean(prefill)
+@dataclass(frozen=True)
+class Part:
+    """One stage of evaluate: `compute(client, context, advance)` returns fields of `Measured`, in `steps(context)`
+    steps. `settings(pipeline, precision)` is what of the config it reads besides the split, the model and the
+    card (a base part's cache key); `feeds` the figures it goes into."""
+
+    name: str
+    compute: Callable[[Metered, Context, Advance], dict]
+    steps: Callable[[Context], int]
+    settings: Callable[[PipelineConfig, dict], object]
+    feeds: tuple[str, ...]
+    student: bool = False
+    topk: bool = False  # its result is the teacher's top k (cached as arrays)
 
 
-def latency(client: Metered, prompts: Prompts, requests: int, params: SamplingParams) -> dict[str, float]:
-    """Seconds per request and per prefill with and without the card, on the first `requests` prompts."""
-    request_with, prefill_with = time_requests(client, prompts.with_card[:requests], params)
-    request_without, prefill_without = time_requests(client, prompts.without_card[:requests], params)
-    return {LATENCY.of("with_card"): request_with, LATENCY.of("without_card"): request_without,
-            LATENCY_RATIO.key: request_with / request_without,
-            PREFILL.of("with_card"): prefill_with, PREFILL.of("without_card"): prefill_without,
-            PREFILL_RATIO.key: prefill_with / prefill_without}
+def reply_figures(role: str, character: str, persona: bool = True) -> tuple[str, ...]:
+    """The figures a role's replies to the held-out prompts go into; `character` is its variant of the per-character
+    figures (the teacher's persona similarity is its first replies', from the split: `persona` False)."""
+    return (SIMILARITY.of(role), *(PERSONA_SIMILARITY.of(character),) * persona, OUT_OF_CHARACTER.of(character),
+            IN_CHARACTER.of(role), IN_CHARACTER_LEXICAL.of(role))
 
 
-def kl_to_teacher(client: Metered, prompts: Prompts, seen: Measured) -> list[list[float]]:
-    """KL(teacher || the client's model) at each position of each teacher reply."""
-    model = distill.model_logprobs(client, prompts.pairs, seen.teacher_topk)
-    return [distill.kl_per_position(t, m) for t, m in zip(seen.teacher_topk, model, strict=True)]
+def by_turn_figures(role: str) -> tuple[str, ...]:
+    return IN_CHARACTER_TURN_1.of(role), IN_CHARACTER_LATER.of(role)
 
 
-def measure_base_model(client: Metered, prompts: Prompts, judge_rows: list[dict], conversations: list[list[dict]],
-                       config: PhaseConfig, seen: Measured, bar: Progress) -> None:
-    """The base model's replies, a second teacher sample, the NLL of the teacher's replies under base and
-    teacher (the same model, without and with the card), the teacher's top k and the base's KL to it, the base's
-    replies the judge learns from, and latency."""
-    ev = config.pipeline.evaluate
-    seen.replies["base"] = sample_replies(client, prompts.without_card, SamplingParams.from_config(ev.sampling))
-    bar.advance(1, step="base replies")
-    seen.nll["base"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
-    seen.nll["teacher"] = reply_nll(client, prompts.with_card, prompts.teacher_replies)
-    seen.teacher_topk = distill.teacher_topk(client, prompts.pairs, ev.kl_top_k)
-    seen.kl["base"] = kl_to_teacher(client, prompts, seen)
-    bar.advance(1, step="base and teacher NLL, KL")
-    # sampled as the teacher samples, each after the same conversation the teacher answered (its first question,
-    # and for a conversation every later turn too), so that the card is the only difference the judge can learn
-    as_teacher = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 2}))
-    seen.judge_negatives = [reply for replies in replay(client, [r["messages"] for r in judge_rows], None,
-                                                        as_teacher).values() for reply in replies]
-    bar.advance(1, step="judge replies")
-    seen.latency = latency(client, prompts, ev.latency_requests, SamplingParams.from_config(ev.sampling, batch_size=1))
-    bar.advance(1, step="latency")
-    # the teacher's own sampling settings with another seed: its spread, the ceiling a student could reach
-    resample = SamplingParams.from_config(config.pipeline.teacher.model_copy(update={"seed": ev.sampling.seed + 1}))
-    seen.replies["teacher_resampled"] = sample_replies(client, prompts.with_card, resample)
-    bar.advance(1, step="teacher resampled")
-    seen.turns["base"] = replay(client, conversations, None, SamplingParams.from_config(ev.sampling))
-    seen.turns["teacher_resampled"] = replay(client, conversations, prompts.system, resample)
-    bar.advance(1, step="conversations replayed")
-    seen.usage.update(client.usage)
+def teacher_sampling(pipeline: PipelineConfig, precision: dict) -> dict:
+    return {"teacher": pipeline.teacher.model_dump(mode="json"), "seed": pipeline.evaluate.sampling.seed}
 
 
-def measure_student(client: Metered, prompts: Prompts, conversations: list[list[dict]], config: PhaseConfig,
-                    seen: Measured, bar: Progress) -> None:
-    params = SamplingParams.from_config(config.pipeline.evaluate.sampling)
-    seen.turns["student"] = replay(client, conversations, None, params)
-    seen.replies["student"] = sample_replies(client, prompts.without_card, params)
-    bar.advance(1, step="student replies")
-    seen.nll["student"] = reply_nll(client, prompts.without_card, prompts.teacher_replies)
-    seen.kl["student"] = kl_to_teacher(client, prompts, seen)
-    bar.advance(1, step="student NLL, KL")
-    seen.usage.update(client.usage)
+def eval_sampling(pipeline: PipelineConfig, precision: dict) -> dict:
+    return {"sampling": pipeline.evaluate.sampling.model_dump(mode="json")}
 
 
-def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float]]:
-    """Each reply's cosine similarity to the teacher's reply to the same prompt, by metric key."""
-    from jobs.backends.embeddings import cosine_to_reference
-
-    return {SIMILARITY.of(role): cosine_to_reference(replies[role], replies["teacher"])
-            for role in SIMILARITY.variants}
+def top_k(pipeline: PipelineConfig, precision: dict) -> dict:
+    return {"kl_top_k": pipeline.evaluate.kl_top_k}
 
 
-def character(card: CharacterCard) -> str:
-    """What persona similarity compares a reply with: the character's name and topics, short enough for the
-    embedding model."""
-    return f"{card.name}: {', '.join(card.topics)}" if card.topics else card.name
+def nothing(pipeline: PipelineConfig, precision: dict) -> None:
+    return None
 
 
-def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> dict[str, float]:
-    from jobs.backends.embeddings import cosine_to_reference
-
-    return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role],
-                                                                             [character(card)] * len(replies[role])))
-            for role in PERSONA_SIMILARITY.variants}
-
-
-def says_out_of_character(text: str, forbidden: tuple[str, ...]) -> bool:
-    """Whether a reply has a phrase the audit forbids."""
-    return any(phrase in text.lower() for phrase in forbidden)
+def base_nll(client: Metered, ctx: Context, advance: Advance) -> dict:
+    """The NLL of the teacher's replies under the base model without the card and with it (the teacher)."""
+    found = {"base": reply_nll(client, ctx.prompts.without_card, ctx.prompts.teacher_replies)}
+    advance(1)
+    found["teacher"] = reply_nll(client, ctx.prompts.with_card, ctx.prompts.teacher_replies)
+    advance(1)
+    return {"nll": found}
 
 
-def out_of_character(replies: dict[str, list[str]], forbidden: tuple[str, ...]) -> dict[str, float]:
-    """Share of replies with a phrase the audit forbids. The teacher's is its second sample's: its first replies
-    passed the audit, so none of them is out of character."""
-    texts = {"student": replies["student"], "base": replies["base"], "teacher": replies["teacher_resampled"]}
-    return {OUT_OF_CHARACTER.of(role): statistics.mean(says_out_of_character(t, forbidden) for t in texts[role])
-            for role in OUT_OF_CHARACTER.variants}
+def student_nll(client: Metered, ctx: Context, advance: Advance) -> dict:
+    found = reply_nll(client, ctx.prompts.without_card, ctx.prompts.teacher_replies)
+    advance(1)
+    return {"nll": {"student": found}}
 
 
-def nll(per_reply: dict[str, list[float]], teacher_replies: list[list[int]]) -> dict[str, float]:
-    """Mean NLL per token of the teacher's replies under each role (each reply weighted by its tokens)."""
-    total = sum(map(len, teacher_replies))
-    return {NLL.of(role): sum(v * len(r) for v, r in zip(per_reply[role], teacher_replies, strict=True)) / total
-            for role in NLL.variants}
+def teacher_topk(client: Metered, ctx: Context, advance: Advance) -> dict:
+    found = distill.teacher_topk(client, ctx.prompts.pairs, ctx.config.pipeline.evaluate.kl_top_k)
+    advance(1)
+    return {"teacher_topk": found}
 
 
-def kl(per_position: dict[str, list[list[float]]]) -> dict[str, float | None]:
-    """Mean KL per token of the teacher's replies for student and base, and the share of the base's the student
-    removed (at most 1; negative when the student is further from the teacher than the base; None when the base
-    is already there)."""
-    mean = {role: statistics.mean(v for row in per_position[role] for v in row) for role in KL.variants}
-    return {**{KL.of(role): value for role, value in mean.items()},
-            KL_CLOSED.key: 1 - mean["student"] / mean["base"] if mean["base"] > 0 else None}
+def model_kl(role: str) -> Callable[[Metered, Context, Advance], dict]:
+    def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
+        found = kl_to_teacher(client, ctx.prompts, ctx.seen.teacher_topk)
+        advance(1)
+        return {"kl": {role: found}}
+
+    return compute
 
 
-def judge_positives(rows: list[dict]) -> list[str]:
-    """The teacher's replies the judge learns from, in `replay`'s order: every first turn, then every second..."""
-    turns = max(len(r["messages"]) for r in rows) // 2
-    return [r["messages"][2 * t - 1]["content"] for t in range(1, turns + 1) for r in rows
-            if len(r["messages"]) >= 2 * t]
+def judge_replies(client: Metered, ctx: Context, advance: Advance) -> dict:
+    """The base model's replies the judge learns from: sampled as the teacher samples, each after the same
+    conversation the teacher answered (its first question, and for a conversation every later turn too), so that
+    the card is the only difference the judge can learn."""
+    turns = replay(client, [r["messages"] for r in ctx.judge_rows], None, ctx.as_teacher(2), advance)
+    return {"judge_negatives": [reply for replies in turns.values() for reply in replies]}
 
 
-class Judge:
-    """The in-character judge: a logistic regression of teacher (1) against base (0) replies in training rows, on
-    sentence embeddings (what a reply is about) or, `lexical`, on word and letter n-grams (how it is said); and
-    its accuracy on held-out folds of them."""
-
-    def __init__(self, teacher_replies: list[str], base_replies: list[str], lexical: bool = False):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import cross_val_score
-
-        self.lexical = lexical
-        labels = [1] * len(teacher_replies) + [0] * len(base_replies)
-        if lexical:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-            from sklearn.pipeline import make_pipeline, make_union
-
-            # C 10: many weak features (function words, punctuation), each worth little alone
-            self.model = make_pipeline(make_union(TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5),
-                                                                  sublinear_tf=True),
-                                                  TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
-                                       LogisticRegression(max_iter=2000, C=10.0))
-        else:
-            self.model = LogisticRegression(max_iter=1000)
-        # five folds, fewer when a class has fewer replies (the ci profile's few training rows)
-        folds = min(5, len(teacher_replies), len(base_replies))
-        if folds < 2:
-            raise InputError(f"the in-character judge needs at least 2 training rows, there are {folds}")
-        features = self.features(teacher_replies + base_replies)
-        self.accuracy = float(cross_val_score(self.model, features, labels, cv=folds).mean())
-        self.model.fit(features, labels)
-
-    def features(self, replies: list[str]):
-        from jobs.backends.embeddings import embed
-
-        return replies if self.lexical else embed(replies)
-
-    def share(self, replies: list[str]) -> float:
-        """The share of the replies it calls the teacher's."""
-        return float(self.model.predict(self.features(replies)).mean())
+def latency_part(client: Metered, ctx: Context, advance: Advance) -> dict:
+    params = dataclasses.replace(ctx.sampling, batch_size=1)
+    return {"latency": latency(client, ctx.prompts, ctx.config.pipeline.evaluate.latency_requests, params, advance)}
 
 
-def in_character(replies: dict[str, list[str]], judge: Judge, lexical: Judge) -> dict[str, float]:
-    return {JUDGE_ACCURACY.key: judge.accuracy,
-            **{IN_CHARACTER.of(role): judge.share(replies[role]) for role in IN_CHARACTER.variants},
-            LEXICAL_JUDGE_ACCURACY.key: lexical.accuracy,
-            **{IN_CHARACTER_LEXICAL.of(role): lexical.share(replies[role]) for role in IN_CHARACTER_LEXICAL.variants}}
+def latency_settings(pipeline: PipelineConfig, precision: dict) -> dict:
+    # a timing is the machine's too: another machine kind measures again
+    return {"latency_requests": pipeline.evaluate.latency_requests, **eval_sampling(pipeline, precision),
+            "machine": machine(precision.get("device", ""))}
 
 
-def replay(client: Metered, conversations: list[list[dict]], system: str | None,
-           params: SamplingParams) -> dict[int, list[str]]:
-    """Each held-out conversation answered by the client's model turn by turn, each turn given the recorded
-    conversation before it (the visitor's questions and the teacher's replies): by turn, the replies of the
-    conversations that reach it."""
-    turns: dict[int, list[str]] = {}
-    for turn in range(1, max(map(len, conversations), default=0) // 2 + 1):
-        before = [messages[:2 * turn - 1] for messages in conversations if len(messages) >= 2 * turn]
-        card = [{"role": "system", "content": system}] if system else []
-        turns[turn] = sample_replies(client, [client.renderer.chat(card + h) for h in before], params)
-    return turns
+def latency_steps(ctx: Context) -> int:
+    return 2 * len(ctx.prompts.with_card[:ctx.config.pipeline.evaluate.latency_requests])
 
 
-def replayed(conversations: list[list[dict]], turns: dict[str, dict[int, list[str]]]) -> list[dict]:
-    """conversations.jsonl: each held-out conversation as recorded, and each role's reply at each of its turns."""
-    rows = []
-    for i, messages in enumerate(conversations):
-        # turn t's replies are those of the conversations reaching it, in order
-        place = {t: sum(len(m) >= 2 * t for m in conversations[:i]) for t in range(1, len(messages) // 2 + 1)}
-        rows.append({"messages": messages, **{role: [by_turn[t][place[t]] for t in place]
-                                              for role, by_turn in turns.items()}})
-    return rows
+def replies(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
+    """A role's replies to the held-out prompts: the teacher's second sample (with the card, its own sampling
+    settings and another seed: its spread, the ceiling a student could reach), else greedy without the card."""
+    def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
+        prompts, params = (ctx.prompts.with_card, ctx.as_teacher(1)) if card else (ctx.prompts.without_card,
+                                                                                   ctx.sampling)
+        return {"replies": {role: sample_replies(client, prompts, params, advance)}}
+
+    return compute
 
 
-def turn_rows(turns: dict[str, dict[int, list[str]]], conversations: list[list[dict]], judge: Judge,
-              card: CharacterCard, forbidden: tuple[str, ...]) -> list[dict]:
-    """turns.jsonl: per turn and role, the in-character figures of its replies and their similarity to the
-    recorded teacher replies (the teacher's row is its second sample's)."""
-    from jobs.backends.embeddings import cosine_to_reference
+def conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
+    """The held-out conversations replayed turn by turn by a role (the teacher's second sample with the card)."""
+    def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
+        system, params = (ctx.prompts.system, ctx.as_teacher(1)) if card else (None, ctx.sampling)
+        return {"turns": {role: replay(client, ctx.conversations, system, params, advance)}}
 
-    rows = []
-    for role, by_turn in turns.items():
-        for turn, replies in by_turn.items():
-            recorded = [m[2 * turn - 1]["content"] for m in conversations if len(m) >= 2 * turn]
-            rows.append({"turn": turn, "role": role, "replies": len(replies),
-                         IN_CHARACTER.label: judge.share(replies),
-                         PERSONA_SIMILARITY.label: statistics.mean(
-                             cosine_to_reference(replies, [character(card)] * len(replies))),
-                         OUT_OF_CHARACTER.label: statistics.mean(says_out_of_character(t, forbidden)
-                                                                 for t in replies),
-                         SIMILARITY.label: statistics.mean(cosine_to_reference(replies, recorded))})
-    return rows
+    return compute
 
 
-def by_turn(turns: dict[str, dict[int, list[str]]], judge: Judge) -> dict[str, float | None]:
-    """Judged in character at turn 1 of the held-out conversations and, pooled, at turns 3 and later (None where
-    no conversation reaches them)."""
-    def share(role: str, first: int, last: int) -> float | None:
-        replies = [r for turn, rs in turns.get(role, {}).items() if first <= turn <= last for r in rs]
-        return judge.share(replies) if replies else None
-
-    return {**{IN_CHARACTER_TURN_1.of(role): share(role, 1, 1) for role in IN_CHARACTER_TURN_1.variants},
-            **{IN_CHARACTER_LATER.of(role): share(role, 3, 10**6) for role in IN_CHARACTER_LATER.variants}}
+def prompt_count(ctx: Context) -> int:
+    return len(ctx.prompts.with_card)
 
 
-def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:
-    """Prompt tokens and dollars per request with and without the card; both sides get the teacher's reply length."""
-    tokens = {"with_card": statistics.mean(map(len, prompts.with_card)),
-              "without_card": statistics.mean(map(len, prompts.without_card))}
-    reply_tokens = statistics.mean(map(len, prompts.teacher_replies))
-    cost = {variant: (prompt * prices.input_per_mtok + reply_tokens * prices.output_per_mtok) / 1e6
-            for variant, prompt in tokens.items()}
-    return {**{PROMPT_TOKENS.of(variant): value for variant, value in tokens.items()},
-            TOKEN_REDUCTION.key: 1 - tokens["without_card"] / tokens["with_card"],
-            REPLY_TOKENS.key: reply_tokens,
-            **{COST_PER_REQUEST.of(variant): value for variant, value in cost.items()},
-            COST_RATIO.key: cost["with_card"] / cost["without_card"],
-            PROMPT_COST_RATIO.key: tokens["with_card"] / tokens["without_card"]}
+def conversation_replies(ctx: Context) -> int:
+    return replies_in(ctx.conversations)
 
 
-def figures(seen: Measured, similarity: dict[str, list[float]], prompts: Prompts, card: CharacterCard,
-            judge: Judge, lexical: Judge, config: PhaseConfig) -> dict[str, float | None]:
-    """Every figure of metrics.json, as computed (`metrics.record` rounds them)."""
-    return {**{key: statistics.mean(values) for key, values in similarity.items()},
-            **persona_similarity(seen.replies, card),
-            **out_of_character(seen.replies, config.pipeline.audit.forbidden),
-            **in_character(seen.replies, judge, lexical),
-            **by_turn(seen.turns, judge),
-            **kl(seen.kl),
-            **nll(seen.nll, prompts.teacher_replies),
-            **tokens_and_cost(prompts, config.pipeline.evaluate.prices),
-            **seen.latency}
+def one(ctx: Context) -> int:
+    return 1
 
 
-def reply_rows(rows: list[dict], seen: Measured, similarity: dict[str, list[float]]) -> list[dict]:
-    """replies.jsonl: each prompt with every role's reply, their similarity to the teacher's and its NLL."""
-    per_reply = {**similarity, **{NLL.of(role): seen.nll[role] for role in NLL.variants},
-                 **{KL.of(role): [statistics.mean(row) for row in seen.kl[role]] for role in KL.variants}}
-    return [{"id": row["id"], "prompt": row["prompt"],
-             **{role: seen.replies[role][i] for role in ("teacher", "student", "base", "teacher_resampled")},
-             **{key: values[i] for key, values in per_reply.items()}} for i, row in enumerate(rows)]
+def two(ctx: Context) -> int:
+    return 2
+
+
+def judge_steps(ctx: Context) -> int:
+    return replies_in([r["messages"] for r in ctx.judge_rows])
+
+
+def judge_settings(pipeline: PipelineConfig, precision: dict) -> dict:
+    return {"judge_prompts": pipeline.evaluate.judge_prompts, **teacher_sampling(pipeline, precision)}
+
+
+BASE_PARTS = (
+    Part("base replies", replies("base", card=False), prompt_count, eval_sampling, reply_figures("base", "base")),
+    Part("base and teacher NLL", base_nll, two, nothing, (NLL.of("base"), NLL.of("teacher"))),
+    Part("teacher top-k", teacher_topk, one, top_k, (*KL.keys, KL_CLOSED.key), topk=True),
+    Part("base KL", model_kl("base"), one, top_k, (KL.of("base"), KL_CLOSED.key)),
+    Part("judge replies", judge_replies, judge_steps, judge_settings,
+         (JUDGE_ACCURACY.key, LEXICAL_JUDGE_ACCURACY.key, *IN_CHARACTER.keys, *IN_CHARACTER_LEXICAL.keys,
+          *IN_CHARACTER_TURN_1.keys, *IN_CHARACTER_LATER.keys)),
+    Part("latency", latency_part, latency_steps, latency_settings,
+         (*LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key)),
+    Part("teacher resampled", replies("teacher_resampled", card=True), prompt_count, teacher_sampling,
+         reply_figures("teacher_resampled", "teacher", persona=False)),
+    Part("base conversations", conversations("base", card=False), conversation_replies, eval_sampling,
+         by_turn_figures("base")),
+    Part("teacher resampled conversations", conversations("teacher_resampled", card=True), conversation_replies,
+         teacher_sampling, by_turn_figures("teacher_resampled")),
+)
+STUDENT_PARTS = (
+    Part("student conversations", conversations("student", card=False), conversation_replies, eval_sampling,
+         by_turn_figures("student"), student=True),
+    Part("student replies", replies("student", card=False), prompt_count, eval_sampling,
+         reply_figures("student", "student"), student=True),
+    Part("student NLL", student_nll, one, nothing, (NLL.of("student"),), student=True),
+    Part("student KL", model_kl("student"), one, top_k, (KL.of("student"), KL_CLOSED.key), student=True),
+)
+PARTS = BASE_PARTS + STUDENT_PARTS
+TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conversations.jsonl's order
+FIGURES_STAGE = "similarity, judges"
+
+
+def common_key(split: dict, pipeline: PipelineConfig, precision: dict, backend: str, system: str) -> dict:
+    """What every base part's cache key holds: the split (its manifest's fingerprint and the files read), the
+    model, where it runs and the card's system prompt."""
+    return {"split": split["fingerprint"], "data": {name: split["outputs"][name]["sha256"] for name in SPLIT_FILES},
+            "model": pipeline.model.model_dump(mode="json"), "precision": precision, "backend": backend,
+            "system": system}
+
+
+def part_keys(cache: PartCache, pipeline: PipelineConfig, precision: dict) -> dict[str, str]:
+    """Each base part's cache entry: the common key, its name and the settings it reads."""
+    return {part.name: cache.key(part.name, part.settings(pipeline, precision)) for part in BASE_PARTS}
+
+
+def from_cache(cached: list[str]) -> list[str]:
+    """The figures every part feeding them was read from the cache for (none a student's part feeds)."""
+    fed: dict[str, set[str]] = {}
+    for part in PARTS:
+        for key in part.feeds:
+            fed.setdefault(key, set()).add(part.name)
+    return [key for key in KEYS if key in fed and fed[key] <= set(cached)]
+
+
+class Stages:
+    """evaluate's progress, a bar per stage, numbered among the stages that run: "evaluate 3/7: judge replies"."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.started = names, 0
+
+    def start(self, name: str, steps: int) -> Progress:
+        self.started += 1
+        return Progress(steps, "evaluate", stage=f"{self.started}/{len(self.names)}: {name}")
+
+
+def read_cached(cache: PartCache, keys: dict[str, str], hits: list[Part], stages: Stages, seen: Measured) -> list[Part]:
+    """Reads the parts found in the cache into `seen`; returns those it could not read (computed after all)."""
+    unread = []
+    with stages.start(f"read from the cache ({', '.join(part.name for part in hits)})", len(hits)) as bar:
+        for part in hits:
+            found = cache.get(keys[part.name], part.topk)
+            if found is None:
+                unread.append(part)
+                stages.names.append(part.name)
+            else:
+                seen.merge(found)
+            bar.advance(1)
+    return unread
+
+
+def compute(part: Part, client: Metered, ctx: Context, stages: Stages) -> dict:
+    with stages.start(part.name, part.steps(ctx)) as bar:
+        found = part.compute(client, ctx, bar.advance)
+    ctx.seen.merge(found)
+    return found
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
     from jobs.phases.train import read_adapter
 
-    store, ev = config.store, config.pipeline.evaluate
+    store, pipeline, ev = config.store, config.pipeline, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
-    conversations = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
+    talks = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
     # training prompts only: the eval replies the judge scores are never the ones it learned from
     judge_rows = store.read_jsonl("split", "train.jsonl")[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
+    system = card.teacher_system_prompt()
     backend = open_backend(config)
-    bar = Progress(9, "evaluate")
-
-    base = Metered(backend.sampler())
-    prompts = Prompts.render(base.renderer, rows, card.teacher_system_prompt())
+    precision = backend.precision()
+    cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system))
+    keys = part_keys(cache, pipeline, precision)
+    hits = [part for part in BASE_PARTS if cache.has(keys[part.name])]
+    missing = [part for part in BASE_PARTS if part not in hits]
+    stages = Stages(["read from the cache"] * bool(hits) + [p.name for p in missing + list(STUDENT_PARTS)]
+                    + [FIGURES_STAGE])
     seen = Measured(replies={"teacher": [r["reply"] for r in rows]})
-    measure_base_model(base, prompts, judge_rows, conversations, config, seen, bar)
-    del base  # one model in memory at a time
-    measure_student(Metered(backend.sampler(read_adapter(config).sampling)), prompts, conversations, config, seen,
-                    bar)
+    if hits:
+        unread = read_cached(cache, keys, hits, stages, seen)
+        missing = [part for part in BASE_PARTS if part in missing or part in unread]  # in order: KL needs the top k
+    cached = [part.name for part in BASE_PARTS if part not in missing]
+    get_logger().info("evaluate cache", read=cached, computing=[part.name for part in missing])
 
-    similarity = similarity_to_teacher(seen.replies)
-    judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
-    lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
-    recorded = metrics.record(figures(seen, similarity, prompts, card, judge, lexical, config))
-    bar.advance(1, step="similarity, judge")
+    ctx: Context | None = None
+    if missing:
+        base = Metered(backend.sampler())
+        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen)
+        for part in missing:
+            cache.put(keys[part.name], compute(part, base, ctx, stages))
+        seen.usage.update(base.usage)
+        del base  # one model in memory at a time
+    student = Metered(backend.sampler(read_adapter(config).sampling))
+    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen)
+    for part in STUDENT_PARTS:
+        compute(part, student, ctx, stages)
+    seen.usage.update(student.usage)
 
-    out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
-    out.write_jsonl("turns.jsonl", turn_rows(seen.turns, conversations, judge, card, config.pipeline.audit.forbidden))
-    out.write_jsonl("conversations.jsonl", replayed(conversations, seen.turns))
-    written = {**backend.precision(), "backend": backend.name, "eval_prompts": len(rows),
+    # one order whichever parts came from the cache: the files are the same bytes
+    seen.turns = {role: seen.turns[role] for role in TURN_ROLES if role in seen.turns}
+    with stages.start(FIGURES_STAGE, 4) as bar:
+        similarity = similarity_to_teacher(seen.replies)
+        bar.advance(1)
+        judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
+        lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
+        bar.advance(1)
+        recorded = metrics.record(figures(seen, similarity, ctx.prompts, card, judge, lexical,
+                                          pipeline.audit.forbidden, ev.prices))
+        bar.advance(1)
+        out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
+        out.write_jsonl("turns.jsonl", turn_rows(seen.turns, talks, judge, card, pipeline.audit.forbidden))
+        out.write_jsonl("conversations.jsonl", replayed(talks, seen.turns))
+        bar.advance(1)
+    written = {**precision, "backend": backend.name, "eval_prompts": len(rows),
                "judge_replies": 2 * len(seen.judge_negatives), **recorded,
+               "cached": cached, "cached_figures": from_cache(cached),
                "prices_per_mtok": ev.prices.model_dump(), **seen.usage}
     out.write_json("metrics.json", written)
     out.metrics.update({k: v for k, v in written.items() if not isinstance(v, dict)})

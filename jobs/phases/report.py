@@ -13,6 +13,7 @@ from jobs.metrics import (
     HEADER,
     IN_CHARACTER,
     IN_CHARACTER_LEXICAL,
+    KEYS,
     KL,
     KL_CLOSED,
     NATS,
@@ -206,6 +207,14 @@ def train_loss(train: dict) -> Row:
                f"{NATS.format(train['last_loss'])} ({train['steps']} steps)", NATS.name, ARROWS["lower"])
 
 
+def cache_row(ev: dict) -> Row:
+    """Which of evaluate's figures it read from its cache: made by an earlier run on the same data, model and card
+    (`jobs.evaluation.cache`; runs evaluated before the cache existed computed every figure)."""
+    cached = ev.get("cached_figures", [])
+    value = f"{len(cached)} of {len(KEYS)}: {', '.join(cached)}" if cached else "none: every one computed in this run"
+    return Row("figures from evaluate's cache (an earlier run on this data)", value)
+
+
 def figures(train: dict, ev: dict, audit: dict) -> list[Row]:
     """Training's figures, evaluate's figure table (`jobs.metrics`), and what the audit kept."""
     down = "down" if train["last_loss_mean"] < train["first_loss_mean"] else "NOT down"
@@ -215,6 +224,7 @@ def figures(train: dict, ev: dict, audit: dict) -> list[Row]:
             f"{NATS.format(train['last_loss_mean'])} ({down})", NATS.name, ARROWS["lower"]),
         Row("validation loss, last", NATS.format(train.get("val_loss_last")), NATS.name, ARROWS["lower"]),
         *figure_rows(ev),
+        cache_row(ev),
         Row("training rows kept by the audit", f"{audit['kept']} of {audit['rows_in']} ({audit['trimmed']} trimmed to"
                                                " whole sentences)", "rows"),
     ]

@@ -187,7 +187,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     logit: Logit | None = None
     if train.objective == "logit":
         # one long pass before step 1: its own progress (a heartbeat while the teacher scores every row)
-        with Progress(len(rows), "train", stage="teacher top-k before step 1") as bar:
+        with Progress(len(rows), "train", stage="before step 1: the teacher's top-k") as bar:
             logit = Logit(rows, train, backend.sampler(), system)
             bar.advance(len(rows))
     trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)

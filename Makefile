@@ -70,11 +70,11 @@ test: setup ## ruff and mypy, then all tests but the built images' (make test-im
 test-fast: setup ## the tests that run no model
 	$(PY) -m pytest -q -m "not slow and not images"
 
-bench: setup ## the local engine against HF generate and TRL's SFTTrainer on this CPU (BENCH_ARGS="--prompts 240")
-	$(PY) tests/bench_engine.py $(BENCH_ARGS)
+bench: setup ## the local engine against HF generate and TRL, both as a share of this CPU's matmul limit (MFU, to docs/RESULTS-bench.md; CARD, BENCH_ARGS="--prompts 240")
+	$(PY) tests/bench_engine.py $(if $(CARD),--card "$(CARD)") $(BENCH_ARGS)
 
-bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE)
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
+bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE, DATA_DIR=.distill)
+	$(PY) -m workflows.local_s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
 
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml

@@ -1,118 +1,153 @@
-"""`make bench`: the local engine against today's baselines, in one process, on this machine.
+"""`make bench`: the local engine against today's baselines, in one process, on this machine, and both against the
+physical limit: this CPU's float32 matrix-multiply rate at the model's shapes (`bench_mfu`).
 
-- teacher: the demo's prompts with the card, sampled with the demo's teacher settings. Baseline: transformers'
+- teacher: the demo's prompts with the card, one call, the demo's teacher settings. Baseline: transformers'
   `generate` in float32 with the card re-prefilled in every batch (the engine before this benchmark existed).
-  Figure: generated tokens per second.
+  Figure: sampled tokens per second;
+- turns: conversations as the teacher phase has them (`jobs.phases.teacher.generate`: the first reply, then a
+  visitor's question and the teacher's answer, turn by turn, the whole history in each prompt). Baseline: the same
+  calls, on identical prompts and settings, through `generate`, which prefills each prompt whole every turn (as the
+  project's teacher did). Figure: sampled tokens per second, every turn's calls together;
 - train: LoRA SFT on the teacher's replies, the same rows, batch size, LoRA settings and assistant-only loss.
   Baseline: TRL's `SFTTrainer` (prompt-completion rows, `completion_only_loss`). Figure: trained tokens (the
-  non-pad tokens that carry loss) per second, the first step of each left out as warm-up.
-The engine uses the dtype `model.dtype` resolves to here (auto unless --dtype); the training baseline the same.
-Ratios are engine over baseline; only ratios from one run of this script compare.
+  non-pad tokens that carry loss) per second, the first step of each left out as warm-up;
+- score: the scoring calls evaluate makes on held-out rows and conversations (the NLL of each teacher reply with
+  and without the card; `jobs.distill`'s teacher top k and the base's log-probabilities of them). Baseline: one
+  padded forward pass over the whole vocabulary per batch, through the same calls. Figure: scored positions/s.
+Each row's MFU is its model FLOPs per second (`bench_mfu`: the work the task needs, the same for both methods)
+over the measured limit. The engine uses the dtype `model.dtype` resolves to here (auto unless --dtype); the
+training baseline the same, the sampling and scoring baseline float32. Ratios are engine over baseline; only
+figures from one run of this script compare. The table goes to docs/RESULTS-bench.md (--results).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch
+from bench_baselines import HFClient, Recorder, train_trl
+from bench_mfu import Limit, ModelShapes, Work, measure_limit
 
+from jobs import distill
 from jobs.assets import builtin
-from jobs.backends.base import SamplingParams
+from jobs.backends.base import Metered, SamplingParams
 from jobs.backends.local import LocalEngine, describe_cpu, resolve_precision
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
-from jobs.config import load_pipeline_config
-from jobs.phases.student import single_turn
+from jobs.config import PipelineConfig, load_pipeline_config
+from jobs.errors import InputError
+from jobs.inputs import MB, read_capped
+from jobs.phases.base import PhaseConfig
+from jobs.phases.student import single_turn, to_student
+from jobs.phases.teacher import SEED_STRIDE, generate
 from jobs.phases.train import batch_rows, learning_rate, to_datum
-from jobs.store import parse_jsonl
+from jobs.store import StoreSettings, parse_jsonl
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS-bench.md"
 
 
-def baseline_teacher(config, prompts: list[list[int]], params: SamplingParams, tokenizer) -> tuple[int, float]:
-    """Today's method: HF generate, float32, shortest prompts first, left padding, the card in every row."""
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Measured:
+    """One method on one case: how much it did (`count` of `unit`) in how long, and the model FLOPs of that."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir(config.model.base), dtype=torch.float32).eval()
-    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generated = 0
+    case: str
+    method: str
+    count: int
+    seconds: float
+    unit: str
+    work: Work
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    def mfu(self, limit: Limit) -> float:
+        return self.work.flops / self.seconds / 1e9 / limit.gflops
+
+
+def timed(recorder: Recorder) -> float:
+    return sum(call.seconds for call in recorder.calls)
+
+
+def teacher_single(client, prompts: list[list[int]], params: SamplingParams, method: str,
+                   shapes: ModelShapes) -> tuple[Measured, list[list[int]]]:
+    recorder = Recorder(client)
+    replies = recorder.sample(prompts, params)
+    work = recorder.work(shapes)
+    return Measured("teacher", method, work.sampled, timed(recorder), "sampled tokens/s", work), replies
+
+
+def conversation_turns(engine: LocalEngine, hf: HFClient, config: PipelineConfig, questions: list[str], system: str,
+                       name: str, shapes: ModelShapes, precision: str) -> tuple[list[Measured], list[dict], list[str]]:
+    """The teacher phase's own `generate`, every prompt opening a conversation, run by the engine; then each of its
+    sampling calls replayed through HF `generate` on the same prompts and settings."""
+    phase = PhaseConfig(run_id="bench", pipeline=config, store_settings=StoreSettings(), shard=0)
+    recorder = Recorder(engine)
+    metered = Metered(recorder)
     started = time.perf_counter()
-    for start in range(0, len(order), params.batch_size):
-        rows = [prompts[i] for i in order[start:start + params.batch_size]]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        torch.manual_seed(params.seed + start)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, do_sample=True,
-                                 temperature=params.temperature, top_p=params.top_p, top_k=None,
-                                 repetition_penalty=params.repetition_penalty, pad_token_id=pad, eos_token_id=end)
-        for row in out[:, width:].tolist():
-            generated += len(row[:row.index(end)] if end in row else row)
-    return generated, time.perf_counter() - started
+    rows = generate(phase, metered, system, [{"id": i, "prompt": q} for i, q in enumerate(questions)], name)
+    engine_s = time.perf_counter() - started
+    baseline = Recorder(hf)
+    for call in recorder.calls:
+        assert call.params is not None, "a sampling call keeps its parameters"
+        baseline.sample(call.sequences, call.params)
+    own, theirs = recorder.work(shapes), baseline.work(shapes)
+    calls = call_lines(recorder, baseline, config)
+    usage = metered.usage
+    notes = [f"engine through `Metered`: {usage['prefill_tokens']} prefill tokens for {usage['sample_tokens']} "
+             f"sampled ({usage['prefill_tokens'] / max(usage['sample_tokens'], 1):.1f} per sampled token); an ideal "
+             f"prefix cache computes {own.prefill} ({own.prefill / max(own.sampled, 1):.1f} per sampled token); "
+             f"HF generate prefills {sum(sum(map(len, c.sequences)) for c in baseline.calls)}"]
+    return [Measured("turns", "HF generate, float32, history re-prefilled", theirs.sampled, timed(baseline),
+                     "sampled tokens/s", theirs),
+            Measured("turns", f"engine, {precision}, teacher.generate", own.sampled, engine_s, "sampled tokens/s",
+                     own)], rows, notes + calls
 
 
-def engine_teacher(config, prompts: list[list[int]], params: SamplingParams, engine) -> tuple[list[list[int]], float]:
-    started = time.perf_counter()
-    replies = engine.sample(prompts, params)
-    return replies, time.perf_counter() - started
+def call_lines(engine: Recorder, baseline: Recorder, config: PipelineConfig) -> list[str]:
+    """One markdown row per sampling call of the conversations: which turn and role, and both methods' seconds."""
+    roles = {}
+    for turn in range(1, config.conversations.turns + 1):
+        roles[config.teacher.seed + SEED_STRIDE * 2 * (turn - 1)] = f"turn {turn} teacher"
+        roles[config.conversations.visitor.seed + SEED_STRIDE * (2 * (turn - 1) - 1)] = f"turn {turn} visitor"
+    lines = ["", "| call | rows | prompt tokens | engine s | HF generate s |", "|---|---|---|---|---|"]
+    for own, theirs in zip(engine.calls, baseline.calls, strict=True):
+        assert own.params is not None, "a sampling call keeps its parameters"
+        lines.append(f"| {roles.get(own.params.seed, 'call')} | {len(own.sequences)} | "
+                     f"{sum(map(len, own.sequences))} | {own.seconds:.1f} | {theirs.seconds:.1f} |")
+    return lines
 
 
-def baseline_train(config, rows: list[dict], steps: int, dtype: torch.dtype) -> tuple[int, float]:
-    """TRL's SFTTrainer; tokens are counted from the labels each step sees (completion tokens, not pads)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    train = config.train
-    folder = model_dir(config.model.base)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "completion": [{"role": "assistant", "content": r["reply"]}]} for r in rows])
-    timings: list[float] = []
-    tokens: list[int] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            timings.append(time.perf_counter() - self.started)
-
-    class CountingTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            tokens.append(int((inputs["labels"][:, 1:] != -100).sum()))
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=train.batch_size, max_steps=steps,
-                         learning_rate=train.learning_rate, lr_scheduler_type="linear", weight_decay=0.0,
-                         max_length=train.max_seq_len, completion_only_loss=True, use_cpu=not torch.cuda.is_available(),
-                         # TRL turns on bf16 autocast by default: the weights' own dtype, as the engine runs them
-                         bf16=False, fp16=False,
-                         save_strategy="no", report_to=[], logging_steps=steps, seed=train.seed,
-                         dataloader_num_workers=0, disable_tqdm=True)
-        lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = CountingTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                  peft_config=lora, callbacks=[Timer()])
-        trainer.train()
-    return sum(tokens[1:]), sum(timings[1:])
+def score(client, rows: list[dict], system: str, k: int, method: str, shapes: ModelShapes) -> Measured:
+    """The scoring calls evaluate makes on held-out rows: each teacher reply's log-probabilities after its prompt
+    without and with the card (NLL), the teacher's top k at every assistant position of each conversation, and the
+    model's log-probabilities of those tokens without the card (KL)."""
+    recorder = Recorder(client)
+    metered = Metered(recorder)
+    render = client.renderer
+    replies = [render.reply(row["reply"]) for row in rows]
+    for card in (None, system):
+        metered.compute_logprobs([render.prompt(row["prompt"], system=card) + reply
+                                  for row, reply in zip(rows, replies, strict=True)])
+    pairs = [distill.pair(render, row["messages"], system) for row in rows]
+    distill.model_logprobs(metered, pairs, distill.teacher_topk(metered, pairs, k))
+    work = recorder.work(shapes)
+    return Measured("score", method, work.scored, timed(recorder), "scored positions/s", work)
 
 
-def engine_train(config, rows: list[dict], steps: int) -> tuple[int, float]:
+def engine_train(config: PipelineConfig, rows: list[dict], steps: int, shapes: ModelShapes) -> tuple[int, float, Work]:
     train = config.train
     trainer = LocalEngine.for_training(config.model, train)
     data = [to_datum(trainer.renderer, row, train.max_seq_len) for row in rows]
-    tokens, seconds = 0, 0.0
+    tokens, seconds, work = 0, 0.0, Work(shapes)
     for step in range(steps):
         started = time.perf_counter()
         batch = [data[i] for i in batch_rows(len(data), train.batch_size, step * train.batch_size, train.seed)]
@@ -121,48 +156,140 @@ def engine_train(config, rows: list[dict], steps: int) -> tuple[int, float]:
         if step:  # the first step is warm-up
             tokens += int(result["tokens"])
             seconds += time.perf_counter() - started
-    return tokens, seconds
+            work.training([d.tokens for d in batch], sum(1 for d in batch for w in d.weights[1:] if w > 0))
+    return tokens, seconds, work
 
 
-def main() -> None:
+def table(limit: Limit, measured: list[Measured]) -> list[str]:
+    lines = ["| case | method | count | seconds | rate | unit | model GFLOP | GFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in measured:
+        lines.append(f"| {m.case} | {m.method} | {m.count} | {m.seconds:.1f} | {m.rate:.1f} | {m.unit} | "
+                     f"{m.work.flops / 1e9:.0f} | {m.work.flops / m.seconds / 1e9:.1f} | {m.mfu(limit):.1%} |")
+    return lines
+
+
+def limit_lines(limit: Limit) -> list[str]:
+    lines = [f"limit: {limit.gflops:.1f} GFLOPS float32 at {limit.rows} rows (one forward's linear layers and output "
+             f"head, FLOP-weighted), {limit.decode_gflops:.1f} at a decode step's 64 rows; {limit.threads} threads", "",
+             "| weights (in x out) | GFLOPS |", "|---|---|"]
+    return lines + [f"| {name} | {rate:.1f} |" for name, rate in limit.per_shape.items()]
+
+
+def write_results(path: Path, cpu: str, setup: str, limit: Limit, measured: list[Measured], notes: list[str],
+                  last: str) -> None:
+    text = "\n".join(["# `make bench` results", "",
+                      "Written by `tests/bench_engine.py` (`make bench`); each run replaces it. How the model FLOPs "
+                      "are counted: `tests/bench_mfu.py`. Figures from a machine under other load do not compare.",
+                      "", f"- {cpu}", f"- {setup}", "", *limit_lines(limit), "", *table(limit, measured), "",
+                      "Conversations (every turn's sampling calls, identical prompts for both):", "", *notes, "",
+                      f"`{last}`", ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=96, help="demo prompts for the teacher (demo: 240)")
+    parser.add_argument("--conversations", type=int, default=24, help="prompts that open a conversation")
+    parser.add_argument("--turns", type=int, help="assistant turns of a conversation (default: the demo's)")
+    parser.add_argument("--max-tokens", type=int, help="tokens sampled per teacher reply and visitor question "
+                                                        "(default: the demo's)")
+    parser.add_argument("--score-rows", type=int, default=40, help="single-turn rows scored besides the conversations")
     parser.add_argument("--steps", type=int, default=8, help="training steps for each side (first one is warm-up)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
-    args = parser.parse_args()
+    parser.add_argument("--limit-seconds", type=float, default=0.5, help="seconds per shape measuring the limit")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown written (docs/RESULTS-bench.md)")
+    parser.add_argument("--card", type=Path, help="a card file (YAML, V2/V3 JSON, PNG; default: the demo's)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="demo overrides")
+    args = parser.parse_args(argv)
+    for name in ("prompts", "conversations", "score_rows", "limit_seconds"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.steps < 2:
+        raise InputError("--steps must be at least 2: the first step of each side is warm-up")
+    return args
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = [f"model.dtype={args.dtype}", "conversations.share=1.0", *args.set]
+    if args.turns is not None:
+        overrides.append(f"conversations.turns={args.turns}")
+    if args.max_tokens is not None:
+        overrides += [f"teacher.max_new_tokens={args.max_tokens}",
+                      f"conversations.visitor.max_new_tokens={args.max_tokens}"]
+    return load_pipeline_config("demo", overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> str:
     warnings.filterwarnings("ignore")
-    config = load_pipeline_config("demo", overrides=[f"model.dtype={args.dtype}"])
+    config = pipeline_config(args)
     precision = resolve_precision(config.model)
-    print(describe_cpu())
-    print(f"engine: {precision.device} {precision.dtype}; {args.prompts} prompts, {args.steps} training steps")
-
-    card = parse_card(builtin("builtin:beethoven", "cards", ".yaml"), "builtin:beethoven")
+    card = (parse_card(read_capped(str(args.card), config.ingest.max_input_mb * MB), str(args.card)) if args.card
+            else parse_card(builtin("builtin:beethoven", "cards", ".yaml"), "builtin:beethoven"))
     questions = [row["prompt"] for row in parse_jsonl(builtin("builtin:beethoven", "prompts", ".jsonl"), "prompts")]
-    engine = LocalEngine.for_sampling(config.model)
-    prompts = [engine.renderer.prompt(q, system=card.teacher_system_prompt()) for q in questions[:args.prompts]]
+    if max(args.prompts, args.conversations) > len(questions):
+        raise InputError(f"--prompts and --conversations: at most the {len(questions)} demo prompts")
+    questions = questions[:args.prompts]
+    system = card.teacher_system_prompt()
+    engine = LocalEngine.for_sampling(config.model)  # sets torch's threads as every phase does
+    cpu = describe_cpu()
+    print(cpu)
+    from transformers import AutoConfig
+
+    shapes = ModelShapes.from_config(AutoConfig.from_pretrained(model_dir(config.model.base)))
+    limit = measure_limit(shapes, args.limit_seconds)
+    print("\n".join(limit_lines(limit)), flush=True)
+    setup = (f"engine: {precision.device} {precision.dtype}; {args.prompts} prompts, {args.conversations} "
+             f"conversations of {config.conversations.turns} turns, {args.score_rows} + {args.conversations} rows "
+             f"scored, {args.steps} training steps; {shapes}")
+    print(setup, flush=True)
+
+    prompts = [engine.renderer.prompt(q, system=system) for q in questions]
     params = SamplingParams.from_config(config.teacher)
+    hf = HFClient(config, engine.renderer)
+    measured = []
+    base, _ = teacher_single(hf, prompts, params, "HF generate, float32, card re-prefilled", shapes)
+    own, replies = teacher_single(engine, prompts, params, f"engine, {precision.dtype}, shared prefix", shapes)
+    measured += [base, own]
+    turns, talks, notes = conversation_turns(engine, hf, config, questions[:args.conversations], system, card.name,
+                                             shapes, precision.dtype)
+    measured += turns
+    rows = [{"prompt": q, "reply": engine.renderer.decode(r), "messages": single_turn(q, engine.renderer.decode(r))}
+            for q, r in zip(questions, replies, strict=True)]
+    held_out = rows[:args.score_rows] + [to_student(row) for row in talks]
+    k = config.evaluate.kl_top_k
+    measured.append(score(hf, held_out, system, k, "HF forward, float32, padded, whole vocabulary", shapes))
+    measured.append(score(engine, held_out, system, k, f"engine, {precision.dtype}, packed, shared prefix", shapes))
+    del engine, hf
 
-    base_tokens, base_s = baseline_teacher(config, prompts, params, engine.tokenizer)
-    replies, engine_s = engine_teacher(config, prompts, params, engine)
-    engine_tokens = sum(map(len, replies))
-    rows = [{"prompt": q, "reply": engine.renderer.decode(r)} for q, r in zip(questions, replies, strict=True)]
-    rows = [{**row, "messages": single_turn(row["prompt"], row["reply"])} for row in rows]
-    del engine
+    trl_tokens, trl_s, trl_work = train_trl(config, rows, args.steps, precision.torch_dtype, shapes)
+    own_tokens, own_s, own_work = engine_train(config, rows, args.steps, shapes)
+    measured += [Measured("train", f"TRL SFTTrainer, {precision.dtype}", trl_tokens, trl_s, "trained tokens/s",
+                          trl_work),
+                 Measured("train", f"engine, {precision.dtype}, packed", own_tokens, own_s, "trained tokens/s",
+                          own_work)]
+    print("\n" + "\n".join(table(limit, measured)) + "\n\n" + "\n".join(notes))
 
-    trl_tokens, trl_s = baseline_train(config, rows, args.steps, precision.torch_dtype)
-    own_tokens, own_s = engine_train(config, rows, args.steps)
+    def ratio(case: str) -> float:
+        baseline, engine_row = (m for m in measured if m.case == case)
+        return engine_row.rate / baseline.rate
 
-    table = [("teacher", "HF generate, float32, card re-prefilled", base_tokens, base_s, "generated tokens/s"),
-             ("teacher", f"engine, {precision.dtype}, shared prefix", engine_tokens, engine_s, "generated tokens/s"),
-             ("train", f"TRL SFTTrainer, {precision.dtype}", trl_tokens, trl_s, "trained tokens/s"),
-             ("train", f"engine, {precision.dtype}, packed", own_tokens, own_s, "trained tokens/s")]
-    print(f"\n{'work':<8} {'method':<42} {'tokens':>8} {'seconds':>8} {'rate':>9}  unit")
-    for work, method, tokens, seconds, unit in table:
-        print(f"{work:<8} {method:<42} {tokens:>8} {seconds:>8.1f} {tokens / seconds:>9.1f}  {unit}")
-    teacher = (engine_tokens / engine_s) / (base_tokens / base_s)
-    train = (own_tokens / own_s) / (trl_tokens / trl_s)
-    print(f"\nbench: teacher {teacher:.2f}x, train {train:.2f}x")
+    last = f"bench: teacher {ratio('teacher'):.2f}x, turns {ratio('turns'):.2f}x, train {ratio('train'):.2f}x"
+    write_results(args.results, cpu, setup, limit, measured, notes, last)
+    print(f"\nwrote {args.results}")
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        last = run(parse_args(argv))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(last)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

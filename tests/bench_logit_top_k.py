@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +25,7 @@ from jobs import distill
 from jobs.backends.local import LocalEngine, describe_cpu
 from jobs.card import CharacterCard
 from jobs.config import load_pipeline_config
+from jobs.errors import InputError
 from jobs.phases.train import Logit, batch_rows, learning_rate
 from jobs.store import ArtifactStore, StoreSettings
 
@@ -46,13 +48,17 @@ def kl_figures(model: LocalEngine, pairs: list[distill.Paired], top: list, teach
     return {"top_k": statistics.mean(bucketed), "full": exact.mean().item()}
 
 
-def main() -> None:
+def run(argv: list[str] | None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-id", required=True, help="a finished run whose split phase ran with --profile")
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--top-k", type=int, nargs="+", default=[32, 256])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.run_id:
+        raise InputError("no run: give RUN=<run-id> (make bench-top-k) or --run-id, a run whose split phase finished")
+    if min(args.top_k) < 1:
+        raise InputError("--top-k: every k must be at least 1")
     pipeline = load_pipeline_config(args.profile, overrides=args.set)
     store = ArtifactStore(StoreSettings.from_env(), args.run_id)
     rows, held_out = store.read_jsonl("split", "train.jsonl"), store.read_jsonl("split", "eval.jsonl")
@@ -66,6 +72,7 @@ def main() -> None:
     teacher = full_vocabulary(base, pairs, True)
     base_kl = kl_figures(base, pairs, top, teacher)
     print(f"base: KL {base_kl['top_k']:.4f} (top {pipeline.evaluate.kl_top_k} + rest), {base_kl['full']:.4f} (full)")
+    closed = []
     print("| train.top_k | KL top-k + rest | closed | KL full vocabulary | closed | train s |")
     print("|---|---|---|---|---|---|")
     for k in args.top_k:
@@ -81,8 +88,19 @@ def main() -> None:
         kl = kl_figures(student, pairs, top, teacher)  # position_logprobs computes no gradients
         print(f"| {k} | {kl['top_k']:.4f} | {1 - kl['top_k'] / base_kl['top_k']:.1%} | {kl['full']:.4f} "
               f"| {1 - kl['full'] / base_kl['full']:.1%} | {seconds:.0f} |", flush=True)
+        closed.append(f"k {k} closes {1 - kl['full'] / base_kl['full']:.1%}")
         del student, data
+    return "bench-top-k: " + ", ".join(closed) + " of the base's KL over the whole vocabulary"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        print(run(argv))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,9 +2,11 @@
 
 Layout: `runs/<run-id>/<unit>/<file>` where a unit is a phase (`split`) or a shard of one
 (`teacher/shard-00003`); `runs/<run-id>/<unit>/_SUCCESS.json` is written last and lists each output's
-sha256 and row count, the unit's fingerprint (config hash + input fingerprints + code version) and its
-metrics. Readers go through `read`, which refuses a unit without a manifest and checks the hash.
-Content-addressed caches shared across runs live under `cache/<kind>/<key>/`.
+sha256, size and row count, the unit's fingerprint (config hash + input fingerprints + code version), its
+metrics, a `write_id` new at every write and the `write_id` of each input it read (so a redone input redoes
+what read it). Readers go through `read`, which refuses a unit without a manifest and checks the hash.
+Caches shared across runs live under `cache/<kind>/<key>/`, each entry beside a `<name>.sha256` record that
+`read_cached` checks. A unit being written holds a lease under `leases/` (`jobs.lease`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +30,11 @@ from jobs.inputs import MB, decode_text, read_capped, too_big
 from jobs.log import get_logger
 
 MANIFEST = "_SUCCESS.json"
+# beside a cache entry: its sha256 and size, written after it (`write_cached`)
+CACHE_DIGEST = ".sha256"
 # every run's units live under RUNS<run id>/
 RUNS = "runs/"
+LEASES = "leases/"
 # a run id becomes S3 keys, folder names and the pods' label value: Kubernetes' label-value rules
 RUN_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
@@ -187,6 +193,11 @@ class ArtifactStore:
     def cache_key(kind: str, key: str, name: str) -> str:
         return f"cache/{kind}/{key}/{name}"
 
+    def lease_key(self, unit: str) -> str:
+        """Where the writer of one of this run's units holds its lease (`jobs.lease`): outside `runs/`, so that
+        no listing of a unit's outputs sees it."""
+        return f"{LEASES}{self.run_id}/{unit}.json"
+
     def run_ids(self) -> list[str]:
         """Every run in the bucket (this one included), as its id."""
         return [common["Prefix"].removeprefix(RUNS).rstrip("/")
@@ -238,6 +249,25 @@ class ArtifactStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self._s3.put_object, Key=key, Body=data)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """PutObject with `If-None-Match: *`: False when the key exists, on a server that honours the header
+        (AWS S3, MinIO); one that ignores it (rclone serve s3) overwrites and answers True, as a plain PUT."""
+        from botocore.exceptions import ClientError
+
+        def put(Bucket, Key):
+            try:
+                self._s3.put_object(Bucket=Bucket, Key=Key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                # 409: a concurrent conditional write of the key was under way; it may have won
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    return False
+                raise
+
+        return self._call(key, put, Key=key)
+
     def put_file(self, key: str, path: Path) -> None:
         self._call(key, lambda Bucket, Key: self._s3.upload_file(str(path), Bucket, Key), Key=key)
 
@@ -279,6 +309,22 @@ class ArtifactStore:
 
     def list_keys(self, prefix: str) -> list[str]:
         return [obj["Key"] for page in self._pages(prefix) for obj in page.get("Contents", [])]
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """key -> size of every object under `prefix`, from the listing alone (no object is read)."""
+        return {obj["Key"]: obj["Size"] for page in self._pages(prefix) for obj in page.get("Contents", [])}
+
+    def digest_object(self, key: str) -> tuple[str, int]:
+        """(sha256, size) of an object, streamed: a model of any size is never held in memory."""
+        def stream(Bucket, Key):
+            h, size = hashlib.sha256(), 0
+            body = self._s3.get_object(Bucket=Bucket, Key=Key)["Body"]
+            for block in body.iter_chunks(1 << 20):
+                h.update(block)
+                size += len(block)
+            return h.hexdigest(), size
+
+        return self._call(key, stream, Key=key)
 
     def check_bucket(self) -> None:
         try:
@@ -348,17 +394,53 @@ class ArtifactStore:
     def read_json(self, unit: str, name: str) -> Any:
         return json.loads(self.read(unit, name))
 
+    # -- cache entries shared across runs
+    def read_cached(self, key: str) -> bytes | None:
+        """A cache entry's bytes if it is there and matches the digest recorded when it was written; None (a
+        miss) when it is absent, has no record (its writer died between the two, or wrote before records) or
+        does not match, which is logged: the caller computes it again and `write_cached` replaces it."""
+        try:
+            data = self.get_bytes(key)
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(self.get_bytes(key + CACHE_DIGEST))
+        except (FileNotFoundError, ValueError):
+            record = {}
+        actual = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        if not isinstance(record, dict) or record.get("sha256") != actual["sha256"]:
+            record = record if isinstance(record, dict) else {}
+            get_logger().warning("cache entry mismatch", key=key, expected_sha256=record.get("sha256"),
+                                 actual_sha256=actual["sha256"], expected_bytes=record.get("bytes"),
+                                 actual_bytes=actual["bytes"], action="computed again")
+            return None
+        return data
+
+    def write_cached(self, key: str, data: bytes) -> None:
+        """The entry first, then its digest record: an entry without a record is never reused."""
+        self.put_bytes(key, data)
+        self.put_bytes(key + CACHE_DIGEST, json.dumps({"sha256": sha256_bytes(data), "bytes": len(data)}).encode())
+
     @contextmanager
-    def writing(self, unit: str, fingerprint: str, inputs: dict[str, str] | None = None) -> Iterator[UnitWriter]:
-        """Drop any stale manifest, let the caller write outputs, then write the manifest last."""
+    def writing(self, unit: str, fingerprint: str, inputs: dict[str, str] | None = None, *,
+                input_writes: dict[str, str | None] | None = None, record: dict[str, Any] | None = None,
+                before_manifest=None) -> Iterator[UnitWriter]:
+        """Drop any stale manifest, let the caller write outputs, then write the manifest last.
+
+        `input_writes` is the `write_id` of each input unit read; `record` adds fields to the manifest;
+        `before_manifest()` may refuse (raise) at the last moment, e.g. when the writer lost its lease."""
         self.delete(self.key(unit, MANIFEST))
         started = time.time()
         writer = UnitWriter(self, unit, fingerprint)
         yield writer
+        if before_manifest is not None:
+            before_manifest()
         manifest = {"unit": unit, "run_id": self.run_id, "fingerprint": fingerprint, "inputs": inputs or {},
+                    "input_writes": input_writes or {}, "write_id": uuid.uuid4().hex,
                     "code_version": CODE_VERSION, "outputs": writer.outputs, "metrics": writer.metrics,
                     "wall_s": round(time.time() - started, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                             time.gmtime())}
+                                                                                             time.gmtime()),
+                    **(record or {})}
         self.put_bytes(self.key(unit, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 

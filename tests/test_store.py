@@ -1,4 +1,5 @@
-"""The artifact store against a real S3 server: manifests last, refusal without one, hash checks."""
+"""The artifact store against a real S3 server: manifests last, refusal without one, hash checks, write ids, sizes
+and streamed digests, checked cache entries."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import store_for
+from structlog.testing import capture_logs
 
 from jobs.errors import InputError, TransientError
-from jobs.store import MANIFEST, OPERATION_ATTEMPTS, REQUEST_ATTEMPTS, ArtifactStore, StoreSettings
+from jobs.store import (
+    CACHE_DIGEST,
+    MANIFEST,
+    OPERATION_ATTEMPTS,
+    REQUEST_ATTEMPTS,
+    ArtifactStore,
+    StoreSettings,
+    sha256_bytes,
+)
 from workflows.fault_proxy import FaultPlan
 from workflows.local_s3 import LocalS3
 
@@ -96,3 +106,49 @@ def test_a_lasting_fault_is_transient_after_every_attempt(tmp_path, monkeypatch)
         with pytest.raises(TransientError, match=r"S3 runs/faults-2/u/x: 503 SlowDown .* \(3 x 3 attempts\)"):
             store_for("faults-2").get_bytes("runs/faults-2/u/x")
         assert s3.proxy.stats["requests"] == OPERATION_ATTEMPTS * REQUEST_ATTEMPTS
+
+
+def test_a_manifest_records_a_new_write_id_each_time_and_the_inputs_write_ids(store_env):
+    store = store_for("store-5")
+    with store.writing("audit", "fp", {"student": "fp-s"}, input_writes={"student": "w-1"}, record={"extra": 1}):
+        pass
+    first = store.require("audit")
+    assert first["input_writes"] == {"student": "w-1"} and first["extra"] == 1 and len(first["write_id"]) == 32
+    with store.writing("audit", "fp"):
+        pass
+    assert store.require("audit")["write_id"] != first["write_id"]
+
+
+def test_sizes_come_from_the_listing_and_digests_from_a_streamed_read(store_env):
+    store = store_for("store-6")
+    data = bytes(range(256)) * 9000  # over one 1 MiB block
+    store.put_bytes(store.key("u", "a.bin"), data)
+    store.put_bytes(store.key("u", "b/c.txt"), b"x")
+    assert store.sizes(store.key("u") + "/") == {store.key("u", "a.bin"): len(data), store.key("u", "b/c.txt"): 1}
+    assert store.digest_object(store.key("u", "a.bin")) == (sha256_bytes(data), len(data))
+
+
+def test_a_cache_entry_is_reused_only_while_it_matches_its_record(store_env):
+    store = store_for("store-7")
+    key = store.cache_key("teacher", "k1", "replies.jsonl")
+    assert store.read_cached(key) is None  # absent: a plain miss, nothing logged
+    store.write_cached(key, b'{"reply": "Ja."}\n')
+    assert store.read_cached(key) == b'{"reply": "Ja."}\n'
+    store.put_bytes(key, b'{"reply": "No."}\n')  # same size, another reply
+    with capture_logs() as logged:
+        assert store.read_cached(key) is None
+    assert [entry["event"] for entry in logged] == ["cache entry mismatch"] and logged[0]["key"] == key
+    assert logged[0]["expected_sha256"] == sha256_bytes(b'{"reply": "Ja."}\n')
+    assert logged[0]["actual_sha256"] == sha256_bytes(b'{"reply": "No."}\n')
+    store.delete(key + CACHE_DIGEST)  # a writer that died between entry and record, or an entry from before records
+    store.write_cached(key, b"fresh\n")
+    store.delete(key + CACHE_DIGEST)
+    assert store.read_cached(key) is None
+
+
+def test_rclone_answers_a_conditional_put_on_an_existing_key_by_overwriting(store_env):
+    """Why a lease is read back after it is written (jobs.lease): the local server ignores If-None-Match."""
+    store = store_for("store-8")
+    assert store.put_new(store.key("u", "lease"), b"first") is True
+    assert store.put_new(store.key("u", "lease"), b"second") is True
+    assert store.get_bytes(store.key("u", "lease")) == b"second"

@@ -1,9 +1,10 @@
 """A real S3 API server on loopback: `rclone serve s3` over a local folder that persists between runs.
 
-Buckets are the folder's subfolders, so artifacts can be browsed as plain files. Credentials are made up
-per start (or taken from DISTILL_S3_ACCESS_KEY and DISTILL_S3_SECRET_KEY) and handed to child processes
-through their environment only. With a fault plan, clients reach the server through a fault-injecting proxy
-(`workflows.fault_proxy`) whose counts go to `s3-faults.json` beside the data folder.
+Buckets are the folder's subfolders, so artifacts can be browsed as plain files; the servers of runs that overlap
+share the folder (`SERVE_FLAGS`). Credentials are made up per start (or taken from DISTILL_S3_ACCESS_KEY and
+DISTILL_S3_SECRET_KEY) and handed to child processes through their environment only. With a fault plan, clients
+reach the server through a fault-injecting proxy (`workflows.fault_proxy`) whose counts go to `s3-faults.json`
+beside the data folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from pathlib import Path
 from workflows.fault_proxy import FaultPlan, FaultProxy
 from workflows.loopback import free_port, stop_process, wait_until_answering
 from workflows.signals import Stopped, stop_on_signals
+
+# Several servers may serve one folder at once (two `make run`s, `make chat` beside a run). rclone's directory cache
+# would hide what another server wrote for up to 5 minutes (a manifest, a lease) and serve a rewritten object at its
+# old size; at 100 ms another server's writes show within 0.2 s (0s makes rclone v1.75.2 spin, at 65% of a core when
+# idle). No ETag hash: rclone would compute every object's MD5 on each listing, HEAD and GET (4.8 s of CPU to list
+# a folder with the demo's 538 MB model); nothing here reads ETags, the manifests hold sha256. All measured here.
+SERVE_FLAGS = ("--dir-cache-time", "100ms", "--poll-interval", "0", "--etag-hash", "")
 
 
 def rclone_binary() -> str:
@@ -64,7 +72,7 @@ class LocalS3:
         with open(log, "ab") as sink:  # the child keeps its own descriptor
             self._process = subprocess.Popen(
                 [rclone_binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
-                 "--log-level", "NOTICE"],
+                 "--log-level", "NOTICE", *SERVE_FLAGS],
                 # the key pair through rclone's environment, not its command line (which `ps` shows)
                 env={**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'},  # a CSV field
                 stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)

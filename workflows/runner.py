@@ -48,6 +48,26 @@ RETRY_EXPRESSION = re.compile(r"^asInt\(lastRetry\.exitCode\) != (\d+)$")
 PLACEHOLDER = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
 
 
+# what the steps log about verify on reuse and leases (jobs.verify, jobs.lease), as the runner shows it
+REUSE_EVENTS = {
+    "output mismatch": "{file} does not match its manifest (sha256 {actual_sha256}, {actual_bytes} bytes; expected "
+                       "{expected_sha256}, {expected_bytes} bytes): redoing it",
+    "redo: inputs were written again since": "redoing it: {inputs} written again since it ran",
+    "cache entry mismatch": "cache entry {key} does not match its record (sha256 {actual_sha256}; expected "
+                            "{expected_sha256}): computing it again",
+    "waiting for lease": "waiting for {holder}, which is writing it (waited {waited_s}s)",
+    "lease taken over": "took the unit over from {holder}: {reason}",
+    "lease lost": "lost its lease to {holder}",
+}
+
+
+class _Fields(dict):
+    """An event's fields for str.format_map: a field the event lacks reads as '?'."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
 class UnsupportedFeature(Exception):
     """The template uses an Argo feature the local runner does not implement."""
 
@@ -276,8 +296,12 @@ class Runner:
             extra = " ".join(f"{k}={v}" for k, v in event.items()
                              if k not in ("event", "level", "timestamp", "task", "done", "total", "elapsed_s"))
             self.say(f"  {step.label}: {event['done']}/{event['total']} {extra}".rstrip())
+        elif event.get("event") == "skipped: another run wrote it":
+            self.say(f"  {step.label}: reused (another run wrote it while this one waited)")
         elif str(event.get("event", "")).startswith("skipped"):
             self.say(f"  {step.label}: skipped (outputs match config and inputs)")
+        elif event.get("event") in REUSE_EVENTS:
+            self.say(f"  {step.label}: {REUSE_EVENTS[event['event']].format_map(_Fields(event))}")
 
     def say(self, text: str) -> None:
         with self._print:
@@ -462,15 +486,18 @@ def main(argv: list[str] | None = None) -> int:
                 passed = ("HF_TOKEN", "TINKER_API_KEY", "TINKER_BASE_URL")
                 secrets = {**s3.env(), **{k: os.environ[k] for k in passed if k in os.environ}, **tinker}
                 doc = yaml.safe_load(args.workflow.read_text())
+                # this runner's own: another runner of the same run (which waits for its units' leases) must not
+                # empty the folders of the steps this one runs
+                work = data / "work" / run_id / f"runner-{os.getpid()}"
                 executor: ProcessExecutor
                 if args.mode == "container":
                     from workflows.containers import ContainerExecutor
 
-                    executor = ContainerExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets,
+                    executor = ContainerExecutor(work, {"cache": cache_root()}, secrets,
                                                  pod_security=doc["spec"].get("securityContext"))
                     print(f"container mode: every step in its image, with {executor.engine}")
                 else:
-                    executor = ProcessExecutor(data / "work" / run_id, {"cache": cache_root()}, secrets)
+                    executor = ProcessExecutor(work, {"cache": cache_root()}, secrets)
                 parameters = {"run-id": run_id, **workflow_parameters(args, inputs)}
                 runner = Runner(doc, parameters, executor, data / "logs" / run_id)
                 try:

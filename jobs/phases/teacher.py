@@ -170,14 +170,15 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
                         "conversations": pipeline.conversations.model_dump(), "prompts": prompts})
     cached = store.cache_key("teacher", cache_key, "replies.jsonl")
     usage = {"prefill_tokens": 0, "sample_tokens": 0}  # cached replies cost nothing this time
-    if store.exists(cached):
-        rows = parse_jsonl(store.get_bytes(cached), cached)
+    hit = store.read_cached(cached)  # checked against its recorded sha256: a changed entry is a miss
+    if hit is not None:
+        rows = parse_jsonl(hit, cached)
         out.metrics["cache_hit"] = 1
     else:
         teacher = Metered(backend.sampler())
         rows = generate(config, teacher, system, prompts, character.name)
         usage = dict(teacher.usage)
-        store.put_bytes(cached, jsonl_bytes(rows))
+        store.write_cached(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
     out.write_jsonl("replies.jsonl", rows)
     talks = [r for r in rows if "followups" in r]

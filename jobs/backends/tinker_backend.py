@@ -3,6 +3,11 @@
 - Sampling and log-probabilities go out as one request per prompt, up to `tinker.max_in_flight` at once; a
   prompt's seed is `params.seed + its index`, as on the local engine, so replies do not depend on concurrency.
   Tinker's sampler has no repetition penalty (the config refuses one).
+- The service returns each sampled token's log-probability. Where that is the model's own distribution whatever
+  convention the service scores in (temperature 1, top_p 1: the on-policy objective's rollouts), `sample` asks for
+  the prompt's log-probabilities too and keeps both for the sequences of its last call, so `compute_logprobs` of
+  exactly those sequences (prompt + reply, end token included) is answered from them with no second request;
+  anything else is scored by a `compute_logprobs` request as before.
 - Top-k and target log-probabilities (distillation's teacher and student scores) are one prefill request per
   sequence (`sample` with max_tokens=1, the sampled token ignored): `topk_prompt_logprobs` over the last
   `prompt_logprobs_last_n` positions, or `target_prompt_logprobs` sent as sparse CSR of the cells asked.
@@ -115,27 +120,48 @@ def _matrix(values):
                              sparse_col_indices=columns.tolist())
 
 
+def sampled_logprobs(prompt: list[int], response) -> tuple[tuple[int, ...], list[float]] | None:
+    """(prompt + sampled tokens, log p of each token after the first) from a response to a sample request made with
+    prompt log-probabilities, or None where the service left any of them out."""
+    sequence = response.sequences[0]
+    scored = list(response.prompt_logprobs or [])[1:] + list(sequence.logprobs or [])
+    tokens = prompt + list(sequence.tokens)
+    if len(scored) != len(tokens) - 1 or any(x is None for x in scored):
+        return None
+    return tuple(tokens), [float(x) for x in scored]
+
+
 class TinkerSampler:
     def __init__(self, client, renderer: Renderer, cap: int):
         self.client, self.renderer, self.cap = client, renderer, cap
+        self.sampled: dict[tuple[int, ...], list[float]] = {}  # the last `sample` call's scored sequences
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:
         import tinker
 
         end = self.renderer.end_of_turn
+        own = params.temperature == 1.0 and params.top_p == 1.0  # the sampled log-probabilities are the model's
 
         def submit(i: int):
             settings = tinker.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                              top_p=params.top_p, seed=params.seed + i, stop=[end])
-            return self.client.sample(prompt=_model_input(prompts[i]), num_samples=1, sampling_params=settings)
+            return self.client.sample(prompt=_model_input(prompts[i]), num_samples=1, sampling_params=settings,
+                                      include_prompt_logprobs=own)
 
         responses = in_flight(submit, len(prompts), self.cap, on_batch)
+        self.sampled = dict(filter(None, (sampled_logprobs(prompt, response)
+                                          for prompt, response in zip(prompts, responses, strict=True)))) if own else {}
         replies = [list(r.sequences[0].tokens) for r in responses]
         return [reply[:-1] if reply and reply[-1] == end else reply for reply in replies]
 
     def compute_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        rows = in_flight(lambda i: self.client.compute_logprobs(_model_input(sequences[i])), len(sequences), self.cap)
-        return [[float(x) for x in row[1:]] for row in rows]  # the first token has no log-probability
+        asked = [i for i, sequence in enumerate(sequences) if tuple(sequence) not in self.sampled]
+        rows = in_flight(lambda n: self.client.compute_logprobs(_model_input(sequences[asked[n]])), len(asked),
+                         self.cap)
+        found = dict(zip(asked, rows, strict=True))
+        # the first token has no log-probability
+        return [[float(x) for x in found[i][1:]] if i in found else list(self.sampled[tuple(sequence)])
+                for i, sequence in enumerate(sequences)]
 
     def _score(self, sequences: list[list[int]], asks: list[bool], request: Callable[[int], dict]) -> list:
         """One prefill request (max_tokens=1, the sampled token ignored) per sequence that `asks`, with the

@@ -131,13 +131,19 @@ def source_record(ingest: IngestConfig, settings: StoreSettings) -> dict[str, di
 
 
 def changed_sources(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
-    """One line per S3 source whose bytes differ from those the run ingested (local files are the user's to edit:
-    a changed one is a new run's input)."""
-    return [f"{was['uri']} changed since run ingested it (sha256 {was['sha256'][:12]}…, now "
-            f"{current[kind]['sha256'][:12]}…)"
-            for kind, was in sorted(recorded.items())
-            if kind in current and was.get("uri") == current[kind]["uri"] and was["uri"].startswith("s3://")
-            and was.get("sha256") != current[kind]["sha256"]]
+    """One line per S3 source whose bytes differ from those the run ingested, or that is gone (local files are the
+    user's to edit: a changed one is a new run's input)."""
+    lines = []
+    for kind, was in sorted(recorded.items()):
+        now = current.get(kind)
+        if now is None or now["uri"] != was.get("uri") or not now["uri"].startswith("s3://"):
+            continue
+        if "error" in now:
+            lines.append(f"{now['uri']} can no longer be read ({now['error']})")
+        elif now["sha256"] != was.get("sha256"):
+            lines.append(f"{now['uri']} changed since run ingested it (sha256 {str(was.get('sha256'))[:12]}…, now "
+                         f"{now['sha256'][:12]}…)")
+    return lines
 
 
 def check_sources(run_id: str, previous: dict | None, current: dict[str, dict[str, str]]) -> None:
@@ -150,7 +156,7 @@ def check_sources(run_id: str, previous: dict | None, current: dict[str, dict[st
 
 
 def current_sources(recorded: dict[str, dict[str, str]], settings: StoreSettings) -> dict[str, dict[str, str]]:
-    """The sources a run recorded, read again (the ones that can no longer be read are left out)."""
+    """The sources a run recorded, read again: their sha256 now, or why they cannot be read."""
     card = recorded.get("card", {}).get("uri", "builtin:beethoven")
     prompts = recorded.get("prompts", {}).get("uri", "")
     ingest = IngestConfig(card=card, prompts="" if prompts == SYNTHESIZE else prompts, max_input_mb=SOURCE_MAX_MB)
@@ -160,8 +166,8 @@ def current_sources(recorded: dict[str, dict[str, str]], settings: StoreSettings
             continue
         try:
             found[kind] = {"uri": recorded[kind]["uri"], "sha256": sha256_bytes(read(ingest, settings))}
-        except (InputError, OSError):
-            continue
+        except (InputError, OSError) as exc:
+            found[kind] = {"uri": recorded[kind]["uri"], "error": str(exc)}
     return found
 
 

@@ -145,6 +145,11 @@ def test_a_changed_s3_card_under_a_run_is_a_one_line_error(store_env):
     assert result.stderr == (f"error: run verify-5: s3://distill/{card_key} changed since run ingested it (sha256 "
                              f"{sha256_bytes(CARD)[:12]}…, now {sha256_bytes(changed)[:12]}…): cannot be "
                              "recomputed\n")
+    store.delete(card_key)
+    gone = verify("--run-id", "verify-5")
+    assert gone.returncode == 2
+    assert gone.stderr == (f"error: run verify-5: s3://distill/{card_key} can no longer be read (s3://distill/"
+                           f"{card_key}: no such object): cannot be recomputed\n")
 
 
 # -- end to end on the ci profile: two runs with different cards at once, then the first run's card twice at once after

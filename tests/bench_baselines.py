@@ -37,6 +37,7 @@ class Call:
     starts: list[int] | None = None  # scoring: the first position whose distribution is asked
     replies: list[list[int]] | None = None
     seconds: float = 0.0
+    computed: int | None = None  # prompt tokens the local engine ran through the model (its own count), if it says
 
 
 class Recorder:
@@ -47,10 +48,11 @@ class Recorder:
         self.calls: list[Call] = []
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None, **options) -> list[list[int]]:
-        started = time.perf_counter()
+        before, started = getattr(self.client, "computed_prefill_tokens", None), time.perf_counter()
         replies = self.client.sample(prompts, params, on_batch=on_batch, **options)
-        self.calls.append(Call("sample", prompts, params=params, replies=replies,
-                               seconds=time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        computed = None if before is None else self.client.computed_prefill_tokens - before
+        self.calls.append(Call("sample", prompts, params=params, replies=replies, seconds=seconds, computed=computed))
         return replies
 
     def _scored(self, method: str, sequences: list[list[int]], starts: list[int], *args):
@@ -87,13 +89,13 @@ class Recorder:
 class HFClient:
     """The base model through transformers alone, float32, its default attention."""
 
-    def __init__(self, config: PipelineConfig, renderer: Renderer):
+    def __init__(self, config: PipelineConfig, renderer: Renderer, pad: int):
         from transformers import AutoModelForCausalLM
 
         self.renderer = renderer
         self.model = AutoModelForCausalLM.from_pretrained(model_dir(config.model.base), dtype=torch.float32).eval()
         # the engine's end of turn: both stop where the phases' replies end
-        self.end, self.pad = renderer.end_of_turn, renderer.tokenizer.pad_token_id
+        self.end, self.pad = renderer.end_of_turn, pad
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, on_batch=None) -> list[list[int]]:

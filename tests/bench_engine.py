@@ -73,6 +73,13 @@ class Measured:
         return self.work.flops / self.seconds / 1e9 / limit.gflops
 
 
+def fresh(engine: LocalEngine) -> LocalEngine:
+    """The engine with no keys and values kept from an earlier case."""
+    if engine.kv is not None:
+        engine.kv.clear()
+    return engine
+
+
 def timed(recorder: Recorder) -> float:
     return sum(call.seconds for call in recorder.calls)
 
@@ -101,15 +108,19 @@ def conversation_turns(engine: LocalEngine, hf: HFClient, config: PipelineConfig
         baseline.sample(call.sequences, call.params)
     own, theirs = recorder.work(shapes), baseline.work(shapes)
     calls = call_lines(recorder, baseline, config)
-    usage = metered.usage
-    notes = [f"engine through `Metered`: {usage['prefill_tokens']} prefill tokens for {usage['sample_tokens']} "
-             f"sampled ({usage['prefill_tokens'] / max(usage['sample_tokens'], 1):.1f} per sampled token); an ideal "
-             f"prefix cache computes {own.prefill} ({own.prefill / max(own.sampled, 1):.1f} per sampled token); "
-             f"HF generate prefills {sum(sum(map(len, c.sequences)) for c in baseline.calls)}"]
+    usage, sampled = metered.usage, max(metered.usage["sample_tokens"], 1)
+    computed = usage.get("computed_prefill_tokens")  # the local engine's own count: what it ran through the model
+    notes = [f"- prompt tokens sent (`Metered` prefill_tokens): {usage['prefill_tokens']} for "
+             f"{usage['sample_tokens']} sampled tokens, {usage['prefill_tokens'] / sampled:.1f} per sampled token; "
+             f"HF generate prefills all of them every call",
+             "- computed by the engine (shared prefix and kept keys and values left out): "
+             + (f"{computed}, {computed / sampled:.1f} per sampled token" if computed is not None else "not reported"),
+             f"- an ideal prefix cache (the model FLOPs' count) computes {own.prefill}, "
+             f"{own.prefill / max(own.sampled, 1):.1f} per sampled token"]
     return [Measured("turns", "HF generate, float32, history re-prefilled", theirs.sampled, timed(baseline),
                      "sampled tokens/s", theirs),
-            Measured("turns", f"engine, {precision}, teacher.generate", own.sampled, engine_s, "sampled tokens/s",
-                     own)], rows, notes + calls
+            Measured("turns", f"engine, {precision}, teacher.generate, kept KV", own.sampled, engine_s,
+                     "sampled tokens/s", own)], rows, notes + calls
 
 
 def call_lines(engine: Recorder, baseline: Recorder, config: PipelineConfig) -> list[str]:
@@ -118,11 +129,13 @@ def call_lines(engine: Recorder, baseline: Recorder, config: PipelineConfig) -> 
     for turn in range(1, config.conversations.turns + 1):
         roles[config.teacher.seed + SEED_STRIDE * 2 * (turn - 1)] = f"turn {turn} teacher"
         roles[config.conversations.visitor.seed + SEED_STRIDE * (2 * (turn - 1) - 1)] = f"turn {turn} visitor"
-    lines = ["", "| call | rows | prompt tokens | engine s | HF generate s |", "|---|---|---|---|---|"]
+    lines = ["", "| call | rows | prompt tokens | engine computed | sampled | engine s | HF generate s |",
+             "|---|---|---|---|---|---|---|"]
     for own, theirs in zip(engine.calls, baseline.calls, strict=True):
-        assert own.params is not None, "a sampling call keeps its parameters"
+        assert own.params is not None and own.replies is not None, "a sampling call keeps its parameters and replies"
         lines.append(f"| {roles.get(own.params.seed, 'call')} | {len(own.sequences)} | "
-                     f"{sum(map(len, own.sequences))} | {own.seconds:.1f} | {theirs.seconds:.1f} |")
+                     f"{sum(map(len, own.sequences))} | {'-' if own.computed is None else own.computed} | "
+                     f"{sum(map(len, own.replies))} | {own.seconds:.1f} | {theirs.seconds:.1f} |")
     return lines
 
 
@@ -182,7 +195,8 @@ def write_results(path: Path, cpu: str, setup: str, limit: Limit, measured: list
                       "Written by `tests/bench_engine.py` (`make bench`); each run replaces it. How the model FLOPs "
                       "are counted: `tests/bench_mfu.py`. Figures from a machine under other load do not compare.",
                       "", f"- {cpu}", f"- {setup}", "", *limit_lines(limit), "", *table(limit, measured), "",
-                      "Conversations (every turn's sampling calls, identical prompts for both):", "", *notes, "",
+                      "Conversations (`teacher.generate`; HF generate replays its sampling calls, identical prompts):",
+                      "", *notes, "",
                       f"`{last}`", ""])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -195,7 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, help="assistant turns of a conversation (default: the demo's)")
     parser.add_argument("--max-tokens", type=int, help="tokens sampled per teacher reply and visitor question "
                                                         "(default: the demo's)")
-    parser.add_argument("--score-rows", type=int, default=40, help="single-turn rows scored besides the conversations")
+    parser.add_argument("--score-rows", type=int, default=40,
+                        help="single-turn rows scored (default 40), besides the conversations")
     parser.add_argument("--steps", type=int, default=8, help="training steps for each side (first one is warm-up)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     parser.add_argument("--limit-seconds", type=float, default=0.5, help="seconds per shape measuring the limit")
@@ -203,9 +218,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--card", type=Path, help="a card file (YAML, V2/V3 JSON, PNG; default: the demo's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="demo overrides")
     args = parser.parse_args(argv)
-    for name in ("prompts", "conversations", "score_rows", "limit_seconds"):
+    for name in ("prompts", "conversations", "limit_seconds"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.score_rows < 0:
+        raise InputError("--score-rows must be 0 or more")
     if args.steps < 2:
         raise InputError("--steps must be at least 2: the first step of each side is warm-up")
     return args
@@ -232,7 +249,9 @@ def run(args: argparse.Namespace) -> str:
         raise InputError(f"--prompts and --conversations: at most the {len(questions)} demo prompts")
     questions = questions[:args.prompts]
     system = card.teacher_system_prompt()
-    engine = LocalEngine.for_sampling(config.model)  # sets torch's threads as every phase does
+    # as the teacher phase's sampler has it (jobs.backends.local_backend): rows' keys and values kept between calls;
+    # each case starts with none kept (`fresh`), so no case reuses another's. Loading sets torch's threads.
+    engine = LocalEngine.for_sampling(config.model, kv_cache=True)
     cpu = describe_cpu()
     print(cpu)
     from transformers import AutoConfig
@@ -247,20 +266,21 @@ def run(args: argparse.Namespace) -> str:
 
     prompts = [engine.renderer.prompt(q, system=system) for q in questions]
     params = SamplingParams.from_config(config.teacher)
-    hf = HFClient(config, engine.renderer)
+    hf = HFClient(config, engine.renderer, engine.pad_id)
     measured = []
     base, _ = teacher_single(hf, prompts, params, "HF generate, float32, card re-prefilled", shapes)
-    own, replies = teacher_single(engine, prompts, params, f"engine, {precision.dtype}, shared prefix", shapes)
+    own, replies = teacher_single(fresh(engine), prompts, params, f"engine, {precision.dtype}, shared prefix", shapes)
     measured += [base, own]
-    turns, talks, notes = conversation_turns(engine, hf, config, questions[:args.conversations], system, card.name,
-                                             shapes, precision.dtype)
+    turns, talks, notes = conversation_turns(fresh(engine), hf, config, questions[:args.conversations], system,
+                                             card.name, shapes, precision.dtype)
     measured += turns
     rows = [{"prompt": q, "reply": engine.renderer.decode(r), "messages": single_turn(q, engine.renderer.decode(r))}
             for q, r in zip(questions, replies, strict=True)]
     held_out = rows[:args.score_rows] + [to_student(row) for row in talks]
     k = config.evaluate.kl_top_k
     measured.append(score(hf, held_out, system, k, "HF forward, float32, padded, whole vocabulary", shapes))
-    measured.append(score(engine, held_out, system, k, f"engine, {precision.dtype}, packed, shared prefix", shapes))
+    measured.append(score(fresh(engine), held_out, system, k, f"engine, {precision.dtype}, packed, shared prefix",
+                          shapes))
     del engine, hf
 
     trl_tokens, trl_s, trl_work = train_trl(config, rows, args.steps, precision.torch_dtype, shapes)

@@ -198,6 +198,11 @@ class ArtifactStore:
         no listing of a unit's outputs sees it."""
         return f"{LEASES}{self.run_id}/{unit}.json"
 
+    def leased_units(self) -> list[str]:
+        """The units of this run whose lease is in the store: being written now, or by a writer that died."""
+        prefix = f"{LEASES}{self.run_id}/"
+        return sorted(key[len(prefix):-len(".json")] for key in self.list_keys(prefix) if key.endswith(".json"))
+
     def run_ids(self) -> list[str]:
         """Every run in the bucket (this one included), as its id."""
         return [common["Prefix"].removeprefix(RUNS).rstrip("/")

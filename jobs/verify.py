@@ -11,20 +11,22 @@ The user's card and prompts cannot be recomputed: ingest records their sha256 (`
 no longer matches under the same run is a one-line error, not a silent new ingest.
 
 `python -m jobs.verify [--run-id R]` (`make verify [RUN=R]`) checks a whole run, or every run in the store, and prints
-what is intact, what is not, and what a `make run` would redo. Exit 0: all intact; 1: something would be redone;
-2: a source changed under a run, or bad arguments.
+what is intact, what is not, what a `make run` would redo, and which units are being written (their leases). Exit 0:
+all intact; 1: something would be redone; 2: a source changed under a run, or bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.card import card_bytes
 from jobs.config import IngestConfig
 from jobs.errors import InputError, TransientError
+from jobs.lease import Lease, describe
 from jobs.phases import PHASE, PHASES
 from jobs.prompts import SYNTHESIZE, prompt_source, source_bytes
 from jobs.store import MANIFEST, ArtifactStore, StoreSettings, sha256_bytes
@@ -179,6 +181,7 @@ class RunCheck:
     bad: dict[str, list[str]] = field(default_factory=dict)  # unit -> what is wrong with it
     redo: list[str] = field(default_factory=list)  # every unit a `make run` would compute again, in DAG order
     errors: list[str] = field(default_factory=list)  # inputs that cannot be recomputed
+    writing: dict[str, str] = field(default_factory=dict)  # unit -> the holder of its lease
 
 
 def run_units(store: ArtifactStore, phase: str, ingest: dict | None) -> list[str]:
@@ -224,6 +227,12 @@ def check_run(store: ArtifactStore, digests: bool = DIGESTS) -> RunCheck:
                                                                                store.settings))
                 result.errors += [f"run {store.run_id}: {line}: cannot be recomputed" for line in changed]
     result.redo = [unit for unit in manifests if unit in redo]
+    for unit in store.leased_units():
+        lease = Lease(store, unit).read()
+        if lease is not None:
+            expires = float(lease.get("expires_at") or 0) - time.time()
+            result.writing[unit] = f"{describe(lease)}, lease " + (f"expires in {expires:.0f}s" if expires > 0
+                                                                  else f"expired {-expires:.0f}s ago")
     return result
 
 
@@ -236,6 +245,7 @@ def render(check: RunCheck) -> list[str]:
         lines += [f"  not intact  {unit}: {problem}" for problem in problems]
     if check.redo:
         lines.append("  would redo  " + " ".join(check.redo))
+    lines += [f"  writing     {unit}: by {holder}" for unit, holder in check.writing.items()]
     return lines
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import REPO, phase_config, store_for
 from structlog.testing import capture_logs
 
 from jobs.errors import InputError
+from jobs.lease import Lease
 from jobs.metrics import NATS
 from jobs.phases.base import run_unit
 from jobs.store import sha256_bytes
@@ -117,6 +119,12 @@ def test_verify_says_what_is_intact_what_is_not_and_what_a_run_would_redo(store_
     every = verify()
     assert every.returncode == 1 and "run verify-4: 4 units intact" in every.stdout
     assert every.stdout.splitlines()[-1].endswith("with units to redo")
+    with Lease(store, "split") as lease:  # a run writing split now
+        writing = verify("--run-id", "verify-4").stdout.splitlines()
+    assert [line for line in writing if line.startswith("  writing ")] == [
+        f"  writing     split: by {socket.gethostname()} pid {os.getpid()} (run verify-4, owner {lease.owner[:8]}), "
+        f"lease expires in {writing[-1].rsplit(' ', 1)[-1]}"]
+    assert re.fullmatch(r".*, lease expires in \d+s", writing[-1])
     missing = verify("--run-id", "no-such-run")
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.startswith("error: no run no-such-run in s3://distill at ")

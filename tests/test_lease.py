@@ -23,6 +23,7 @@ from jobs.lease import Lease, LeaseHeld
 from jobs.phases.base import run_unit
 from jobs.store import ArtifactStore, StoreSettings
 from workflows.local_s3 import LocalS3
+from workflows.runner import Runner, Step
 
 # a TTL short enough for expiry to happen within a test. Only lower bounds are asserted on times: a niced test on a
 # busy 2-core machine stalls for seconds (a holder seen expired after a stall is then taken over, which is right)
@@ -187,3 +188,23 @@ def test_writers_of_different_units_run_side_by_side(store_env):
         for run in runs:
             run.result()
     assert store_for("card-a").manifest("preflight") and store_for("card-b").manifest("preflight")
+
+
+def test_the_runner_shows_what_steps_log_about_reuse_and_leases(tmp_path):
+    """One line each, as `make run` prints them, from the steps' structured lines."""
+    said: list[str] = []
+    doc = {"spec": {"entrypoint": "main", "templates": [{"name": "main", "dag": {"tasks": []}}]}}
+    runner = Runner(doc, {}, executor=None, logs=tmp_path, echo=said.append)
+    step = Step("train", {}, None, {})
+    for event in ({"event": "output mismatch", "file": "runs/r/split/train.jsonl", "expected_sha256": "aa",
+                   "actual_sha256": "bb", "expected_bytes": 10, "actual_bytes": 10},
+                  {"event": "redo: inputs were written again since", "inputs": ["ingest", "split"]},
+                  {"event": "waiting for lease", "holder": "vm pid 7 (run r, owner 1234abcd)", "waited_s": 30},
+                  {"event": "skipped: another run wrote it", "waited_s": 41.5}):
+        runner.on_line(step, json.dumps(event))
+    assert said == [
+        "  train: runs/r/split/train.jsonl does not match its manifest (sha256 bb, 10 bytes; expected aa, 10 bytes): "
+        "redoing it",
+        "  train: redoing it: ingest, split written again since it ran",
+        "  train: waiting for vm pid 7 (run r, owner 1234abcd), which is writing it (waited 30s)",
+        "  train: reused (another run wrote it while this one waited)"]

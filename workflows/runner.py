@@ -301,7 +301,8 @@ class Runner:
         elif str(event.get("event", "")).startswith("skipped"):
             self.say(f"  {step.label}: skipped (outputs match config and inputs)")
         elif event.get("event") in REUSE_EVENTS:
-            self.say(f"  {step.label}: {REUSE_EVENTS[event['event']].format_map(_Fields(event))}")
+            fields = _Fields({k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in event.items()})
+            self.say(f"  {step.label}: {REUSE_EVENTS[event['event']].format_map(fields)}")
 
     def say(self, text: str) -> None:
         with self._print:

@@ -122,11 +122,11 @@ def jsonl(path: Path) -> list[dict]:
 TINKER_TOLERANCE = 0.02
 # figures that are the backend's name or wall-clock time, not results
 NOT_RESULTS = {"backend", "device", "dtype", *LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key,
-               "cached", "cached_figures"}
+               "cached", "cached_figures", "computed_prefill_tokens"}
 # what evaluate's metrics.json holds besides the registered figures: how they were measured, and which of them came
 # from its cache
 EVALUATE_SETTINGS = {"backend", "device", "dtype", "eval_prompts", "judge_replies", "prices_per_mtok", "prefill_tokens",
-                     "sample_tokens", "cached", "cached_figures"}
+                     "sample_tokens", "computed_prefill_tokens", "cached", "cached_figures"}
 
 
 @pytest.mark.timeout(1800)  # two whole ci runs (the local one shared with the tests above) in its set-up
@@ -366,7 +366,7 @@ def test_a_warm_evaluate_cache_gives_the_cold_runs_figures(ci_run, fault_run):
     assert not {"nll_student", "kl_closed", "similarity_student"} & set(warm["cached_figures"])
     stages = list(dict.fromkeys(line["stage"] for line in progress(fault_run, "evaluate")))
     assert [stage.split(":")[0] for stage in stages] == [f"{i}/6" for i in range(1, 7)]
-    assert stages[0].startswith("1/6: read from the cache (base replies, ")
+    assert stages[0] == f"1/6: read from the cache ({len(BASE_PARTS)} parts)"
     report = (fault_run["reports"] / ci_run["run_id"] / "report.md").read_text()
     assert f"| figures from evaluate's cache (an earlier run on this data) | {len(warm['cached_figures'])} of " \
            f"{len(KEYS)}: similarity_base, " in report

@@ -184,7 +184,8 @@ def judge_replies(client: Metered, ctx: Context, advance: Advance) -> dict:
 
 
 def latency_part(client: Metered, ctx: Context, advance: Advance) -> dict:
-    params = dataclasses.replace(ctx.sampling, batch_size=1)
+    # one request at a time, each prefilling its whole prompt (no keys and values kept from an earlier call)
+    params = dataclasses.replace(ctx.sampling, batch_size=1, reuse_kv=False)
     return {"latency": latency(client, ctx.prompts, ctx.config.pipeline.evaluate.latency_requests, params, advance)}
 
 
@@ -308,7 +309,7 @@ class Stages:
 def read_cached(cache: PartCache, keys: dict[str, str], hits: list[Part], stages: Stages, seen: Measured) -> list[Part]:
     """Reads the parts found in the cache into `seen`; returns those it could not read (computed after all)."""
     unread = []
-    with stages.start(f"read from the cache ({', '.join(part.name for part in hits)})", len(hits)) as bar:
+    with stages.start(f"read from the cache ({len(hits)} parts)", len(hits)) as bar:
         for part in hits:
             found = cache.get(keys[part.name], part.topk)
             if found is None:
@@ -316,7 +317,7 @@ def read_cached(cache: PartCache, keys: dict[str, str], hits: list[Part], stages
                 stages.names.append(part.name)
             else:
                 seen.merge(found)
-            bar.advance(1)
+        bar.advance(len(hits))  # a few small objects: one line at the end, not one per part
     return unread
 
 

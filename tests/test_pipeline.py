@@ -7,6 +7,7 @@ S3 requests failing; its outputs must equal the fault-free run's, and no canary 
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -327,7 +329,10 @@ def test_train_logs_every_step_from_the_first_with_its_loss_rate_and_eta(ci_run)
     assert list(dict.fromkeys(line["done"] for line in steps)) == list(range(1, 7))
     assert {line["total"] for line in steps} == {6}
     first = steps[0]
-    assert first["loss"] > 0 and first["tokens_per_s"] > 0 and first["eta_s"] >= 0 and first["elapsed_s"] < 30
+    assert first["loss"] > 0 and first["tokens_per_s"] > 0 and first["eta_s"] >= 0
+    # a step that takes long (a loaded machine) is not silent: a heartbeat line at least every 20 s
+    bar = [datetime.fromisoformat(line["timestamp"]) for line in lines if line["task"] == "train"]
+    assert max(later - earlier for earlier, later in itertools.pairwise(bar)).total_seconds() < 30
     # the logit objective's top-k pass before step 1 has its own line, at its start and its end
     topk = [line for line in lines if line["task"] == "train before step 1: the teacher's top-k"]
     assert [line["done"] for line in topk][:1] + [line["done"] for line in topk][-1:] == [0, topk[0]["total"]]

@@ -114,7 +114,6 @@ class Part:
     steps: Callable[[Context], int]
     settings: Callable[[PipelineConfig, dict], object]
     feeds: tuple[str, ...]
-    student: bool = False
     topk: bool = False  # its result is the teacher's top k (cached as arrays)
 
 
@@ -262,11 +261,11 @@ BASE_PARTS = (
 )
 STUDENT_PARTS = (
     Part("student conversations", conversations("student", card=False), conversation_replies, eval_sampling,
-         by_turn_figures("student"), student=True),
+         by_turn_figures("student")),
     Part("student replies", replies("student", card=False), prompt_count, eval_sampling,
-         reply_figures("student", "student"), student=True),
-    Part("student NLL", student_nll, one, nothing, (NLL.of("student"),), student=True),
-    Part("student KL", model_kl("student"), one, top_k, (KL.of("student"), KL_CLOSED.key), student=True),
+         reply_figures("student", "student")),
+    Part("student NLL", student_nll, one, nothing, (NLL.of("student"),)),
+    Part("student KL", model_kl("student"), one, top_k, (KL.of("student"), KL_CLOSED.key)),
 )
 PARTS = BASE_PARTS + STUDENT_PARTS
 TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conversations.jsonl's order

@@ -252,3 +252,54 @@ def test_tinker_work_stops_when_its_client_goes_away_and_sigterm_exits_promptly(
     print(f"SIGTERM to exit: {exited:.2f}s")
     assert exited < 10
     assert "tinker-server stopped" in Path(server.log_path).read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A local HF causal LM of another architecture than SmolLM2's (Qwen2, 2 layers, random weights, SmolLM2's
+    tokenizer): what `--model` / `make tinker-server MODEL=...` serves."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from jobs.backends.model_files import model_dir
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(BASE))
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_tinker_serves_a_local_hf_model_given_with_model(tiny_qwen2, tmp_path, monkeypatch):
+    """`--model NAME=DIR`: the folder is trained and sampled as base model NAME (Tinker's cross_entropy is the sum of
+    -log p, here recomputed with transformers from the folder itself); a name it does not serve gets a 400 at once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))  # where the server links NAME to DIR
+    name = "local/tiny-qwen2"
+    tokens = [1, 9690, 28, 198, 2683, 30, 3249, 2]
+    with TinkerServer(tmp_path / "server", dtype="float32", models={name: tiny_qwen2}) as server, \
+            tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as svc:
+        capabilities = tinker.RestClient(base_url=server.base_url, api_key=server.api_key).get_server_capabilities()
+        assert name in [m.model_name for m in capabilities.result().supported_models]
+        tc = svc.create_lora_training_client(base_model=name, rank=4).result()
+        assert tc.get_tokenizer().encode("Bonn", add_special_tokens=False)
+        datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1]),
+                             loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+        loss = tc.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+        sc = svc.create_sampling_client(base_model=name).result()
+        sequence = sc.sample(prompt=tinker.ModelInput.from_ints(tokens[:4]), num_samples=1,
+                             sampling_params=tinker.SamplingParams(max_tokens=5, seed=1)).result().sequences[0]
+        assert len(sequence.tokens) == len(sequence.logprobs or []) > 0
+        with pytest.raises(tinker.BadRequestError, match="not served here"):
+            svc.create_lora_training_client(base_model="Qwen/Qwen3-0.6B", rank=4).result()
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([tokens])).logits[0, :-1].log_softmax(-1)
+    assert loss == pytest.approx(-float(logprobs.gather(1, torch.tensor(tokens[1:])[:, None]).sum()), rel=1e-4)

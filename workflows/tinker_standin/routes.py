@@ -159,7 +159,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def create_session(self, **_) -> Answer:
         session_id = uuid.uuid4().hex[:16]
-        self.server.backend.touch_session(session_id)
         return 200, {"session_id": session_id, "type": "create_session"}, JSON
 
     def heartbeat(self, body: dict, **_) -> Answer:

@@ -2,8 +2,9 @@
 jobs in seq_id order, sampling in batches, oldest first).
 
 A sampling request is abandoned when its client went away: the last connection polling its future closed and
-nobody polled again within GONE_S, or its session stopped heartbeating (the SDK beats every 10 s) for
-SESSION_LAPSE_S. Abandoned requests still queued are dropped; a batch whose requests are all abandoned stops at
+nobody polled again within GONE_S, or its session, which was heartbeating (the SDK beats every 10 s), has not for
+SESSION_LAPSE_S (a client killed between two polls). A live SDK never closes a poll early (its timeout is 45 s,
+the long-poll 20 s), so neither happens to a client that is still there. Abandoned requests still queued are dropped; a batch whose requests are all abandoned stops at
 its next forward pass (`Engines`' hook). Training jobs are never dropped (a model's later requests depend on
 them); SIGTERM stops those too, between two forward passes.
 """
@@ -26,7 +27,7 @@ from workflows.tinker_standin.engines import Engines
 from workflows.tinker_standin.records import Future, Job, SampleJob, Stats, TrainModel, session_of
 
 GONE_S = 2.0
-SESSION_LAPSE_S = 45.0
+SESSION_LAPSE_S = 120.0
 SWEEP_S = 60.0  # expired checkpoints are deleted at least this often
 FAULTY = {"forward_backward", "optim_step", "save_weights", "save_weights_for_sampler", "save_weights_external",
           "load_weights", "asample", "retrieve_future"}
@@ -49,7 +50,7 @@ class Backend:
         self.by_seq: dict[tuple[str, int], str] = {}  # (model or sampling session, seq_id) -> request id
         self.models: dict[str, TrainModel] = {}
         self.samplers: dict[str, dict] = {}  # sampling session id -> {base_model, model_path, adapter}
-        self.sessions: dict[str, float] = {}  # session id -> its last heartbeat (time.monotonic)
+        self.sessions: dict[str, float] = {}  # session id -> its last heartbeat (time.monotonic), once it beats
         self.ready: collections.deque[Job] = collections.deque()  # training jobs whose turn has come
         self.samples: list[SampleJob] = []
         self.current: list[Future] = []  # the sampling requests the engine works for now

@@ -4,9 +4,9 @@ jobs in seq_id order, sampling in batches, oldest first).
 A sampling request is abandoned when its client went away: the last connection polling its future closed and
 nobody polled again within GONE_S, or its session, which was heartbeating (the SDK beats every 10 s), has not for
 SESSION_LAPSE_S (a client killed between two polls). A live SDK never closes a poll early (its timeout is 45 s,
-the long-poll 20 s), so neither happens to a client that is still there. Abandoned requests still queued are dropped; a batch whose requests are all abandoned stops at
-its next forward pass (`Engines`' hook). Training jobs are never dropped (a model's later requests depend on
-them); SIGTERM stops those too, between two forward passes.
+the long-poll 20 s), so neither happens to a client that is still there. Abandoned requests still queued are
+dropped; a batch whose requests are all abandoned stops at its next forward pass (`Engines`' hook). Training jobs
+are never dropped (a model's later requests depend on them); SIGTERM stops those too, between two forward passes.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,29 @@ def reusable(store: ArtifactStore, unit: str, found: dict | None, fingerprint: s
     for mismatch in mismatches:
         log.warning("output mismatch", **mismatch.fields(), action="redo")
     return None if mismatches else found
+
+
+# what a step logs about reuse and leases, as the local runner shows it: one line each
+STEP_LINES = {
+    "output mismatch": "{file} does not match its manifest (sha256 {actual_sha256}, {actual_bytes} bytes; expected "
+                       "{expected_sha256}, {expected_bytes} bytes): redoing it",
+    "redo: inputs were written again since": "redoing it: {inputs} written again since it ran",
+    "cache entry mismatch": "cache entry {key} does not match its record (sha256 {actual_sha256}; expected "
+                            "{expected_sha256}): computing it again",
+    "skipped: another run wrote it": "reused (another run wrote it while this one waited)",
+    "waiting for lease": "waiting for {holder}, which is writing it (waited {waited_s}s)",
+    "lease taken over": "took the unit over from {holder}: {reason}",
+    "lease lost": "lost its lease to {holder}",
+}
+
+
+def step_line(event: dict) -> str | None:
+    """The line for one of a step's structured log events in STEP_LINES (a field it lacks reads '?'), else None."""
+    template = STEP_LINES.get(str(event.get("event")))
+    if template is None:
+        return None
+    fields = {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in event.items()}
+    return template.format_map(defaultdict(lambda: "?", fields))
 
 
 # -- the user's inputs

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from jobs.errors import InputError, TransientError
+from jobs.verify import step_line
 from workflows.signals import Stopped, stop_on_signals
 
 RENDERED = Path(__file__).with_name("pipeline.yaml")
@@ -46,26 +47,6 @@ SUPPORTED_CONTAINER = {"image", "command", "args", "env", "resources", "security
 SUPPORTED_TASK = {"name", "template", "depends", "dependencies", "withParam", "withItems", "arguments"}
 RETRY_EXPRESSION = re.compile(r"^asInt\(lastRetry\.exitCode\) != (\d+)$")
 PLACEHOLDER = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
-
-
-# what the steps log about verify on reuse and leases (jobs.verify, jobs.lease), as the runner shows it
-REUSE_EVENTS = {
-    "output mismatch": "{file} does not match its manifest (sha256 {actual_sha256}, {actual_bytes} bytes; expected "
-                       "{expected_sha256}, {expected_bytes} bytes): redoing it",
-    "redo: inputs were written again since": "redoing it: {inputs} written again since it ran",
-    "cache entry mismatch": "cache entry {key} does not match its record (sha256 {actual_sha256}; expected "
-                            "{expected_sha256}): computing it again",
-    "waiting for lease": "waiting for {holder}, which is writing it (waited {waited_s}s)",
-    "lease taken over": "took the unit over from {holder}: {reason}",
-    "lease lost": "lost its lease to {holder}",
-}
-
-
-class _Fields(dict):
-    """An event's fields for str.format_map: a field the event lacks reads as '?'."""
-
-    def __missing__(self, key: str) -> str:
-        return "?"
 
 
 class UnsupportedFeature(Exception):
@@ -296,13 +277,10 @@ class Runner:
             extra = " ".join(f"{k}={v}" for k, v in event.items()
                              if k not in ("event", "level", "timestamp", "task", "done", "total", "elapsed_s"))
             self.say(f"  {step.label}: {event['done']}/{event['total']} {extra}".rstrip())
-        elif event.get("event") == "skipped: another run wrote it":
-            self.say(f"  {step.label}: reused (another run wrote it while this one waited)")
+        elif (shown := step_line(event)) is not None:  # verify on reuse, leases
+            self.say(f"  {step.label}: {shown}")
         elif str(event.get("event", "")).startswith("skipped"):
             self.say(f"  {step.label}: skipped (outputs match config and inputs)")
-        elif event.get("event") in REUSE_EVENTS:
-            fields = _Fields({k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in event.items()})
-            self.say(f"  {step.label}: {REUSE_EVENTS[event['event']].format_map(fields)}")
 
     def say(self, text: str) -> None:
         with self._print:

@@ -369,7 +369,8 @@ def test_a_warm_evaluate_cache_gives_the_cold_runs_figures(ci_run, fault_run):
     assert 0 < warm["prefill_tokens"] < cold["prefill_tokens"]  # only the student's requests this time
     assert {"nll_base", "kl_base", "judge_accuracy", "latency_ratio"} <= set(warm["cached_figures"])
     assert not {"nll_student", "kl_closed", "similarity_student"} & set(warm["cached_figures"])
-    stages = list(dict.fromkeys(line["stage"] for line in progress(fault_run, "evaluate")))
+    stages = list(dict.fromkeys(line["stage"] for line in progress({**fault_run, "run_id": ci_run["run_id"]},
+                                                                   "evaluate")))
     assert [stage.split(":")[0] for stage in stages] == [f"{i}/6" for i in range(1, 7)]
     assert stages[0] == f"1/6: read from the cache ({len(BASE_PARTS)} parts)"
     report = (fault_run["reports"] / ci_run["run_id"] / "report.md").read_text()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 tinker = pytest.importorskip("tinker")
+pytestmark = pytest.mark.tinker
 
 from jobs.backends.base import Datum  # noqa: E402
 from jobs.backends.local import LocalEngine  # noqa: E402

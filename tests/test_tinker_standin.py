@@ -88,6 +88,31 @@ def test_tinker_sampled_logprobs_are_compute_logprobs_of_the_same_tokens(service
 
 
 @pytest.mark.slow
+def test_tinker_stop_strings_and_ids_end_the_sample_at_the_token_that_completes_them(service, renderer):
+    """What the cookbook's role_colon renderer asks (stop=["\n\nUser:"]): the sequence ends with the first token
+    whose text completes a stop string (or is a stop id), and is the unstopped sample's prefix (same seed)."""
+    sc = service.create_sampling_client(base_model=BASE).result()
+    prompt = tinker.ModelInput.from_ints(renderer.prompt("Name three rivers of Europe, one per line."))
+
+    def sample(stop):
+        return sc.sample(prompt=prompt, num_samples=1, sampling_params=tinker.SamplingParams(
+            max_tokens=24, temperature=1.0, seed=5, stop=stop)).result().sequences[0]
+
+    free = sample(None)
+    tokens = [t for t in free.tokens if t != renderer.end_of_turn]
+    decode = renderer.tokenizer.decode
+    stop = decode(tokens[:len(tokens) // 2 + 1])[-2:]  # two characters the sample spells by its middle
+    first = next(i for i in range(len(tokens)) if stop in decode(tokens[:i + 1]))
+    cut = sample([stop])
+    assert cut.stop_reason == "stop" and list(cut.tokens) == tokens[:first + 1]
+    assert cut.logprobs == pytest.approx(free.logprobs[:first + 1], abs=1e-5)
+    by_id = sample([tokens[first]])
+    assert list(by_id.tokens) == tokens[:tokens.index(tokens[first]) + 1]
+    with pytest.raises(tinker.TinkerError, match="stop="):
+        sample([""])
+
+
+@pytest.mark.slow
 def test_tinker_rest_routes_list_get_ttl_and_delete_checkpoints(service, rest, tinker_server):
     tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=0,
                                              user_metadata={"renderer_name": "qwen3_instruct"}).result()

@@ -27,7 +27,8 @@ semantics it chose, since the hosted service's are not observable offline:
     rows with any non-zero w); all datums of a request 1-D or all 2-D;
   - `importance_sampling` with `target_tokens` (model_input shifted by one), `logprobs` (the sampler's) and
     `advantages`, all (N,), and nothing else: -sum(exp(logp - logprobs) * advantages)
-    (`Datum(sampled_logprobs=..., advantages=...)`).
+    (`Datum(sampled_logprobs=..., advantages=...)`); positions with advantage 0 add nothing and are skipped (their
+    log-probabilities come from a pass without gradient).
   A loss_fn_inputs tensor may be dense or sparse CSR (cells it leaves out are 0, the pad the SDK uses when it
   sends a 2-D tensor sparse). Other losses (ppo, cispo, dro, custom, ...) are refused. Gradients accumulate over
   forward_backward requests (the SDK splits big batches into chunks) until `optim_step`, which is torch's
@@ -52,12 +53,14 @@ semantics it chose, since the hosted service's are not observable offline:
   `--max-batch` rows, after waiting `--batch-window` seconds for company), groups them by model and identical
   sampling parameters, and calls the engine once per group. Each sample draws from its own generator seeded
   by the request's seed (sample j of a request: seed + j * 2**32; no seed: a random one), so a reply depends
-  only on prompt, parameters and seed, never on the batch it shared. Stop: the end-of-turn token only (None,
-  or a stop list of the eos id or its text); the returned tokens end with it when `stop_reason == "stop"`.
+  only on prompt, parameters and seed, never on the batch it shared. Stop: the end-of-turn token always (the
+  returned tokens then end with it); `stop` token ids and strings (the cookbook's role_colon renderer stops at
+  "\n\nUser:") too, found in what the engine sampled up to its end-of-turn token or max_tokens (the tokens end with
+  the one that completes the stop; the engine's work after it is wasted).
   Each sequence carries its tokens' log-probabilities, equal to `compute_logprobs` of prompt + sequence (under the
   model's own distribution: temperature 1, no top-p). `top_k`, `topk_sample_logprobs` and `prompt_alt_tokens_k`
-  are not supported (400). `compute_logprobs` (prompt_logprobs) returns [None, logp(t1|t0), ...] from
-  `LocalEngine.compute_logprobs`, one prompt a pass;
+  are not supported (the request fails with a user error). `compute_logprobs` (prompt_logprobs) returns
+  [None, logp(t1|t0), ...] from `LocalEngine.compute_logprobs`, one prompt a pass;
 - scoring prompts (with the sample; max_tokens=1 makes a request a prefill), from a
   `LocalEngine.position_logprobs` pass over each prompt alone (packed with others, a prompt's log-probabilities
   would depend in the last bits on what arrived beside it), the pass `topk_logprobs` and `target_logprobs` make:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,8 +60,6 @@ class Engines:
             link_local_model(name, folder)
         self.samplers: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._checked: set[str] = set()
-        self._eos: dict[str, tuple[int, str]] = {}
-        self._eos_lock = threading.Lock()  # concurrent first requests would import transformers at once: it fails
 
     def names(self) -> list[str]:
         return sorted({*model_files.PACKAGED_GGUF, *self.local_models})
@@ -85,16 +82,6 @@ class Engines:
         if base not in self._checked:
             self.folder(base)
             self._checked.add(base)
-
-    def eos(self, base: str) -> tuple[int, str]:
-        """The end-of-turn token's id and text (the only stop the engine knows)."""
-        with self._eos_lock:
-            if base not in self._eos:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(self.folder(base))
-                self._eos[base] = (tokenizer.eos_token_id, tokenizer.eos_token)
-            return self._eos[base]
 
     def _config(self, base: str) -> ModelConfig:
         self.check(base)

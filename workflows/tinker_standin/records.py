@@ -77,6 +77,8 @@ class SampleJob:
     topk: int = 0  # topk_prompt_logprobs
     last_n: int | None = None  # prompt_logprobs_last_n: score only the prompt's last n tokens
     targets: Targets | None = None  # target_prompt_logprobs
+    stop_ids: frozenset[int] = frozenset()  # stops besides the end-of-turn token
+    stop_strings: tuple[str, ...] = ()
 
     @property
     def scores(self) -> bool:

@@ -27,14 +27,27 @@ def chunk_tokens(chunk: dict) -> list[int]:
     return [int(t) for t in chunk["tokens"]]
 
 
-def check_stop(backend: Backend, stop, base_model: str) -> None:
-    """Only the end-of-turn token stops the engine: None, or a stop list of just its id or text."""
+def parse_stop(stop) -> tuple[frozenset[int], tuple[str, ...]]:
+    """SamplingParams.stop (None, a string, or a list of strings or of token ids) as (token ids, strings)."""
     if stop is None:
-        return
-    eos = backend.engines.eos(base_model)
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not stops or any(s not in eos for s in stops):
-        raise UserError(f"stop={stop!r}: this server stops only at the end-of-turn token {eos[0]} ({eos[1]!r})")
+        return frozenset(), ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all((isinstance(s, int) and not isinstance(s, bool) and s >= 0)
+                                              or (isinstance(s, str) and s) for s in stops):
+        raise UserError(f"stop={stop!r}: a string, or a list of non-empty strings or of token ids")
+    return frozenset(s for s in stops if isinstance(s, int)), tuple(s for s in stops if isinstance(s, str))
+
+
+def cut_at_stop(tokens: list[int], ids: frozenset[int], strings: tuple[str, ...], decode) -> list[int] | None:
+    """`tokens` up to and including the first that is a stop id or completes a stop string (its decoded text then
+    contains it), or None if none does. The engine stops only at the end-of-turn token, so other stops are found
+    in what it sampled: sampling is causal and each row has its own generator, so the tokens before the stop are
+    the ones an engine that stopped there would have returned."""
+    window = 4 * max(map(len, strings), default=0) + 8  # tokens enough to spell any stop string, bytes split
+    for i, token in enumerate(tokens):
+        if token in ids or (strings and any(s in decode(tokens[max(0, i + 1 - window):i + 1]) for s in strings)):
+            return tokens[:i + 1]
+    return None
 
 
 def parse_sample(backend: Backend, body: dict, entry: dict, future: Future, arrived: float) -> SampleJob:
@@ -47,7 +60,7 @@ def parse_sample(backend: Backend, body: dict, entry: dict, future: Future, arri
                         "(prompt_alt_tokens_k) are not supported here")
     if int(params.get("top_k", -1)) not in (-1, 0):
         raise UserError("top_k is not supported here")
-    check_stop(backend, params.get("stop"), entry["base_model"])
+    stop_ids, stop_strings = parse_stop(params.get("stop"))
     if not prompt or num < 1:
         raise UserError("an empty prompt or num_samples < 1")
     topk = int(body.get("topk_prompt_logprobs") or 0)
@@ -70,7 +83,8 @@ def parse_sample(backend: Backend, body: dict, entry: dict, future: Future, arri
     seeds = [(int(seed) + j * 2**32) % 2**63 for j in range(num)]
     return SampleJob(future, (entry["base_model"], entry.get("adapter")), prompt, int(params.get("max_tokens") or 16),
                      float(params.get("temperature", 1.0)), float(params.get("top_p", 1.0)), seeds,
-                     bool(body.get("prompt_logprobs")), arrived, topk=topk, last_n=last_n, targets=targets)
+                     bool(body.get("prompt_logprobs")), arrived, topk=topk, last_n=last_n, targets=targets,
+                     stop_ids=stop_ids, stop_strings=stop_strings)
 
 
 def sample_batch(backend: Backend, batch: list[SampleJob]) -> None:
@@ -127,6 +141,9 @@ def _sample_group(backend: Backend, key: tuple, jobs: list[SampleJob], params: S
         sequences, prompt_logprobs = [], None
         for j, reply in enumerate(mine):
             tokens, reason = (reply + [end], "stop") if len(reply) < params.max_tokens else (reply, "length")
+            if job.stop_ids or job.stop_strings:
+                cut = cut_at_stop(reply, job.stop_ids, job.stop_strings, engine.tokenizer.decode)
+                tokens, reason = (cut, "stop") if cut is not None else (tokens, reason)
             # one sequence per pass: packed with others, its log-probabilities would change in the last bits with
             # whatever arrived beside it, and an answer must depend only on its request (not on timing or a retry).
             # The first sample's pass scores the prompt too (a causal model: its positions never see the sample)

@@ -90,7 +90,20 @@ def forward_backward(backend: Backend, model: TrainModel, body: dict) -> bytes:
         engine.model.train()
         result = engine.forward_backward(datums, reduction="sum", logprobs=True, loss_fn=loss_fn)
         logprobs, loss = result["candidate_logprobs" if soft else "logprobs"], result["loss"]
+        if loss_fn == "importance_sampling":
+            logprobs = _every_position(engine, datums, logprobs)
     return forward_backward_output(logprobs, {"loss:sum": loss})
+
+
+def _every_position(engine, datums: list[Datum], logprobs: list[list[float]]) -> list[list[float]]:
+    """importance_sampling's outputs at the positions its loss skipped too (advantage 0: the prompt, and actions
+    the advantages leave alone), as the service returns them and the cookbook's KL metrics read them: from a pass
+    without gradient, so the loss and its gradients stay the local engine's, bit for bit."""
+    if all(w for d in datums for w in d.weights[1:]):
+        return logprobs
+    every = engine.compute_logprobs([d.tokens for d in datums])
+    return [[lp if w else full for lp, full, w in zip(row, all_row, d.weights[1:], strict=True)]
+            for row, all_row, d in zip(logprobs, every, datums, strict=True)]
 
 
 def _forward(engine, loss_fn: str, datums: list[Datum], soft: bool) -> tuple[list, float]:

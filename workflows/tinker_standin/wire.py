@@ -51,8 +51,7 @@ def _forward_backward_body(msg) -> dict:
     - cross_entropy, 2-D: tokens, weights (1 where a row has any non-zero weight), candidates (the row's K
       target ids) and probs (the row's K weights), so the engine's soft-target loss -sum_j w_j log p(t_j) is
       Tinker's -sum_{i,j} w_ij log p(t_ij);
-    - importance_sampling: tokens, weights (1 everywhere: a position with advantage 0 adds nothing to the loss,
-      but its log-probability is still computed and returned, as the cookbook's KL metrics read them),
+    - importance_sampling: tokens, weights (1 where the advantage is non-zero: the others add nothing),
       sampled_logprobs, advantages."""
     loss_fn = msg.loss_fn
     if loss_fn not in LOSS_INPUTS:
@@ -116,7 +115,7 @@ def _importance_sampling_datum(i: int, tokens: list[int], inputs: dict) -> dict:
     if not tokens or any(a.ndim != 1 or len(a) != len(tokens) for a in (targets, sampled, advantages)):
         raise UserError(f"datum {i}: model_input, target_tokens, logprobs and advantages must have the same length")
     _check_shifted(i, tokens, targets.tolist())
-    return {"tokens": tokens + [int(targets[-1])], "weights": [0.0] + [1.0] * len(tokens),
+    return {"tokens": tokens + [int(targets[-1])], "weights": [0.0] + (advantages != 0).astype(float).tolist(),
             "sampled_logprobs": [0.0] + sampled.tolist(), "advantages": [0.0] + advantages.tolist(), "width": None}
 
 

@@ -16,7 +16,6 @@ The adapter is fp32 (rank and alpha from the train config, all linear layers, no
 from __future__ import annotations
 
 import os
-import platform
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.backends.sampling import MIN_SHARED_PREFIX, choose_tokens, shared_prefix_length
 from jobs.config import ModelConfig, TrainConfig
+from jobs.cpu import cpu_flags, cpu_name
 from jobs.errors import InputError
 from jobs.log import get_logger
 
@@ -48,26 +48,13 @@ def _set_threads() -> None:
     torch.set_num_threads(threads)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags known, so no native bf16 is assumed
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def describe_cpu() -> str:
     """The CPU in one line, for every timing printed beside it (bf16 speed differs 20x between CPUs)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                platform.processor() or "unknown CPU")
-    flags = _cpu_flags()
+    name = cpu_name()
+    flags = cpu_flags()
     present = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
     return (f"cpu: {name}; {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, "
             f"capability {torch.backends.cpu.get_cpu_capability()}; flags: {present}")
@@ -106,7 +93,7 @@ def resolve_precision(model: ModelConfig) -> Precision:
             native = torch.cuda.is_bf16_supported()
         else:  # torch's own kernel level too: ATEN_CPU_CAPABILITY=avx2 makes a bf16 CPU an AVX2 one for torch
             native = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-                      and any(flag in _cpu_flags() for flag in _NATIVE_BF16_CPU_FLAGS))
+                      and any(flag in cpu_flags() for flag in _NATIVE_BF16_CPU_FLAGS))
         dtype = "bfloat16" if native else "float32"
     return Precision(device, dtype)
 

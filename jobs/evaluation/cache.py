@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import platform
 import zipfile
-from pathlib import Path
 
 from jobs.backends.base import TopK
 from jobs.config import digest
+from jobs.cpu import cpu_name
 from jobs.log import get_logger
 from jobs.store import ArtifactStore
 
@@ -37,13 +36,7 @@ def machine(device: str) -> str:
         return f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none seen'}"
     if device != "cpu":
         return device
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                platform.processor() or "unknown CPU")
-    return f"cpu: {name}; {os.cpu_count()} cores, threads {os.environ.get('DISTILL_THREADS') or 'all'}"
+    return f"cpu: {cpu_name()}; {os.cpu_count()} cores, threads {os.environ.get('DISTILL_THREADS') or 'all'}"
 
 
 def encode_topk(found: list[TopK]) -> bytes:

@@ -83,6 +83,12 @@ def test_an_entry_is_read_from_the_store_and_a_damaged_one_is_computed_again(sto
     assert key.startswith("cache/evaluate/") and key.endswith("/teacher-top-k")
     cache.store.put_bytes(key, b"PK\x03\x04 not a whole archive")
     assert cache.get(key, topk=True) is None
+    # an edit that still decodes is found by the digest recorded at the write, not trusted
+    latency = cache.key("latency", {"requests": 1})
+    cache.put(latency, {"latency": {"latency_ratio": 2.0}})
+    cache.store.put_bytes(latency, encode({"latency": {"latency_ratio": 0.5}}))
+    assert decode(cache.store.get_bytes(latency), topk=False) == {"latency": {"latency_ratio": 0.5}}
+    assert cache.get(latency, topk=False) is None
 
 
 def test_the_figures_from_the_cache_are_those_only_cached_parts_feed():

@@ -101,14 +101,16 @@ class PartCache:
         return self.store.exists(key)
 
     def get(self, key: str, topk: bool) -> dict | None:
-        """The part's results, or None where the entry is gone or unreadable (it is then computed again)."""
-        try:
-            return decode(self.store.get_bytes(key), topk)
-        except FileNotFoundError:
+        """The part's results, or None where the entry is gone, does not match the sha256 recorded when it was
+        written (`ArtifactStore.read_cached`, which logs it) or is unreadable: it is then computed again."""
+        data = self.store.read_cached(key)
+        if data is None:
             return None
+        try:
+            return decode(data, topk)
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # damaged: JSON, npz, zip
             get_logger().warning("unreadable evaluate cache entry: computing it again", key=key, error=str(exc))
             return None
 
     def put(self, key: str, found: dict) -> None:
-        self.store.put_bytes(key, encode(found))
+        self.store.write_cached(key, encode(found))

@@ -29,6 +29,7 @@ from jobs.metrics import (
     markdown_table,
     record,
 )
+from jobs.page import to_html, to_markdown
 from jobs.phases import export, report
 
 # the keys of evaluate's metrics.json that the rest of the pipeline, the DAG and the report's comparison of runs
@@ -133,8 +134,8 @@ def test_report_and_model_card_show_the_same_evaluate_rows():
     train = {"first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3, "val_loss_last": None,
              "steps": 12}
     rows = report.figures(train, ev, {"kept": 90, "rows_in": 96, "trimmed": 3})
-    markdown = report.render_markdown("title", rows, [], [], "notes", [], [], [])
-    page = report.render_html("title", rows, [], [], "notes", [], [], [])
+    built = report.report_page("title", "notes", rows, [], [], [], [], [])
+    markdown, page = to_markdown(built), to_html(built)
     card = export.model_card(phase_config("metrics-test"), "Ada Lovelace", train, ev)
     evaluate_lines = markdown_table(figure_rows(ev)).splitlines()[2:]
     assert len(evaluate_lines) == len(METRICS)

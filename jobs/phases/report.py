@@ -1,8 +1,8 @@
-"""Report: RESULTS in Markdown and HTML with PNG plots, from every phase's figures."""
+"""Report: one page of every phase's figures (`report_page`), rendered to Markdown and HTML (`jobs.page`), with
+PNG plots beside it."""
 
 from __future__ import annotations
 
-import html
 import io
 import statistics
 from dataclasses import dataclass
@@ -23,8 +23,8 @@ from jobs.metrics import (
     TOKENS,
     Row,
     figure_rows,
-    markdown_table,
 )
+from jobs.page import Example, Figure, Page, Paragraph, Section, Table, to_html, to_markdown
 from jobs.phases import PHASE
 from jobs.phases.base import PhaseConfig, run_unit, units
 from jobs.store import ArtifactStore, UnitWriter
@@ -125,16 +125,13 @@ def same_data(config: PhaseConfig) -> list[Compared]:
 COMPARED = (KL_CLOSED, KL, IN_CHARACTER, IN_CHARACTER_LEXICAL, SIMILARITY, PERSONA_SIMILARITY)
 
 
-def comparison_table(runs: list[Compared]) -> str:
+def comparison_table(runs: list[Compared]) -> Table:
     """One row per run: its objective's distillation figures and its training time."""
     header = ["run", *(f"{m.label}: {' / '.join(v.replace('_', ' ') for v in m.variants)}" if m.variants
                        else m.label for m in COMPARED), "train time"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        # .get: runs evaluated before a figure existed show it as missing
-        cells = [" / ".join(m.unit.format(run.figures.get(key)) for key in m.keys) for m in COMPARED]
-        lines.append("| " + " | ".join([run.name, *cells, f"{run.train_s:.0f} s"]) + " |")
-    return "\n".join(lines)
+    # .get: runs evaluated before a figure existed show it as missing
+    return Table.of(header, [[run.name, *(" / ".join(m.unit.format(run.figures.get(key)) for key in m.keys)
+                                          for m in COMPARED), f"{run.train_s:.0f} s"] for run in runs])
 
 
 def comparison_plot(runs: list[Compared]) -> bytes:
@@ -165,15 +162,12 @@ def comparison_plot(runs: list[Compared]) -> bytes:
 TURN_FIGURES = (IN_CHARACTER, PERSONA_SIMILARITY, OUT_OF_CHARACTER, SIMILARITY)  # turns.jsonl's columns, by label
 
 
-def turns_table(turns: list[dict]) -> str:
+def turns_table(turns: list[dict]) -> Table:
     """Evaluate's per-turn figures of the held-out conversations: a row per turn and role."""
     header = ["turn", "role", "replies", *(m.label for m in TURN_FIGURES)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in sorted(turns, key=lambda r: (r["turn"], r["role"])):
-        cells = [m.unit.format(row[m.label]) for m in TURN_FIGURES]
-        lines.append("| " + " | ".join([str(row["turn"]), row["role"].replace("_", " "), str(row["replies"]),
-                                        *cells]) + " |")
-    return "\n".join(lines)
+    return Table.of(header, [[str(row["turn"]), row["role"].replace("_", " "), str(row["replies"]),
+                              *(m.unit.format(row[m.label]) for m in TURN_FIGURES)]
+                             for row in sorted(turns, key=lambda r: (r["turn"], r["role"]))])
 
 
 def turns_plot(turns: list[dict]) -> bytes:
@@ -194,11 +188,11 @@ def turns_plot(turns: list[dict]) -> bytes:
     return data
 
 
-def comparison_examples(runs: list[Compared], count: int = 3) -> list[dict]:
+def comparison_examples(runs: list[Compared], count: int = 3) -> list[Example]:
     """The first held-out prompts with the teacher's, the base's and every run's student reply."""
-    first = runs[0].replies[:count]
-    return [{"prompt": row["prompt"], "teacher": row["teacher"], "base": row["base"],
-             **{run.name: run.replies[i]["student"] for run in runs}} for i, row in enumerate(first)]
+    return [Example(row["prompt"], (("teacher", row["teacher"]), ("base", row["base"]),
+                                    *((run.name, run.replies[i]["student"]) for run in runs)))
+            for i, row in enumerate(runs[0].replies[:count])]
 
 
 def train_loss(train: dict) -> Row:
@@ -264,67 +258,26 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def render_markdown(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                    notes: str, ingest: list[tuple[str, str]], compared: list[Compared], turns: list[dict]) -> str:
-    lines = [f"# {title}", "", notes, "", markdown_table(rows)]
+def report_page(title: str, notes: str, rows: list[Row], turns: list[dict], compared: list[Compared],
+                ingest: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict]) -> Page:
+    """The report's content, once: what `report.md` and `report.html` both render."""
+    sections = [Section("", (Paragraph(notes), Table.of(HEADER, rows)))]
     if turns:
-        lines += ["", "## Conversations, turn by turn", "", turns_table(turns), "", "![turns](turns.png)"]
+        sections.append(Section("Conversations, turn by turn", (turns_table(turns),
+                                                                 Figure("turns.png", "figures by turn"))))
     if len(compared) > 1:
-        lines += ["", "## Objectives compared on the same data", "", comparison_table(compared), "",
-                  "![objectives](objectives.png)", ""]
-        for example in comparison_examples(compared):
-            lines += [f"**Prompt:** {example.pop('prompt')}", ""] + [f"- *{k}:* {v}" for k, v in example.items()]
-            lines += [""]
-    lines += ["", "## Card and prompts", "", "| what | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in ingest]
-    lines += ["", "![loss](loss.png)", "", "![similarity](similarity.png)", "", "![distillation](distillation.png)", "",
-              "## Phase wall times", "", "| unit | seconds |", "|---|---|"]
-    lines += [f"| {unit} | {sec:.1f} |" for unit, sec in times]
-    lines += ["", "## Samples (held-out prompts)", ""]
-    for s in samples:
-        lines += [f"**Prompt:** {s['prompt']}", "", f"- *teacher:* {s['teacher']}", f"- *student:* {s['student']}",
-                  f"- *base:* {s['base']}", ""]
-    return "\n".join(lines) + "\n"
-
-
-def _html_table(markdown: str) -> str:
-    """A Markdown table (header, rule, rows) as an HTML table."""
-    lines = markdown.splitlines()
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
-    return "<table>" + "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in rows) \
-        + "</table>"
-
-
-def render_html(title: str, rows: list[Row], times: list[tuple[str, float]], samples: list[dict],
-                notes: str, ingest: list[tuple[str, str]], compared: list[Compared], turns: list[dict]) -> str:
-    e = html.escape
-    sections = ""
-    if turns:
-        sections += (f"<h2>Conversations, turn by turn</h2>{_html_table(turns_table(turns))}"
-                       "<img src='turns.png' alt='figures by turn'>")
-    if len(compared) > 1:
-        sections += (f"<h2>Objectives compared on the same data</h2>{_html_table(comparison_table(compared))}"
-                       "<img src='objectives.png' alt='objectives compared'>"
-                      + "".join(f"<div class='s'><p><b>Prompt:</b> {e(x.pop('prompt'))}</p><ul>"
-                                + "".join(f"<li><i>{e(k)}:</i> {e(v)}</li>" for k, v in x.items()) + "</ul></div>"
-                                for x in comparison_examples(compared)))
-    table = "".join(f"<tr>{''.join(f'<{tag}>{e(cell)}</{tag}>' for cell in row)}</tr>"
-                    for tag, row in [("th", HEADER), *(("td", row) for row in rows)])
-    card = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in ingest)
-    timing = "".join(f"<tr><td>{e(u)}</td><td>{s:.1f}</td></tr>" for u, s in times)
-    sample_html = "".join(
-        f"<div class='s'><p><b>Prompt:</b> {e(s['prompt'])}</p><table><tr><th>teacher</th><th>student</th>"
-        f"<th>base</th></tr><tr><td>{e(s['teacher'])}</td><td>{e(s['student'])}</td><td>{e(s['base'])}</td></tr>"
-        f"</table></div>" for s in samples)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-            "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
-            "vertical-align:top}img{max-width:100%}.s td{width:33%}</style></head><body>"
-            f"<h1>{e(title)}</h1><p>{e(notes)}</p><table>{table}</table>{sections}"
-            f"<h2>Card and prompts</h2><table>{card}</table>"
-            "<img src='loss.png' alt='loss curve'><img src='similarity.png' alt='similarity histograms'>"
-            f"<img src='distillation.png' alt='KL and judge bars'><h2>Phase wall times</h2><table>{timing}</table>"
-            f"<h2>Samples (held-out prompts)</h2>{sample_html}</body></html>")
+        sections.append(Section("Objectives compared on the same data",
+                                (comparison_table(compared), Figure("objectives.png", "objectives compared"),
+                                 *comparison_examples(compared))))
+    return Page(title, (
+        *sections,
+        Section("Card and prompts", (Table.of(("what", "value"), ingest),)),
+        Section("Training and held-out figures", (Figure("loss.png", "loss curve"),
+                                                  Figure("similarity.png", "similarity histograms"),
+                                                  Figure("distillation.png", "KL and judge bars"))),
+        Section("Phase wall times", (Table.of(("unit", "seconds"), [(unit, f"{s:.1f}") for unit, s in times]),)),
+        Section("Samples (held-out prompts)", tuple(
+            Example(s["prompt"], tuple((role, s[role]) for role in ("teacher", "student", "base"))) for s in samples))))
 
 
 def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> None:
@@ -348,17 +301,18 @@ def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> Non
         Row("tokens: prefill / sample / train", " / ".join(map(TOKENS.format, tokens.values())), TOKENS.name),
         Row(f"cost of this run{on_tinker}, at tinker.prices", DOLLARS.format(dollars), DOLLARS.name)]
     samples = sorted(replies, key=lambda r: -r[SIMILARITY.of("student")])[:3] + replies[:2]
-    for name, data in plots(history, val, replies, ev, train["objective"]).items():
-        out.write_bytes(name, data)
-    if len(compared) > 1:
-        out.write_bytes("objectives.png", comparison_plot(compared))
     turns = store.read_jsonl("evaluate", "turns.jsonl")
-    if turns:
-        out.write_bytes("turns.png", turns_plot(turns))
     ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
-    page = (title, rows, times, samples, notes, ingest, compared, turns)
-    out.write_bytes("report.md", render_markdown(*page).encode())
-    out.write_bytes("report.html", render_html(*page).encode())
+    page = report_page(title, notes, rows, turns, compared, ingest, times, samples)
+    images = plots(history, val, replies, ev, train["objective"])
+    if len(compared) > 1:
+        images["objectives.png"] = comparison_plot(compared)
+    if turns:
+        images["turns.png"] = turns_plot(turns)
+    for name in page.figures():  # exactly the plots the page shows
+        out.write_bytes(name, images[name])
+    out.write_bytes("report.md", to_markdown(page).encode())
+    out.write_bytes("report.html", to_html(page).encode())
     out.metrics.update({"loss_decreased": train["last_loss_mean"] < train["first_loss_mean"],
                         **tokens, "tinker_cost_usd": round(dollars, 6),
                         "similarity_median_student": statistics.median(r[SIMILARITY.of("student")] for r in replies)})

@@ -54,9 +54,12 @@ run-ci: run ## the tiny ci profile end to end (about a minute)
 # the train objectives `make objectives` compares (jobs.config.OBJECTIVES)
 OBJECTIVES ?= sft logit on_policy
 
-objectives: setup ## one run per train objective on the same data (PROFILE...); the last report compares them
+objectives: setup ## one run per train objective on the same data (PROFILE...), compared in the last report and docs/RESULTS.md
 	for objective in $(OBJECTIVES); do \
 	  $(PY) -m workflows.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) --set train.objective=$$objective || exit 1; done
+# the comparison the reports show, as the objectives section of docs/RESULTS.md (the last run's id names the data)
+	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) tests/objectives_results.py $(RUN_OPTIONS) \
+	  $(INPUT_OPTIONS) --set train.objective=$(lastword $(OBJECTIVES))
 
 chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND, CARD, PROMPTS)
 	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS) $(INPUT_OPTIONS)
@@ -73,7 +76,7 @@ test: setup ## ruff and mypy, then all tests but the built images' (make test-im
 test-fast: setup ## the tests that run no model
 	$(PY) -m pytest -q -m "not slow and not images"
 
-bench: setup ## the local engine against HF generate and TRL, both as a share of this CPU's matmul limit (MFU, to docs/RESULTS-bench.md; CARD, BENCH_ARGS="--prompts 240")
+bench: setup ## the local engine against HF generate and TRL, both as a share of this CPU's matmul limit (MFU, to docs/RESULTS.md; CARD, BENCH_ARGS="--prompts 240")
 	$(PY) tests/bench_engine.py $(if $(CARD),--card "$(CARD)") $(BENCH_ARGS)
 
 bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE, DATA_DIR=.distill)

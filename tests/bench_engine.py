@@ -17,7 +17,8 @@ physical limit: this CPU's float32 matrix-multiply rate at the model's shapes (`
 Each row's MFU is its model FLOPs per second (`bench_mfu`: the work the task needs, the same for both methods)
 over the measured limit. The engine uses the dtype `model.dtype` resolves to here (auto unless --dtype); the
 training baseline the same, the sampling and scoring baseline float32. Ratios are engine over baseline; only
-figures from one run of this script compare. The table goes to docs/RESULTS-bench.md (--results).
+figures from one run of this script compare. The tables go to the `bench` section of docs/RESULTS.md (--results),
+with the CPU and the date; the file's other sections are kept (`results_file`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench_baselines import HFClient, Recorder, train_trl
 from bench_mfu import Limit, ModelShapes, Work, measure_limit
+from results_file import RESULTS, replace_section, stamp
 
 from jobs import distill
 from jobs.assets import builtin
@@ -43,6 +45,7 @@ from jobs.backends.local import LocalEngine, describe_cpu, resolve_precision
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
 from jobs.config import PipelineConfig, load_pipeline_config
+from jobs.cpu import cpu_name
 from jobs.errors import InputError
 from jobs.inputs import MB, read_capped
 from jobs.phases.base import PhaseConfig
@@ -50,8 +53,6 @@ from jobs.phases.student import single_turn, to_student
 from jobs.phases.teacher import SEED_STRIDE, generate
 from jobs.phases.train import batch_rows, learning_rate, to_datum
 from jobs.store import StoreSettings, parse_jsonl
-
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS-bench.md"
 
 
 @dataclass
@@ -191,15 +192,14 @@ def limit_lines(limit: Limit) -> list[str]:
 
 def write_results(path: Path, cpu: str, setup: str, limit: Limit, measured: list[Measured], notes: list[str],
                   last: str) -> None:
-    text = "\n".join(["# `make bench` results", "",
-                      "Written by `tests/bench_engine.py` (`make bench`); each run replaces it. How the model FLOPs "
-                      "are counted: `tests/bench_mfu.py`. Figures from a machine under other load do not compare.",
-                      "", f"- {cpu}", f"- {setup}", "", *limit_lines(limit), "", *table(limit, measured), "",
+    text = "\n".join(["## `make bench`: the local engine against its baselines", "", stamp(cpu_name()), "",
+                      "Written by `tests/bench_engine.py` (`make bench`). How the model FLOPs are counted: "
+                      "`tests/bench_mfu.py`.", "", f"- {cpu}", f"- {setup}", "", *limit_lines(limit), "",
+                      *table(limit, measured), "",
                       "Conversations (`teacher.generate`; HF generate replays its sampling calls, identical prompts):",
                       "", *notes, "",
-                      f"`{last}`", ""])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+                      f"`{last}`"])
+    replace_section(path, "bench", text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="training steps for each side (first one is warm-up)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     parser.add_argument("--limit-seconds", type=float, default=0.5, help="seconds per shape measuring the limit")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown written (docs/RESULTS-bench.md)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file: its bench section is replaced")
     parser.add_argument("--card", type=Path, help="a card file (YAML, V2/V3 JSON, PNG; default: the demo's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="demo overrides")
     args = parser.parse_args(argv)

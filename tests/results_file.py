@@ -1,0 +1,57 @@
+"""docs/RESULTS.md, the one file of measured figures: a section per command that measures (`make bench`,
+`make objectives`), each between its own markers. A command replaces its section and keeps every other one, so
+the file holds the last result of each, with the CPU and the date it was measured on."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+HEAD = """# Measured results
+
+Written by the commands that measure, never by hand: each replaces its own section (between its `<!-- ... -->`
+markers) and keeps the others. Figures compare only within one section, measured on one machine at one time;
+from a machine under other load they do not compare at all.
+"""
+NAME = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def markers(name: str) -> tuple[str, str]:
+    if not NAME.fullmatch(name):
+        raise ValueError(f"section name {name!r}: lower-case letters, digits and '-'")
+    return f"<!-- results: {name} -->", f"<!-- end: {name} -->"
+
+
+def stamp(cpu: str) -> str:
+    """The line every section opens with: when and where its figures were measured."""
+    return f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu}."
+
+
+def sections(text: str) -> dict[str, str]:
+    """Every section's body, by name, in the file's order."""
+    return {name: body.strip("\n") for name, body in
+            re.findall(r"^<!-- results: ([a-z0-9-]+) -->\n(.*?)^<!-- end: \1 -->$", text, re.MULTILINE | re.DOTALL)}
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Write `body` as section `name` of the file at `path`: in place of the section's old body, or appended when
+    the file (made with its heading when missing) has none yet. The file is replaced whole, never half written."""
+    begin, end = markers(name)
+    text = path.read_text() if path.exists() else HEAD
+    block = f"{begin}\n{body.strip(chr(10))}\n{end}"
+    found = [text.count(begin), text.count(end)]
+    if found == [1, 1] and text.index(begin) < text.index(end):
+        before, rest = text.split(begin)
+        text = before + block + rest.split(end, 1)[1]
+    elif found == [0, 0]:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    else:
+        raise ValueError(f"{path}: section {name!r} has {found[0]} begin and {found[1]} end markers, not one of "
+                         "each in order: mend the file by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(text)
+    part.replace(path)

@@ -25,9 +25,9 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- results: {name} -->", f"<!-- end: {name} -->"
 
 
-def stamp(cpu: str) -> str:
-    """The line every section opens with: when and where its figures were measured."""
-    return f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu}."
+def stamp(cpu: str, when: datetime | None = None) -> str:
+    """The line every section opens with: when (default: now) and where its figures were measured."""
+    return f"Measured {when or datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu}."
 
 
 def sections(text: str) -> dict[str, str]:

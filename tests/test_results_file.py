@@ -1,6 +1,7 @@
 """docs/RESULTS.md's writer (`tests/results_file.py`) on tiny inputs: a command replaces its own section and keeps
-every other one byte for byte; `make bench` and `make objectives` write their sections with the CPU and the date,
-the latter from runs written through the real store (the session's S3 server). No model runs here."""
+every other one byte for byte; `make bench`, `make objectives` and `tests/run_results.py` (after a `make run`) write
+their sections with the CPU and the date, the last two from runs written through the real store (the session's S3
+server). No model runs here."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 
 import objectives_results
 import pytest
+import run_results
 from bench_engine import Measured, write_results
 from bench_mfu import Limit, ModelShapes, Work
 from conftest import store_for
@@ -15,7 +17,7 @@ from objectives_results import section
 from results_file import HEAD, RESULTS, replace_section, sections
 
 from jobs.errors import InputError
-from jobs.metrics import KL_CLOSED
+from jobs.metrics import KEYS, KL_CLOSED, figure_rows, markdown_table
 from jobs.phases.report import Compared
 
 STAMP = re.compile(r"^Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC on .+\.$", re.MULTILINE)
@@ -51,7 +53,7 @@ def test_a_file_with_a_broken_section_is_refused_and_left_alone(tmp_path):
 
 
 def test_the_committed_results_file_has_the_sections_its_commands_write():
-    assert list(sections(RESULTS.read_text())) == ["bench", "objectives"]
+    assert {"bench", "objectives"} <= set(sections(RESULTS.read_text())) <= {"run", "bench", "objectives"}
 
 
 def test_make_bench_writes_its_section_with_the_cpu_and_the_date(tmp_path):
@@ -121,3 +123,55 @@ def test_objectives_results_compares_the_runs_on_the_last_runs_split_from_the_st
     assert capsys.readouterr().err.splitlines() == [
         "error: input runs/results-none/split has no _SUCCESS.json: run its phase first"]
     assert path.read_text() == before
+
+
+def finished_run(run_id: str, *, evaluated: bool = True) -> dict:
+    """A run's manifests and the files the run section reads, through the real store; returns evaluate's figures."""
+    store = store_for(run_id)
+    with store.writing("ingest", "fp") as out:
+        out.metrics["shards"] = [0, 1]
+    for shard, hit in ((0, 1), (1, 0)):
+        with store.writing(f"teacher/shard-{shard:05d}", "fp") as out:
+            out.metrics["cache_hit"] = hit
+    with store.writing("audit", "fp") as out:
+        out.write_json("audit.json", {"kept": 90, "rows_in": 96, "trimmed": 3})
+    with store.writing("train", "fp") as out:
+        out.metrics.update({"objective": "logit", "steps": 12, "settings": {"top_k": 256}, "train_rows": 90,
+                            "first_loss": 3.1, "last_loss": 2.2, "first_loss_mean": 3.0, "last_loss_mean": 2.3,
+                            "val_loss_last": 2.4})
+    figures = {**{key: 0.25 for key in KEYS}, "eval_prompts": 8, "device": "cpu", "dtype": "float32",
+               "backend": "local", "cached_figures": []}
+    if evaluated:
+        with store.writing("evaluate", "fp") as out:
+            out.write_json("metrics.json", figures)
+            out.metrics["cached"] = ["base replies"]
+    return figures
+
+
+def test_run_results_writes_a_runs_phase_times_and_its_reports_figures(store_env, tmp_path, capsys):
+    figures = finished_run("results-run")
+    path = tmp_path / "RESULTS.md"
+    replace_section(path, "bench", "kept")
+    assert run_results.main(["--profile", "ci", "--run-id", "results-run", "--results", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"run results-run: written to {path}"
+    found = sections(path.read_text())
+    assert list(found) == ["bench", "run"] and found["bench"] == "kept"
+    body = found["run"].splitlines()
+    assert body[0] == "## `make run`: run `results-run`, phase times and figures" and STAMP.match(body[2])
+    assert "Objective logit, 12 steps, top k 256; 90 training rows, 8 held-out prompts; cpu float32" in body[4]
+    units = [line.split(" | ")[0][2:] for line in body if re.match(r"^\| [a-z]+(/shard-\d+)? \| \d", line)]
+    assert units == ["ingest", "teacher/shard-00000", "teacher/shard-00001", "audit", "train", "evaluate"]
+    assert any(line.startswith("| teacher/shard-00000 |") and "teacher's cache" in line for line in body)
+    assert any(line.startswith("| evaluate |") and "1 parts read from evaluate's cache" in line for line in body)
+    # the figure table is the report's (and the model card's) evaluate rows, line for line
+    evaluate_lines = markdown_table(figure_rows(figures)).splitlines()[2:]
+    assert [line for line in body if line in evaluate_lines] == evaluate_lines
+
+
+def test_run_results_of_an_unfinished_run_is_one_line_of_error(store_env, tmp_path, capsys):
+    finished_run("results-unfinished", evaluated=False)
+    path = tmp_path / "RESULTS.md"
+    assert run_results.main(["--run-id", "results-unfinished", "--results", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: run results-unfinished: its evaluate phase has not finished (no evaluate/_SUCCESS.json)"]
+    assert not path.exists()

@@ -51,8 +51,8 @@ run: setup ## run the whole pipeline locally (PROFILE, CONFIG, BACKEND; CARD=you
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)
 
-# the train objectives `make objectives` compares (jobs.config.OBJECTIVES)
-OBJECTIVES ?= sft logit on_policy
+# the train objectives `make objectives` compares: the registered ones (jobs.objectives), listed when used
+OBJECTIVES ?= $(shell $(PY) -m jobs.objectives)
 
 objectives: setup ## one run per train objective on the same data (PROFILE...), compared in the last report and docs/RESULTS.md
 	for objective in $(OBJECTIVES); do \

@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# the registries of backends and objectives: the names `model.backend` and `train.objective` take, and the
+# checks each one makes of the whole config (they import this module for types only)
+from jobs.backends import BACKENDS
 from jobs.errors import InputError
 from jobs.inputs import MB, load_yaml, read_capped
+from jobs.objectives import OBJECTIVES
 from jobs.store import parse_s3_url
 
 PROFILES = ("demo", "ci", "full")
-# local: the engine in this process (transformers + peft); tinker: the Tinker API (see jobs.backends)
-BackendName = Literal["local", "tinker"]
-BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 
 class Section(BaseModel):
@@ -31,14 +32,21 @@ class Section(BaseModel):
 class ModelConfig(Section):
     # -- the base model both teacher and student start from, as its Hub id
     base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # -- local: the engine in this process (transformers + peft); tinker: the Tinker API (see the tinker section)
-    backend: BackendName = "local"
+    # -- local: the engine in this process (transformers + peft); tinker: the Tinker API (see the tinker section);
+    # the registered backends (`jobs.backends`)
+    backend: str = "local"
     # -- auto: bf16 where the hardware computes it natively (CUDA with bf16, CPU with AMX or AVX512-BF16), else float32
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # -- auto: CUDA when torch sees a GPU, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # the base model's context window: ingest refuses a card that leaves no room in it for prompt and reply
     context_tokens: int = Field(8192, ge=256)
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        BACKENDS.get(value)  # one line naming the choices for any other
+        return value
 
 
 class SynthesisConfig(Section):
@@ -124,16 +132,13 @@ class SplitConfig(Section):
         return self.eval_count + self.eval_conversations + 2
 
 
-Objective = Literal["sft", "logit", "on_policy"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
-
-
 class TrainConfig(Section):
     # -- sft: the teacher's sampled replies as targets. logit: at every position of those replies, the teacher's
     # top-k next-token distribution (with the card) as the target (context distillation). on_policy: the student
     # samples without the card, the teacher scores the same tokens with it, and the per-token difference is the
-    # advantage of an importance-sampling loss (reverse KL, as tinker-cookbook's on-policy distillation)
-    objective: Objective = "logit"
+    # advantage of an importance-sampling loss (reverse KL, as tinker-cookbook's on-policy distillation); the
+    # registered objectives (`jobs.objectives`), each of which checks the settings it reads
+    objective: str = "logit"
     # -- logit: how many of the teacher's most likely tokens a position keeps as its target. The target carries no
     # mass beyond them, so the student learns to put none there: with 32 it closed ~40% of the held-out KL (the
     # teacher's tail it lost), with 256 ~74% (demo data, 60 steps)
@@ -158,6 +163,12 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(20, ge=1)
     val_every: int = Field(20, ge=1)
     seed: int = 0
+
+    @field_validator("objective")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        OBJECTIVES.get(value)  # one line naming the choices for any other
+        return value
 
 
 class PricesConfig(Section):
@@ -205,10 +216,6 @@ class TinkerConfig(Section):
     prices: TinkerPricesConfig = TinkerPricesConfig()
 
 
-# what Tinker fixes that the local engine lets a profile choose
-TINKER_LORA_ALPHA = 32
-
-
 class PipelineConfig(Section):
     profile: str = "demo"
     model: ModelConfig = ModelConfig()
@@ -227,19 +234,11 @@ class PipelineConfig(Section):
     def _consistent(self) -> PipelineConfig:
         if self.train.checkpoint_every > self.train.steps:
             raise ValueError("train.checkpoint_every must not exceed train.steps")
-        if self.train.warm_start_steps >= self.train.steps and self.train.objective == "on_policy":
-            raise ValueError("train.warm_start_steps must be fewer than train.steps (on_policy)")
         if self.split.eval_conversations and not self.conversations.share:
             raise ValueError("split.eval_conversations needs conversations (conversations.share > 0)")
-        if self.model.backend == "tinker":
-            for name, section in (("teacher", self.teacher), ("conversations.visitor", self.conversations.visitor),
-                                  ("evaluate.sampling", self.evaluate.sampling)):
-                if section.repetition_penalty != 1.0:
-                    raise ValueError(f"{name}.repetition_penalty must be 1.0 with model.backend=tinker "
-                                     "(Tinker's sampler has no repetition penalty)")
-            if self.train.lora_alpha != TINKER_LORA_ALPHA:
-                raise ValueError(f"train.lora_alpha must be {TINKER_LORA_ALPHA} with model.backend=tinker "
-                                 "(Tinker's fixed LoRA scale)")
+        # what the chosen objective and backend require of the rest (Tinker's fixed limits...)
+        OBJECTIVES.get(self.train.objective).check(self)
+        BACKENDS.get(self.model.backend).check(self)
         return self
 
     def section_hash(self, *names: str) -> str:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import BACKENDS, PROFILES, PipelineConfig, backend_override, load_pipeline_config, user_layers
+from jobs.backends import BACKENDS
+from jobs.config import PROFILES, PipelineConfig, backend_override, load_pipeline_config, user_layers
 from jobs.store import check_run_id
 
-# empty keeps the profile's and config's; the DAG passes its `backend` parameter, empty by default, as it is
+# the registered backends; empty keeps the profile's and config's (the DAG passes its `backend` parameter, empty
+# by default, as it is)
 BACKEND_CHOICES = ("", *BACKENDS)
 
 

@@ -26,7 +26,8 @@ from jobs.backends.local import LocalEngine, describe_cpu
 from jobs.card import CharacterCard
 from jobs.config import load_pipeline_config
 from jobs.errors import InputError
-from jobs.phases.train import Logit, batch_rows, learning_rate
+from jobs.objectives import Logit
+from jobs.phases.train import batch_rows, learning_rate
 from jobs.store import ArtifactStore, StoreSettings
 
 
@@ -77,7 +78,9 @@ def run(argv: list[str] | None) -> str:
     print("|---|---|---|---|---|---|")
     for k in args.top_k:
         train = pipeline.train.model_copy(update={"objective": "logit", "top_k": k})
-        data = Logit(rows, train, base, system).data
+        logit = Logit(rows, train, system)
+        logit.prepare(base)
+        data = logit.data
         student = LocalEngine.for_training(pipeline.model, train)
         started = time.time()
         for step in range(train.steps):

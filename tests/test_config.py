@@ -35,11 +35,24 @@ def test_layers_apply_in_order(tmp_path):
     (["train.nope=1"], "config train.nope:"),
     (["train"], "expected section.key=value"),
     (["train.checkpoint_every=100"], "checkpoint_every must not exceed"),
+    # the objective's and the backend's own checks (`jobs.objectives`, `jobs.backends`)
+    (["train.objective=on_policy", "train.warm_start_steps=6"], "config: train.warm_start_steps must be fewer than"),
+    (["model.backend=tinker", "train.lora_alpha=16"], "config: train.lora_alpha must be 32 with model.backend=tinker"),
+    (["model.backend=tinker", "conversations.visitor.repetition_penalty=1.1"],
+     "config: conversations.visitor.repetition_penalty must be 1.0 with model.backend=tinker"),
+    (["train.objective=sfd"], "config train.objective: unknown objective 'sfd': choose one of sft, logit, on_policy"),
 ])
 def test_bad_values_are_one_line_errors(override, fragment):
     with pytest.raises(InputError) as caught:
         load_pipeline_config("ci", overrides=override)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_limits_apply_only_to_the_objective_and_backend_that_have_them():
+    # ci's steps are 6: warm start steps count against on_policy alone; alpha 16 is Tinker's limit alone
+    assert load_pipeline_config("ci", overrides=["train.objective=sft", "train.warm_start_steps=6"])
+    assert load_pipeline_config("ci", overrides=["train.lora_alpha=16"]).model.backend == "local"
+    assert load_pipeline_config("ci", overrides=["model.backend=tinker"]).train.lora_alpha == 32
 
 
 def test_unknown_profile_is_an_error():

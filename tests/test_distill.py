@@ -13,7 +13,7 @@ from jobs.backends.base import TopK
 from jobs.backends.local import LocalEngine
 from jobs.backends.local_backend import LocalTrainer
 from jobs.config import EvaluateConfig, ModelConfig, TrainConfig
-from jobs.phases import train as train_phase
+from jobs.objectives import Logit, OnPolicy
 from jobs.phases.student import single_turn
 
 SYSTEM = "You are Ludwig van Beethoven, the composer, in Vienna in 1824. You are deaf and proud, and you say so."
@@ -107,7 +107,8 @@ def mean_kl(engine_: LocalEngine, pairs: list[distill.Paired], teacher: list[Top
 @pytest.mark.slow
 def test_the_logit_objective_pulls_the_student_toward_the_teachers_distribution(engine):
     trainer, train = trainer_for("logit")
-    objective = train_phase.Logit(ROWS, train, engine, SYSTEM)
+    objective = Logit(ROWS, train, SYSTEM)
+    objective.prepare(engine)
     pairs = [distill.pair(engine.renderer, row["messages"], SYSTEM) for row in ROWS]
     teacher = distill.teacher_topk(engine, pairs, 64)
     before = mean_kl(trainer.engine, pairs, teacher)
@@ -122,7 +123,8 @@ def test_the_logit_objective_pulls_the_student_toward_the_teachers_distribution(
 @pytest.mark.slow
 def test_on_policy_steps_score_the_students_own_samples_with_the_teacher(engine):
     trainer, train = trainer_for("on_policy")
-    objective = train_phase.OnPolicy(ROWS, train.model_copy(update={"warm_start_steps": 1}), engine, SYSTEM, trainer)
+    objective = OnPolicy(ROWS, train.model_copy(update={"warm_start_steps": 1}), SYSTEM)
+    objective.start(trainer, engine)
     warm, loss_fn, _ = objective.batch([0, 1, 2], 0)
     assert loss_fn == "cross_entropy" and warm == objective.data[:3]
     before = {name: p.clone() for name, p in trainer.engine.adapter_parameters().items()}

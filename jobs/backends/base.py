@@ -8,12 +8,16 @@ computes at once (`Done`) and keeps its saved states in the run's store. Tokens 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from jobs.backends.renderer import Renderer
-from jobs.config import SamplingConfig, TrainConfig
+
+if TYPE_CHECKING:  # jobs.config validates with the registry of backends, so it is imported for types only
+    from jobs.config import PipelineConfig, SamplingConfig, TrainConfig
+    from jobs.store import ArtifactStore
 
 T = TypeVar("T", covariant=True)
 
@@ -178,19 +182,51 @@ class TrainingClient(Protocol):
         """The adapter alone, for sampling and export."""
 
 
-class Backend(Protocol):
-    """One engine behind the phases: `jobs.backends.open_backend` picks it from `model.backend`."""
+class Backend(ABC):
+    """One engine behind the phases: a class registered in `jobs.backends` (BACKENDS) under its `name`, the
+    value of `model.backend` that picks it. The class owns what depends on the backend before one is open: its
+    checks of the config (`check`), of its credentials (`check_credentials`), and preflight's (`preflight`)."""
 
-    name: str
+    name: ClassVar[str]
+    # the settings it reads besides `model.base` (section.key, or a whole section)
+    settings: ClassVar[tuple[str, ...]] = ()
+    # the service bills the run's tokens: the report's cost is this run's, not what it would cost on Tinker
+    billed: ClassVar[bool] = False
 
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        """Raises ValueError (one line) where the config asks for what this backend cannot do."""
+        return None  # by default: none
+
+    @classmethod
+    def check_credentials(cls) -> None:
+        """Raises InputError (one line) when its credentials are missing or malformed, before any work."""
+        return None  # by default: none
+
+    @classmethod
+    @abstractmethod
+    def open(cls, pipeline: PipelineConfig, store: ArtifactStore, scratch: Path) -> Backend:
+        """The backend for this config; a local one keeps its saved states in `store` (the train unit's folders)
+        and its working copies in `scratch`."""
+
+    @classmethod
+    @abstractmethod
+    def preflight(cls, pipeline: PipelineConfig) -> Path:
+        """Before any phase: that this backend can serve `model.base` (its service answers, the files are at
+        hand); the folder of the model files it found (at least the tokenizer's)."""
+
+    @abstractmethod
     def precision(self) -> dict[str, str]:
         """The device and dtype replies are computed in, for manifests and cache keys."""
 
+    @abstractmethod
     def sampler(self, adapter: str | None = None) -> SamplingClient:
         """The base model, or the base plus the adapter at an `Adapter.sampling` location."""
 
+    @abstractmethod
     def trainer(self, train: TrainConfig, resume_from: str | None = None) -> TrainingClient:
         """A new LoRA over the base, or the one saved at `resume_from` with its optimizer state."""
 
+    @abstractmethod
     def adapter_files(self, adapter: Adapter, folder: Path) -> Path:
         """The PEFT adapter folder (adapter_model.safetensors, adapter_config.json) on local disk."""

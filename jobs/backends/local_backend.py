@@ -8,10 +8,14 @@ its manifest is never read and a file that does not match it is refused. Its loc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, Done, LossFn
-from jobs.config import ModelConfig, TrainConfig
+from jobs.backends.base import ADAPTER_FILES, Adapter, Backend, Datum, Done, LossFn
+from jobs.backends.model_files import model_dir
 from jobs.store import ArtifactStore
+
+if TYPE_CHECKING:  # jobs.config validates with the registry of backends, so it is imported for types only
+    from jobs.config import ModelConfig, PipelineConfig, TrainConfig
 
 
 class StoredFolders:
@@ -71,11 +75,20 @@ class LocalTrainer:
         return self.engine.adapter_parameters()
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = "local"
+    settings = ("model.dtype", "model.device")
 
     def __init__(self, model: ModelConfig, folders: StoredFolders):
         self.model, self.folders = model, folders
+
+    @classmethod
+    def open(cls, pipeline: PipelineConfig, store: ArtifactStore, scratch: Path) -> LocalBackend:
+        return cls(pipeline.model, StoredFolders(store, "train", scratch))
+
+    @classmethod
+    def preflight(cls, pipeline: PipelineConfig) -> Path:
+        return model_dir(pipeline.model.base)  # converts the packaged model once, warming the cache
 
     def precision(self) -> dict[str, str]:
         from jobs.backends.local import resolve_precision

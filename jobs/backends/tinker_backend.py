@@ -2,7 +2,7 @@
 
 - Sampling and log-probabilities go out as one request per prompt, up to `tinker.max_in_flight` at once; a
   prompt's seed is `params.seed + its index`, as on the local engine, so replies do not depend on concurrency.
-  Tinker's sampler has no repetition penalty (the config refuses one).
+  Tinker's sampler has no repetition penalty (`TinkerBackend.check` refuses one in the config).
 - The service returns each sampled token's log-probability. Where that is the model's own distribution whatever
   convention the service scores in (temperature 1, top_p 1: the on-policy objective's rollouts), `sample` asks for
   the prompt's log-probabilities too and keeps both for the sequences of its last call, so `compute_logprobs` of
@@ -34,15 +34,21 @@ import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from jobs.backends.base import ADAPTER_FILES, Adapter, Datum, LossFn, SamplingParams, TopK
+from jobs.backends.base import ADAPTER_FILES, Adapter, Backend, Datum, LossFn, SamplingParams, TopK
+from jobs.backends.model_files import tokenizer_dir
 from jobs.backends.renderer import Renderer
-from jobs.config import ModelConfig, TinkerConfig, TrainConfig
 from jobs.errors import InputError, TransientError
+from jobs.store import ArtifactStore
+
+if TYPE_CHECKING:  # jobs.config validates with the registry of backends, so it is imported for types only
+    from jobs.config import ModelConfig, PipelineConfig, TinkerConfig, TrainConfig
 
 KEY_ENV = "TINKER_API_KEY"
 KEY_PREFIX = "tml-"
+# Tinker's LoRA scale, which it fixes (a profile chooses it on the local engine)
+LORA_ALPHA = 32
 # the local engine's AdamW, so that one train config means the same on both backends
 ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip_norm": 0.0}
 
@@ -335,16 +341,41 @@ class TinkerTrainer:
         return Adapter(sampling=sampling.result().path, download=download.result().path)
 
 
-class TinkerBackend:
+class TinkerBackend(Backend):
     name = "tinker"
+    settings = ("tinker",)
+    billed = True
+
+    @classmethod
+    def check(cls, pipeline: PipelineConfig) -> None:
+        """What Tinker fixes that the local engine lets a profile choose."""
+        for name, section in (("teacher", pipeline.teacher), ("conversations.visitor", pipeline.conversations.visitor),
+                              ("evaluate.sampling", pipeline.evaluate.sampling)):
+            if section.repetition_penalty != 1.0:
+                raise ValueError(f"{name}.repetition_penalty must be 1.0 with model.backend=tinker "
+                                 "(Tinker's sampler has no repetition penalty)")
+        if pipeline.train.lora_alpha != LORA_ALPHA:
+            raise ValueError(f"train.lora_alpha must be {LORA_ALPHA} with model.backend=tinker "
+                             "(Tinker's fixed LoRA scale)")
+
+    @classmethod
+    def check_credentials(cls) -> None:
+        check_api_key()
+
+    @classmethod
+    def open(cls, pipeline: PipelineConfig, store: ArtifactStore, scratch: Path) -> TinkerBackend:
+        return cls(pipeline.model, pipeline.tinker)
+
+    @classmethod
+    def preflight(cls, pipeline: PipelineConfig) -> Path:
+        cls(pipeline.model, pipeline.tinker)  # the key is accepted, the service answers, the tokenizer is at hand
+        return tokenizer_dir(pipeline.model.base)
 
     def __init__(self, model: ModelConfig, settings: TinkerConfig):
         check_api_key()
         import tinker
 
-        from jobs.backends.model_files import tokenizer_dir
-
-        self.model, self.settings = model, settings
+        self.model, self.tinker = model, settings
         # resolved here and passed on: the SDK caches its REST connections by the arguments it is given
         self.base_url = settings.base_url or os.environ.get("TINKER_BASE_URL") or None
         try:
@@ -363,7 +394,7 @@ class TinkerBackend:
     def sampler(self, adapter: str | None = None) -> TinkerSampler:
         client = (self.service.create_sampling_client(model_path=adapter) if adapter
                   else self.service.create_sampling_client(base_model=self.model.base))
-        return TinkerSampler(client.result(), self.renderer, self.settings.max_in_flight)
+        return TinkerSampler(client.result(), self.renderer, self.tinker.max_in_flight)
 
     def trainer(self, train: TrainConfig, resume_from: str | None = None) -> TinkerTrainer:
         if resume_from:
@@ -371,7 +402,7 @@ class TinkerBackend:
         else:
             client = self.service.create_lora_training_client(base_model=self.model.base, rank=train.lora_rank,
                                                               seed=train.seed)
-        return TinkerTrainer(client.result(), self.renderer, self.settings.max_in_flight)
+        return TinkerTrainer(client.result(), self.renderer, self.tinker.max_in_flight)
 
     def adapter_files(self, adapter: Adapter, folder: Path) -> Path:
         import httpx

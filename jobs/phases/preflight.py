@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import os
 
+from jobs.backends import BACKENDS
+from jobs.backends.embeddings import PACKAGE, cached_model, packaged_model
 from jobs.errors import InputError
-from jobs.phases.base import PhaseConfig, open_backend, run_unit
+from jobs.phases.base import PhaseConfig, run_unit
 
 
 def check_environment(config: PhaseConfig) -> dict:
     config.store.check_bucket()  # raises one-line errors for endpoint, credentials, bucket
-    from jobs.backends.embeddings import PACKAGE, cached_model, packaged_model
-    from jobs.backends.model_files import model_dir, tokenizer_dir
-
     # images carry no weights: there the embedding model comes from the mounted cache that `make setup` fills
     if packaged_model() is None and not (cached_model() / "config.json").exists():
         raise InputError(f"embedding model: package {PACKAGE} is not installed and {cached_model()} is empty: "
                          "run `make setup` (or mount a filled model cache)")
-
-    if config.pipeline.model.backend == "tinker":
-        open_backend(config)  # the key is accepted, the service answers, the base model's tokenizer is at hand
-        folder = tokenizer_dir(config.pipeline.model.base)
-    else:
-        folder = model_dir(config.pipeline.model.base)  # converts the packaged model once, warming the cache
+    # the backend's own checks: the local engine converts the packaged model once (warming the cache); Tinker's
+    # key is accepted, the service answers and the base model's tokenizer is at hand
+    folder = BACKENDS.get(config.pipeline.model.backend).preflight(config.pipeline)
     return {"backend": config.pipeline.model.backend, "model_dir": str(folder),
             "publish": "push" if os.environ.get("HF_TOKEN") and config.pipeline.publish.repo_id else "dry-run"}
 

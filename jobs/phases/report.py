@@ -7,6 +7,7 @@ import io
 import statistics
 from dataclasses import dataclass
 
+from jobs.backends import BACKENDS
 from jobs.metrics import (
     ARROWS,
     DOLLARS,
@@ -296,7 +297,7 @@ def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> Non
              f"prompts. Prices: ${prices['input_per_mtok']}/M input, ${prices['output_per_mtok']}/M output tokens; "
              "the cost ratio uses the teacher's reply length for both sides.")
     tokens, dollars = usage(config)
-    on_tinker = "" if train["backend"] == "tinker" else " if run on Tinker"
+    on_tinker = "" if BACKENDS.get(train["backend"]).billed else " if run on Tinker"
     rows = figures(train, ev, audit) + [
         Row("tokens: prefill / sample / train", " / ".join(map(TOKENS.format, tokens.values())), TOKENS.name),
         Row(f"cost of this run{on_tinker}, at tinker.prices", DOLLARS.format(dollars), DOLLARS.name)]

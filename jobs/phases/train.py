@@ -1,9 +1,10 @@
 """Train: the LoRA student on the conversations without the card, resumable from the last checkpoint.
 
-The objective (`train.objective`, see `TrainConfig`) says what each step's loss pulls the student toward: the
-teacher's sampled tokens (sft), the teacher's top-k distribution at each of them (logit), or the teacher's
-judgement of the student's own samples (on_policy). Loss is on the assistant tokens only; validation is the
-NLL of the teacher's replies for every objective, so runs of different objectives compare.
+The objective (`train.objective`, a class in the registry `jobs.objectives`) says what each step's loss pulls
+the student toward: the teacher's sampled tokens (sft), the teacher's top-k distribution at each of them
+(logit), or the teacher's judgement of the student's own samples (on_policy). Loss is on the assistant tokens
+only; validation is the NLL of the teacher's replies for every objective, so runs of different objectives
+compare.
 
 Every `checkpoint_every` steps the backend saves its state (adapter,
 optimizer, RNG: a folder in the store for the local engine, a `tinker://` path on Tinker) and a row with
@@ -20,12 +21,12 @@ import time
 from functools import lru_cache
 from typing import TypedDict
 
-from jobs import distill
-from jobs.backends.base import Adapter, Datum, LossFn, SamplingClient, SamplingParams, TrainingClient
-from jobs.backends.renderer import Renderer
+from jobs.backends.base import Adapter, Datum, TrainingClient
 from jobs.card import CharacterCard
 from jobs.config import TrainConfig
 from jobs.log import Progress, get_logger
+from jobs.objectives import OBJECTIVES
+from jobs.objectives.base import to_datum
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl
 
@@ -45,13 +46,6 @@ class LoopState(TypedDict):
     val: list[dict[str, float]]
 
 
-def to_datum(renderer: Renderer, row: dict, max_len: int) -> Datum:
-    """A split row's conversation (`messages`, the format TRL's SFTTrainer and tinker-cookbook read), loss on
-    its assistant turns."""
-    tokens, weights = renderer.conversation(row["messages"])
-    return Datum(tokens[:max_len], weights[:max_len])
-
-
 @lru_cache(maxsize=4)
 def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(size))
@@ -69,75 +63,11 @@ def learning_rate(train: TrainConfig, step: int) -> float:
     return train.learning_rate * (1.0 - 0.9 * step / train.steps)
 
 
-class SFT:
-    """The teacher's sampled replies as targets."""
-
-    def __init__(self, renderer: Renderer, rows: list[dict], train: TrainConfig):
-        self.data = [to_datum(renderer, row, train.max_seq_len) for row in rows]
-
-    def batch(self, indices: list[int], step: int) -> tuple[list[Datum], LossFn, dict[str, float]]:
-        return [self.data[i] for i in indices], "cross_entropy", {}
-
-
-class Logit(SFT):
-    """At every position of the teacher's replies, its top-k distribution with the card as the target: computed
-    once, before training (the teacher's model is released before the student's is made)."""
-
-    def __init__(self, rows: list[dict], train: TrainConfig, teacher: SamplingClient, system: str):
-        pairs = [distill.pair(teacher.renderer, row["messages"], system) for row in rows]
-        targets = distill.teacher_topk(teacher, pairs, train.top_k)
-        self.data = [distill.soft_datum(p, t, train.max_seq_len, train.sampled_weight)
-                     for p, t in zip(pairs, targets, strict=True)]
-
-
-class OnPolicy(SFT):
-    """The student samples a reply to each prompt of the batch without the card (with its current weights); the
-    teacher scores the same tokens with the card; each token's advantage is log p_teacher - log p_student (a
-    per-token reverse-KL estimate), and the importance-sampling loss raises the tokens the teacher likes more
-    than the student does. The first `warm_start_steps` are SFT."""
-
-    def __init__(self, rows: list[dict], train: TrainConfig, teacher: SamplingClient, system: str,
-                 trainer: TrainingClient):
-        super().__init__(trainer.renderer, rows, train)
-        self.renderer, self.rows, self.train = trainer.renderer, rows, train
-        self.teacher, self.trainer = teacher, trainer
-        self.system = {"role": "system", "content": system}
-
-    def batch(self, indices: list[int], step: int) -> tuple[list[Datum], LossFn, dict[str, float]]:
-        if step < self.train.warm_start_steps:
-            return super().batch(indices, step)
-        asked = [self.rows[i]["messages"][:-1] for i in indices]  # up to the last assistant turn
-        prompts = [self.renderer.chat(messages) for messages in asked]
-        teacher_prompts = [self.renderer.chat([self.system, *messages]) for messages in asked]
-        policy = self.trainer.sampler()
-        params = SamplingParams(max_tokens=self.train.rollout_tokens, temperature=self.train.rollout_temperature,
-                                top_p=1.0, seed=self.train.seed * 1_000_003 + step * len(indices))
-        end = [self.renderer.end_of_turn]
-        replies = [reply + end if len(reply) < params.max_tokens else reply
-                   for reply in policy.sample(prompts, params)]
-        student = policy.compute_logprobs([p + r for p, r in zip(prompts, replies, strict=True)])
-        teacher = self.teacher.compute_logprobs([p + r for p, r in zip(teacher_prompts, replies, strict=True)])
-        data, kl = [], []
-        for prompt, teacher_prompt, reply, s, t in zip(prompts, teacher_prompts, replies, student, teacher,
-                                                       strict=True):
-            sampled = s[len(prompt) - 1:]
-            advantages = [tl - sl for tl, sl in zip(t[len(teacher_prompt) - 1:], sampled, strict=True)]
-            kl += [-a for a in advantages]
-            cut = self.train.max_seq_len
-            data.append(Datum((prompt + reply)[:cut], ([0.0] * len(prompt) + [1.0] * len(reply))[:cut],
-                              sampled_logprobs=([0.0] * len(prompt) + sampled)[:cut],
-                              advantages=([0.0] * len(prompt) + advantages)[:cut]))
-        return data, "importance_sampling", {"reverse_kl": sum(kl) / max(len(kl), 1),
-                                             "rollout_tokens": sum(map(len, replies)) / len(replies)}
-
-
 def objective_settings(train: TrainConfig) -> dict[str, float | int]:
     """The settings of `train` that the objective uses besides steps and batch size: recorded with the train
     metrics, so that runs of one objective on the same data can be told apart in the report."""
-    used = {"logit": ("top_k", "sampled_weight"),
-            "on_policy": ("warm_start_steps", "rollout_tokens", "rollout_temperature")}
     return {"learning_rate": train.learning_rate, "max_seq_len": train.max_seq_len,
-            **{key: getattr(train, key) for key in used.get(train.objective, ())}}
+            **{key: getattr(train, key) for key in OBJECTIVES.get(train.objective).settings}}
 
 
 def validation_loss(trainer, data: list[Datum]) -> float | None:
@@ -183,19 +113,19 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     backend = open_backend(config)
     rows = store.read_jsonl("split", "train.jsonl")
     system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
-    # the logit targets are computed before the student's model is made, so one model is in memory while training
-    logit: Logit | None = None
-    if train.objective == "logit":
-        # one long pass before step 1: its own progress (a heartbeat while the teacher scores every row)
-        with Progress(len(rows), "train", stage="before step 1: the teacher's top-k") as bar:
-            logit = Logit(rows, train, backend.sampler(), system)
+    kind = OBJECTIVES.get(train.objective)
+    objective = kind(rows, train, system)
+    if kind.teacher_pass:
+        # before the student's model is made, so one model is in memory while training; one long pass before
+        # step 1: its own progress (a heartbeat while the teacher scores every row)
+        with Progress(len(rows), "train", stage=kind.teacher_pass) as bar:
+            objective.prepare(backend.sampler())
             bar.advance(len(rows))
     trainer = backend.trainer(train, resume_from=latest["location"] if latest else None)
     state: LoopState = latest["state"] if latest else {"step": 0, "data_position": 0, "history": [], "val": []}
     if latest:
         log.info("resumed from checkpoint", step=state["step"], location=latest["location"])
-    objective = logit or (OnPolicy(rows, train, backend.sampler(), system, trainer) if train.objective == "on_policy"
-                          else SFT(trainer.renderer, rows, train))
+    objective.start(trainer, backend.sampler() if kind.teacher_in_loop else None)
     val = [to_datum(trainer.renderer, row, train.max_seq_len) for row in store.read_jsonl("split", "val.jsonl")]
     with Progress(train.steps, "train", initial=state["step"], each=True) as bar:
         while state["step"] < train.steps:

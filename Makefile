@@ -6,7 +6,7 @@ PROFILE ?= demo
 # a YAML file merged over the profile (--config)
 CONFIG ?=
 # model.backend of every phase (local or tinker; empty: the profile's). TINKER_SERVER=1 serves the Tinker API from
-# the local stand-in (workflows/tinker_server.py) instead of $TINKER_BASE_URL or the hosted service
+# the local stand-in (workflows/local/tinker/) instead of $TINKER_BASE_URL or the hosted service
 BACKEND ?=
 TINKER_SERVER ?=
 # your own character card (YAML, Character Card V2/V3 JSON or PNG) and, optionally, its prompts (JSONL/Parquet)
@@ -46,7 +46,7 @@ $(VENV)/.setup-done: pyproject.toml infra/install-helm.sh infra/install-checkov.
 	touch $@
 
 run: setup ## run the whole pipeline locally (PROFILE, CONFIG, BACKEND; CARD=your card [PROMPTS=...]; TINKER_SERVER=1)
-	$(PY) -m workflows.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) $(if $(TINKER_SERVER),--tinker-server)
+	$(PY) -m workflows.local.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) $(if $(TINKER_SERVER),--tinker-server)
 
 run-ci: PROFILE=ci
 run-ci: run ## the tiny ci profile end to end (about a minute)
@@ -56,16 +56,16 @@ OBJECTIVES ?= $(shell $(PY) -m jobs.objectives)
 
 objectives: setup ## one run per train objective on the same data (PROFILE...), compared in the last report and docs/RESULTS.md
 	for objective in $(OBJECTIVES); do \
-	  $(PY) -m workflows.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) --set train.objective=$$objective || exit 1; done
+	  $(PY) -m workflows.local.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) --set train.objective=$$objective || exit 1; done
 # the comparison the reports show, as the objectives section of docs/RESULTS.md (the last run's id names the data)
 	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) tests/objectives_results.py $(RUN_OPTIONS) \
 	  $(INPUT_OPTIONS) --set train.objective=$(lastword $(OBJECTIVES))
 
 chat: setup ## talk to the distilled student of the last `make run` (with its PROFILE, CONFIG, BACKEND, CARD, PROMPTS)
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS) $(INPUT_OPTIONS)
+	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) -m jobs chat $(RUN_OPTIONS) $(INPUT_OPTIONS)
 
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
-	$(PY) -m workflows.local_s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS) $(INPUT_OPTIONS)
+	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS) $(INPUT_OPTIONS)
 
 test: setup ## ruff and mypy, then all tests but the built images' (make test-images), with end-to-end ci runs
 	$(VENV)/bin/ruff check .
@@ -80,11 +80,11 @@ bench: setup ## the local engine against HF generate and TRL, both as a share of
 	$(PY) tests/bench_engine.py $(if $(CARD),--card "$(CARD)") $(BENCH_ARGS)
 
 bench-top-k: setup ## the logit objective's train.top_k on a finished run's data: held-out KL, top k and full vocabulary (RUN=run-id, PROFILE, DATA_DIR=.distill)
-	$(PY) -m workflows.local_s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
+	$(PY) -m workflows.local.s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) tests/bench_logit_top_k.py --run-id "$(RUN)" --profile $(PROFILE) $(BENCH_ARGS)
 
 .PHONY: verify
 verify: setup ## check runs against their manifests (RUN=run-id, else every run; DATA_DIR=.distill): intact, not, what a run would redo
-	$(PY) -m workflows.local_s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) -m jobs.verify $(if $(RUN),--run-id "$(RUN)")
+	$(PY) -m workflows.local.s3 --data-dir "$(or $(DATA_DIR),.distill)" -- $(PY) -m jobs.verify $(if $(RUN),--run-id "$(RUN)")
 
 render: setup ## re-render workflows/pipeline.yaml from the Hera DAG, and the chart's copy of it
 	$(PY) -m workflows.pipeline > workflows/pipeline.yaml
@@ -97,7 +97,7 @@ TINKER_ARGS ?=
 
 tinker-server: setup ## a Tinker-compatible API on loopback, backed by the local engine (MODEL=a local HF causal LM folder to serve it too)
 	@echo "export TINKER_BASE_URL=http://127.0.0.1:$(TINKER_PORT) TINKER_API_KEY=tml-local-placeholder TINKER_TELEMETRY=0"
-	$(PY) -m workflows.tinker_server --data-dir $(TINKER_DATA) --port $(TINKER_PORT) $(if $(MODEL),--model "$(MODEL)") $(TINKER_ARGS)
+	$(PY) -m workflows.local.tinker --data-dir $(TINKER_DATA) --port $(TINKER_PORT) $(if $(MODEL),--model "$(MODEL)") $(TINKER_ARGS)
 
 clean: ## remove local artifacts (S3 data, caches, reports); keeps .venv
 	rm -rf .distill reports

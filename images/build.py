@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import __version__  # noqa: E402
 from jobs.phases import PHASE, PHASES  # noqa: E402
-from workflows.containers import (  # noqa: E402
+from workflows.local.containers import (  # noqa: E402
     SOURCES_LABEL,
     detect_engine,
     engine_cmd,

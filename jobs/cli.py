@@ -13,10 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+from jobs import interactive
+from jobs.backends import check_credentials
+from jobs.card import card_bytes
 from jobs.config import PipelineConfig, digest
 from jobs.errors import InputError, TransientError
 from jobs.phases import PHASES
-from jobs.run_options import add_input_options, add_run_options, input_overrides, pipeline_config
+from jobs.phases.base import PhaseConfig
+from jobs.prompts import source_bytes
+from jobs.run_options import OneLineParser, add_input_options, add_run_options, input_overrides, pipeline_config
 from jobs.store import StoreSettings, sha256_bytes
 
 TOOLS = ("run-id", "chat", "review")
@@ -24,9 +29,6 @@ TOOLS = ("run-id", "chat", "review")
 
 def derive_run_id(pipeline: PipelineConfig, settings: StoreSettings) -> str:
     """`<profile>-<hash>` of the card's and prompts' bytes and the whole config: same inputs, same run."""
-    from jobs.card import card_bytes
-    from jobs.prompts import source_bytes
-
     inputs = {"card": sha256_bytes(card_bytes(pipeline.ingest, settings)),
               "prompts": sha256_bytes(source_bytes(pipeline.ingest, settings)),
               "config": pipeline.model_dump(mode="json")}
@@ -42,13 +44,6 @@ def write_output_parameters(metrics: dict, folder: Path) -> None:
     for name, value in metrics.items():
         text = value if isinstance(value, str) else json.dumps(value)
         (folder / name).write_text(text)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes are bad input like any other: one line, exit 2 (not the usage block)."""
-
-    def error(self, message: str):
-        raise InputError(f"{self.prog}: {message}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run-id":
             print(run_id)
             return 0
-        from jobs.backends import check_credentials
-        from jobs.phases.base import PhaseConfig
-
         check_credentials(pipeline)
         config = PhaseConfig(run_id=run_id, pipeline=pipeline, store_settings=settings, shard=args.shard)
         if args.command in TOOLS:
-            from jobs import interactive
-
             getattr(interactive, args.command)(config)
             return 0
         metrics = importlib.import_module(f"jobs.phases.{args.command}").main(config)

@@ -1,5 +1,5 @@
 """The run options every command line shares, with one meaning in each: `python -m jobs`, the local runner
-(`python -m workflows.runner`) and `python -m workflows.submit`.
+(`python -m workflows.local.runner`) and `python -m workflows.submit`.
 
 They say which built-in profile, what the user layers over it (a YAML file, inline YAML, single settings), the
 backend and the run id. An entry adds its own options beside them and may add settings of its own, which go over
@@ -19,11 +19,20 @@ import yaml
 
 from jobs.backends import BACKENDS
 from jobs.config import PROFILES, PipelineConfig, backend_override, load_pipeline_config, user_layers
+from jobs.errors import InputError
+from jobs.prompts import SYNTHESIZE
 from jobs.store import check_run_id
 
 # the registered backends; empty keeps the profile's and config's (the DAG passes its `backend` parameter, empty
 # by default, as it is)
 BACKEND_CHOICES = ("", *BACKENDS)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are bad input like any other: one line, exit 2 (not the usage block)."""
+
+    def error(self, message: str):
+        raise InputError(f"{self.prog}: {message}")
 
 
 def config_file(path: str) -> str:
@@ -36,7 +45,7 @@ def config_file(path: str) -> str:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    options = parser.add_argument_group("run options (shared by python -m jobs, workflows.runner, workflows.submit)")
+    options = parser.add_argument_group("run options (shared by python -m jobs, the local runner, workflows.submit)")
     options.add_argument("--profile", default="demo", choices=PROFILES, help="built-in profile (default: demo)")
     options.add_argument("--config", type=config_file, metavar="FILE", help="YAML file merged over the profile")
     options.add_argument("--config-yaml", default="", metavar="TEXT",
@@ -63,8 +72,6 @@ def input_overrides(args: argparse.Namespace) -> list[str]:
     """--card and --prompts as settings. A local path is made absolute, as the steps may run in another folder
     (and the run id, a hash of the config, then does not depend on the folder it was given from); JSON quoting
     keeps it a string whatever characters it holds (JSON is YAML)."""
-    from jobs.prompts import SYNTHESIZE
-
     def value(source: str) -> str:
         named = source == SYNTHESIZE or source.startswith(("s3://", "hf:", "builtin:"))
         return json.dumps(source if named else str(Path(source).resolve()))

@@ -30,6 +30,7 @@ from jobs.errors import InputError, TransientError
 from jobs.lease import Lease, describe
 from jobs.phases import PHASE, PHASES
 from jobs.prompts import SYNTHESIZE, prompt_source, source_bytes
+from jobs.run_options import OneLineParser
 from jobs.store import MANIFEST, ArtifactStore, StoreSettings, sha256_bytes
 
 # sha256 too, not size alone (a same-size edit is the likely one). Measured against rclone serve s3 on a 2-core AMD
@@ -274,8 +275,6 @@ def render(check: RunCheck) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jobs.cli import OneLineParser
-
     p = OneLineParser(prog="python -m jobs.verify",
                       description="Check a run's (or every run's) outputs against their manifests.")
     p.add_argument("--run-id", help="the run to check (default: every run in the store)")

@@ -27,7 +27,7 @@ from jobs.backends.base import Datum, SamplingParams
 from jobs.backends.local import describe_cpu
 from jobs.config import ModelConfig, TinkerConfig, TrainConfig
 from jobs.store import parse_jsonl
-from workflows.tinker_server import TinkerServer
+from workflows.local.tinker import TinkerServer
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 from jobs.config import load_pipeline_config
 from jobs.phases.base import PhaseConfig
 from jobs.store import ArtifactStore, StoreSettings
-from workflows.local_s3 import LocalS3
+from workflows.local.s3 import LocalS3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,9 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tinker_server(tmp_path_factory):
-    """The local stand-in for the Tinker API (`workflows.tinker_server`), fault-free, in float32 like the ci profile,
+    """The local stand-in for the Tinker API (`workflows.local.tinker`), fault-free, in float32 like the ci profile,
     for the whole session."""
-    from workflows.tinker_server import TinkerServer
+    from workflows.local.tinker import TinkerServer
 
     with TinkerServer(tmp_path_factory.mktemp("tinker"), dtype="float32") as server:
         yield server

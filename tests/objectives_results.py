@@ -1,7 +1,7 @@
 """`make objectives`, after its runs: the comparison of the objectives trained on the same data, as every run's
 report has it (`jobs.phases.report`: the evaluated runs whose split is this run's), written to the `objectives`
 section of docs/RESULTS.md with the CPU and the date. Run with the run options of the last run (its id names the
-data), inside the local S3 server (`workflows.local_s3 -- ...`)."""
+data), inside the local S3 server (`workflows.local.s3 -- ...`)."""
 
 from __future__ import annotations
 

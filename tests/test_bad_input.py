@@ -40,7 +40,7 @@ def jobs(*args: str) -> subprocess.CompletedProcess:
 
 
 def runner(*args: str) -> subprocess.CompletedProcess:
-    return run_measured(sys.executable, "-m", "workflows.runner", "--profile", "ci", *args)
+    return run_measured(sys.executable, "-m", "workflows.local.runner", "--profile", "ci", *args)
 
 
 def ingest(run_id: str, *settings: str) -> subprocess.CompletedProcess:

@@ -78,7 +78,7 @@ def test_make_bench_top_k_runs_on_a_finished_split(store_env, monkeypatch):
             importlib.import_module(f"jobs.phases.{phase}").main(config)
     finally:
         torch.set_num_threads(threads)  # an engine's load set this process's threads to one
-    data_dir = store_env.root.parent  # workflows.local_s3 serves <data dir>/s3
+    data_dir = store_env.root.parent  # workflows.local.s3 serves <data dir>/s3
     result = run([*MAKE, "bench-top-k", f"RUN={run_id}", "PROFILE=ci", f"DATA_DIR={data_dir}",
                   "BENCH_ARGS=--top-k 4 --set train.steps=2"], timeout=600)
     assert re.search(r"^\| 4 \| \d+\.\d{4} \|", result.stdout, re.MULTILINE), result.stdout[-2000:]

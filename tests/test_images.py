@@ -26,10 +26,11 @@ import yaml
 from conftest import REPO
 
 from jobs import __version__
-from jobs.backends.model_files import cache_root
+from jobs.backends.cache import cache_root
 from jobs.phases import PHASE, PHASES
-from workflows import containers
-from workflows.runner import RENDERED, Step
+from workflows.local import containers
+from workflows.local.runner import RENDERED
+from workflows.local.steps import Step
 
 REQUIRED = os.environ.get("DISTILL_REQUIRE_IMAGES") == "1"
 REGISTRY = "localhost/distill"
@@ -127,7 +128,7 @@ def test_dockerfiles_pass_checkov_with_justified_skips_only():
 
 # -- container mode without images: the exact pod command, environment, user and volumes
 def test_container_mode_runs_the_template_command_with_the_pod_environment(tmp_path, monkeypatch):
-    monkeypatch.setattr("workflows.containers.detect_engine", lambda preferred=None: "buildah")
+    monkeypatch.setattr("workflows.local.containers.detect_engine", lambda preferred=None: "buildah")
     monkeypatch.setenv("SOMETHING_ON_THIS_MACHINE", "leak")
     secrets = {"DISTILL_S3_ENDPOINT": "http://127.0.0.1:9", "DISTILL_S3_BUCKET": "b",
                "AWS_ACCESS_KEY_ID": "local-id", "AWS_SECRET_ACCESS_KEY": "local-secret"}
@@ -243,7 +244,7 @@ def manifests(data: Path) -> dict[str, dict]:
 
 def run_ci(mode: str, folder: Path) -> tuple[float, str]:
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--mode", mode,
+    done = subprocess.run([sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--mode", mode,
                            "--data-dir", str(folder / "data"), "--reports-dir", str(folder / "reports")],
                           cwd=REPO, capture_output=True, text=True)
     output = done.stdout + done.stderr

@@ -22,8 +22,9 @@ from jobs.errors import TransientError
 from jobs.lease import Lease, LeaseHeld
 from jobs.phases.base import run_unit
 from jobs.store import ArtifactStore, StoreSettings
-from workflows.local_s3 import LocalS3
-from workflows.runner import Runner, Step
+from workflows.local.runner import Runner
+from workflows.local.s3 import LocalS3
+from workflows.local.steps import Step
 
 # a TTL short enough for expiry to happen within a test. Only lower bounds are asserted on times: a niced test on a
 # busy 2-core machine stalls for seconds (a holder seen expired after a stall is then taken over, which is right)

@@ -1,4 +1,4 @@
-"""A card of one's own, alone, end to end: `workflows.runner --card <png>` on the ci profile synthesizes the
+"""A card of one's own, alone, end to end: `workflows.local.runner --card <png>` on the ci profile synthesizes the
 prompts with the real model, distills and reports; the synthesized prompts are distinct, audited and of every
 kind; a second ingest reuses them from the cache; a small prompt file is topped up with distinct ones."""
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def in_store(data, *command: str) -> subprocess.CompletedProcess:
     """A `python -m jobs` command against the S3 server over `data`, as the runner runs it."""
-    return subprocess.run([sys.executable, "-m", "workflows.local_s3", "--data-dir", str(data), "--",
+    return subprocess.run([sys.executable, "-m", "workflows.local.s3", "--data-dir", str(data), "--",
                            sys.executable, "-m", "jobs", *command], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
 
@@ -30,7 +30,7 @@ def in_store(data, *command: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def card_run(tmp_path_factory):
     data, reports = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("reports")
-    result = subprocess.run([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--card",
+    result = subprocess.run([sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--card",
                              str(EXAMPLES / "ada.png"), "--data-dir", str(data), "--reports-dir", str(reports)],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -43,7 +43,7 @@ STALL = r"PUT /distill/runs/[^/]+/teacher/shard-00000/_SUCCESS\.json"
 
 
 def runner_command(data, reports, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "workflows.runner", "--profile", "ci", "--data-dir", str(data),
+    return [sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--data-dir", str(data),
             "--reports-dir", str(reports), *extra]
 
 
@@ -225,7 +225,7 @@ def test_exported_model_loads_and_generates(ci_run):
 
 def tool(ci_run, name: str, answers: str) -> subprocess.CompletedProcess:
     """`make chat` / `make review` over the finished run's store, answering on stdin."""
-    return subprocess.run([sys.executable, "-m", "workflows.local_s3", "--data-dir", str(ci_run["data"]), "--",
+    return subprocess.run([sys.executable, "-m", "workflows.local.s3", "--data-dir", str(ci_run["data"]), "--",
                            sys.executable, "-m", "jobs", name, "--profile", "ci"], cwd=REPO, input=answers,
                           capture_output=True, text=True, timeout=300)
 

@@ -8,12 +8,12 @@ import io
 import pytest
 
 import jobs.cli
-import workflows.runner
+import workflows.local.runner
 import workflows.submit
 from jobs.run_options import pipeline_config, workflow_parameters
 
 # what each entry needs besides the run options
-PARSERS = {"jobs": (jobs.cli.parser, ["ingest"]), "runner": (workflows.runner.parser, []),
+PARSERS = {"jobs": (jobs.cli.parser, ["ingest"]), "runner": (workflows.local.runner.parser, []),
            "submit": (workflows.submit.parser, [])}
 
 
@@ -58,7 +58,8 @@ def run_entry(name: str, argv: list[str], capsys) -> tuple[int, str]:
         err = io.StringIO()
         code = workflows.submit.main(argv, env={"ARGO_SERVER": "http://127.0.0.1:9"}, out=io.StringIO(), err=err)
         return code, err.getvalue()
-    code = {"jobs": lambda: jobs.cli.main(["ingest", *argv]), "runner": lambda: workflows.runner.main(argv)}[name]()
+    code = {"jobs": lambda: jobs.cli.main(["ingest", *argv]),
+            "runner": lambda: workflows.local.runner.main(argv)}[name]()
     return code, capsys.readouterr().err
 
 

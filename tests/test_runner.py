@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from workflows.runner import ProcessExecutor, Runner, StepFailed, UnsupportedFeature, check_finished, check_supported
+from workflows.local.runner import Runner, check_finished, check_supported
+from workflows.local.steps import ProcessExecutor, StepFailed, UnsupportedFeature
 
 
 def container(code: str, outputs: tuple[str, ...] = (), retry: dict | None = None, inputs=()) -> dict:

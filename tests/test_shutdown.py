@@ -45,7 +45,7 @@ def stop_and_check(process: subprocess.Popen, signum: int, marker: Path) -> list
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_local_s3_wrapper_stops_its_command_and_rclone(tmp_path, signum):
     marker = tmp_path / "up"
-    process = start_and_wait_for([sys.executable, "-m", "workflows.local_s3", "--data-dir", str(tmp_path), "--",
+    process = start_and_wait_for([sys.executable, "-m", "workflows.local.s3", "--data-dir", str(tmp_path), "--",
                                   sys.executable, "-c", CHILD, str(marker)], marker)
     stop_and_check(process, signum, marker)
 
@@ -61,8 +61,9 @@ def test_runner_stops_its_steps_and_rclone(tmp_path):
                          "templates": [step, {"name": "main",
                                               "dag": {"tasks": [{"name": "wait", "template": "wait"}]}}]}}
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(workflow))
-    process = start_and_wait_for([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--run-id", "stop-1",
-                                  "--workflow", str(tmp_path / "wf.yaml"), "--data-dir", str(tmp_path / "data")],
+    process = start_and_wait_for([sys.executable, "-m", "workflows.local.runner", "--profile", "ci",
+                                  "--run-id", "stop-1", "--workflow", str(tmp_path / "wf.yaml"),
+                                  "--data-dir", str(tmp_path / "data")],
                                  marker)
     lines = stop_and_check(process, signal.SIGTERM, marker)
     assert lines[-1] == "error: stopped by SIGTERM: 1 running step(s) ended, the S3 server shut down"

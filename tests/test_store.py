@@ -19,8 +19,8 @@ from jobs.store import (
     StoreSettings,
     sha256_bytes,
 )
-from workflows.fault_proxy import FaultPlan
-from workflows.local_s3 import LocalS3
+from workflows.local.fault_proxy import FaultPlan
+from workflows.local.s3 import LocalS3
 
 
 def test_outputs_then_manifest_with_hashes_and_rows(store_env):

@@ -1,4 +1,4 @@
-"""The unchanged tinker SDK (0.38) against the project's Tinker-compatible server (workflows.tinker_server),
+"""The unchanged tinker SDK (0.38) against the project's Tinker-compatible server (workflows.local.tinker),
 which runs as a subprocess backed by the local engine. Every test name contains "tinker" (`pytest -k tinker`)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.tinker
 from jobs.backends.base import Datum  # noqa: E402
 from jobs.backends.local import LocalEngine  # noqa: E402
 from jobs.config import ModelConfig, TrainConfig  # noqa: E402
-from workflows.tinker_server import TinkerServer  # noqa: E402
+from workflows.local.tinker import TinkerServer  # noqa: E402
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FLOAT32 = ModelConfig(base=BASE, dtype="float32", device="cpu")

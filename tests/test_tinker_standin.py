@@ -1,4 +1,4 @@
-"""The Tinker stand-in (workflows.tinker_standin) through the unchanged tinker SDK: sampled sequences'
+"""The Tinker stand-in (workflows.local.tinker) through the unchanged tinker SDK: sampled sequences'
 log-probabilities, the REST routes of training runs and checkpoints, TTL and age encryption of exported weights,
 clients that go away and SIGTERM during a long batch. Every test name contains "tinker" (`pytest -k tinker`)."""
 
@@ -17,7 +17,7 @@ import tinker
 
 from jobs.backends.base import SamplingParams
 from jobs.backends.tinker_backend import TinkerSampler
-from workflows.tinker_server import TinkerServer
+from workflows.local.tinker import TinkerServer
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HOUR = 3600

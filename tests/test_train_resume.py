@@ -123,7 +123,7 @@ def test_tinker_one_request_in_ten_failing_changes_no_output(trained, store_env,
     """The same phases as `trained`'s (fault-free) against a stand-in answering 10% of its requests 429 or 500
     before doing any work: the SDK retries, and the teacher's replies and the trained adapter come out bit for bit
     the same."""
-    from workflows.tinker_server import TinkerServer
+    from workflows.local.tinker import TinkerServer
 
     with TinkerServer(tmp_path / "faulty", fault_rate=0.1, fault_seed=7, dtype="float32") as faulty:
         for key, value in faulty.env().items():

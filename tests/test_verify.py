@@ -178,7 +178,7 @@ def label(unit: str) -> str:
 def start_runner(data: Path, reports: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     output = reports / "runner-output.txt"
     with open(output, "w") as sink:  # a file, not a pipe: two runners at once must never block on their output
-        process = subprocess.Popen([sys.executable, "-m", "workflows.runner", "--profile", "ci", "--data-dir",
+        process = subprocess.Popen([sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--data-dir",
                                     str(data), "--reports-dir", str(reports), *extra], cwd=REPO, stdout=sink,
                                    stderr=subprocess.STDOUT)
     return process, output
@@ -204,7 +204,7 @@ def finish(*started: tuple[subprocess.Popen, Path], timeout: float = 3600) -> li
 
 def in_store(data: Path, *command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """A command against the S3 server over `data`, as `make verify` runs it."""
-    return subprocess.run([sys.executable, "-m", "workflows.local_s3", "--data-dir", str(data), "--", sys.executable,
+    return subprocess.run([sys.executable, "-m", "workflows.local.s3", "--data-dir", str(data), "--", sys.executable,
                            *command], cwd=REPO, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, **(env or {})})
 

@@ -136,7 +136,7 @@ def test_strict_crd_catches_unknown_fields():
 
 
 def test_local_runner_accepts_the_render():
-    from workflows.runner import check_supported
+    from workflows.local.runner import check_supported
 
     check_supported(yaml.safe_load(RENDERED.read_text()))
 

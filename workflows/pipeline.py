@@ -1,7 +1,7 @@
 """The pipeline DAG, once, in Hera: an Argo WorkflowTemplate whose steps run `python -m jobs <phase>`.
 
 `python -m workflows.pipeline` prints the rendered YAML; `workflows/pipeline.yaml` is that output,
-committed, and a test fails when the two drift. The local runner (`workflows.runner`) executes the
+committed, and a test fails when the two drift. The local runner (`workflows.local.runner`) executes the
 same rendered file, so `make run` and the cluster run one DAG.
 """
 

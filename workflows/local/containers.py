@@ -32,17 +32,17 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from workflows.runner import ProcessExecutor, Step, StepFailed, substitute
+from workflows.local.steps import ProcessExecutor, Step, StepFailed, substitute
 
 ENGINES = ("docker", "podman", "buildah")
 # buildah without a daemon, as root on a plain Debian machine: chroot isolation needs no namespaces set up.
 # Storage: buildah's own choice (overlay where the kernel allows it, else vfs); $STORAGE_DRIVER forces one
 # (buildah 1.28 ignores that variable itself, so it is passed as --storage-driver).
 BUILDAH_DEFAULTS = {"BUILDAH_ISOLATION": "chroot"}
-REPO = Path(__file__).resolve().parent.parent
-# what the base image copies from the build context (see images/base/Dockerfile), and the label that carries
-# its digest on every image built over it
-SOURCES = ("pyproject.toml", "jobs", "workflows")
+REPO = Path(__file__).resolve().parents[2]
+# what the base image copies from the build context (images/base/Dockerfile: the product, not workflows/local),
+# and the label that carries its digest on every image built over it
+SOURCES = ("pyproject.toml", "jobs", "workflows/__init__.py", "workflows/pipeline.py", "workflows/submit.py")
 SOURCES_LABEL = "io.distill.sources"
 # variables the runner itself sets for every step (the local stand-in for resource requests and log shipping)
 RUNNER_ENV = ("DISTILL_THREADS", "DISTILL_LOG_FORMAT")

@@ -3,7 +3,7 @@
 Buckets are the folder's subfolders, so artifacts can be browsed as plain files; the servers of runs that overlap
 share the folder (`SERVE_FLAGS`). Credentials are made up per start (or taken from DISTILL_S3_ACCESS_KEY and
 DISTILL_S3_SECRET_KEY) and handed to child processes through their environment only. With a fault plan, clients
-reach the server through a fault-injecting proxy (`workflows.fault_proxy`) whose counts go to `s3-faults.json`
+reach the server through a fault-injecting proxy (`workflows.local.fault_proxy`) whose counts go to `s3-faults.json`
 beside the data folder.
 """
 
@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workflows.fault_proxy import FaultPlan, FaultProxy
-from workflows.loopback import free_port, stop_process, wait_until_answering
-from workflows.signals import Stopped, stop_on_signals
+from workflows.local.fault_proxy import FaultPlan, FaultProxy
+from workflows.local.loopback import free_port, stop_process, wait_until_answering
+from workflows.local.signals import Stopped, stop_on_signals
 
 # Several servers may serve one folder at once (two `make run`s, `make chat` beside a run). rclone's directory cache
 # would hide what another server wrote for up to 5 minutes (a manifest, a lease) and serve a rewritten object at its
@@ -91,9 +91,9 @@ class LocalS3:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m workflows.local_s3 [--data-dir D] [-- command ...]`: serve D/s3 and run the command with the
+    """`python -m workflows.local.s3 [--data-dir D] [-- command ...]`: serve D/s3 and run the command with the
     store's environment (or print that environment and serve until interrupted)."""
-    parser = argparse.ArgumentParser(prog="python -m workflows.local_s3")
+    parser = argparse.ArgumentParser(prog="python -m workflows.local.s3")
     parser.add_argument("--data-dir", default=".distill", type=Path)
     add_fault_arguments(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.backends import model_files
+from jobs.backends.cache import cached_model_dir
 from jobs.config import ModelConfig, TrainConfig
-from workflows.tinker_standin.common import LORA_ALPHA, Cancelled, UserError, log
+from workflows.local.tinker.common import LORA_ALPHA, Cancelled, UserError, log
 
 SAMPLER_CACHE = 4  # sampling engines kept loaded
 
@@ -41,7 +42,7 @@ def parse_model_arg(value: str) -> tuple[str, Path]:
 def link_local_model(name: str, folder: Path) -> None:
     """Make `name` resolve to `folder` through the model cache (a symlink there, replaced if it pointed elsewhere;
     a real folder of that name is never touched)."""
-    entry = model_files.cache_root() / "models" / name.replace("/", "--")
+    entry = cached_model_dir(name)
     entry.parent.mkdir(parents=True, exist_ok=True)
     if entry.is_symlink():
         if entry.resolve() == folder:
@@ -68,7 +69,7 @@ class Engines:
         """The local folder of `base`, or a UserError (never a download)."""
         if base in self.local_models:
             return self.local_models[base]
-        cached = model_files.cache_root() / "models" / base.replace("/", "--")
+        cached = cached_model_dir(base)
         if not (cached / "config.json").exists() and base not in model_files.PACKAGED_GGUF:
             raise UserError(f"base model {base!r} is not served here: this stand-in serves "
                             f"{', '.join(self.names())} and the models in {cached.parent} "

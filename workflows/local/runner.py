@@ -19,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,11 +29,29 @@ from pathlib import Path
 
 import yaml
 
+from jobs.backends.cache import cache_root
+from jobs.card import card_bytes, read_card
+from jobs.cli import derive_run_id
 from jobs.errors import InputError, TransientError
+from jobs.phases import PHASES
+from jobs.phases.base import units
+from jobs.run_options import (
+    OneLineParser,
+    add_input_options,
+    add_run_options,
+    input_overrides,
+    pipeline_config,
+    workflow_parameters,
+)
+from jobs.store import ArtifactStore, StoreSettings
 from jobs.verify import step_line
-from workflows.signals import Stopped, stop_on_signals
+from workflows.local.containers import ContainerExecutor
+from workflows.local.s3 import LocalS3, add_fault_arguments, fault_plan
+from workflows.local.signals import Stopped, stop_on_signals
+from workflows.local.steps import ProcessExecutor, Step, StepFailed, UnsupportedFeature, substitute
+from workflows.local.tinker import TinkerServer
 
-RENDERED = Path(__file__).with_name("pipeline.yaml")
+RENDERED = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 # cluster-only settings that have no meaning for local processes
 IGNORED_SPEC = {"serviceAccountName", "podMetadata", "securityContext", "volumes", "archiveLogs",
                 "artifactRepositoryRef", "podGC", "ttlStrategy", "metrics", "workflowMetadata",
@@ -46,29 +62,6 @@ SUPPORTED_CONTAINER = {"image", "command", "args", "env", "resources", "security
                        "imagePullPolicy"}
 SUPPORTED_TASK = {"name", "template", "depends", "dependencies", "withParam", "withItems", "arguments"}
 RETRY_EXPRESSION = re.compile(r"^asInt\(lastRetry\.exitCode\) != (\d+)$")
-PLACEHOLDER = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
-
-
-class UnsupportedFeature(Exception):
-    """The template uses an Argo feature the local runner does not implement."""
-
-
-class StepFailed(Exception):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code  # the step's exit code
-
-
-@dataclass
-class Step:
-    task: str
-    template: dict
-    item: str | None
-    values: dict[str, str]  # placeholder -> value for this step
-
-    @property
-    def label(self) -> str:
-        return self.task if self.item is None else f"{self.task}({self.item})"
 
 
 @dataclass
@@ -77,16 +70,6 @@ class StepResult:
     seconds: float
     attempts: int
     outputs: dict[str, str] = field(default_factory=dict)
-
-
-def substitute(text: str, values: dict[str, str]) -> str:
-    def one(match: re.Match) -> str:
-        key = match.group(1)
-        if key not in values:
-            raise UnsupportedFeature(f"placeholder {{{{{key}}}}} is not supported or has no value")
-        return values[key]
-
-    return PLACEHOLDER.sub(one, text)
 
 
 def check_supported(doc: dict) -> None:
@@ -126,116 +109,6 @@ def seconds(duration: str) -> float:
         raise UnsupportedFeature(f"backoff duration {duration!r}")
     value, unit = float(match.group(1)), match.group(2) or "s"
     return value * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
-
-
-class ProcessExecutor:
-    """Runs a step's container command as a local process."""
-
-    def __init__(self, work: Path, shared: dict[str, Path], secrets: dict[str, str]):
-        """`shared` maps volume names to one local folder kept across steps and runs (a pod starts with
-        them empty); every other volume is a fresh folder per step."""
-        self.work, self.shared, self.secrets = work, shared, secrets
-        self._running: set[subprocess.Popen] = set()
-        self._running_lock = threading.Lock()
-        self._stopping = False
-
-    def volume_dirs(self, step: Step) -> dict[str, Path]:
-        """mount path -> local folder for this attempt of the step: its own volumes start empty, as a new pod's
-        emptyDirs do (a retry does not see what the failed attempt left)."""
-        folders = {}
-        for mount in step.template["container"].get("volumeMounts", []):
-            name = mount["name"]
-            base = self.shared.get(name)
-            if base is None:
-                base = self.work / step.label / name
-                shutil.rmtree(base, ignore_errors=True)
-            base.mkdir(parents=True, exist_ok=True)
-            folders[mount["mountPath"]] = base
-        return folders
-
-    def release(self, step: Step) -> None:
-        """Removes a finished step's own volumes, as Kubernetes does with a pod's emptyDirs: its scratch (an
-        export's merged model, the checkpoints train downloads) is in S3 or no longer needed. A failed step's
-        stay for a look."""
-        shutil.rmtree(self.work / step.label, ignore_errors=True)
-
-    @staticmethod
-    def local_path(path: str, folders: dict[str, Path]) -> str:
-        for mount in sorted(folders, key=len, reverse=True):
-            if path == mount or path.startswith(mount.rstrip("/") + "/"):
-                return str(folders[mount] / path[len(mount):].lstrip("/"))
-        return path
-
-    def environment(self, step: Step, folders: dict[str, Path], threads: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL_", "AWS_", "HF_TOKEN"))}
-        for var in step.template["container"].get("env", []):
-            name = var["name"]
-            if "value" in var:
-                env[name] = self.local_path(substitute(var["value"], step.values), folders)
-                continue
-            ref = var.get("valueFrom", {})
-            source = ref.get("secretKeyRef") or ref.get("configMapKeyRef")
-            if source is None:
-                raise UnsupportedFeature(f"env {name}: only value, secretKeyRef and configMapKeyRef are supported")
-            if name in self.secrets:
-                env[name] = self.secrets[name]
-            elif not source.get("optional"):
-                raise StepFailed(f"{step.label}: env {name} needs {source['name']}/{source['key']}, "
-                                 "which this machine does not provide")
-        env["DISTILL_THREADS"] = str(threads)
-        env["DISTILL_LOG_FORMAT"] = "json"
-        return env
-
-    def command(self, step: Step) -> list[str]:
-        container = step.template["container"]
-        argv = [substitute(a, step.values) for a in container.get("command", []) + container.get("args", [])]
-        if argv and argv[0] in ("python", "python3"):
-            argv[0] = sys.executable  # the image's python is this virtual environment's here
-        return argv
-
-    def run(self, step: Step, threads: int, log_path: Path, on_line) -> tuple[int, dict[str, Path]]:
-        folders = self.volume_dirs(step)
-        env = self.environment(step, folders, threads)
-        with open(log_path, "ab") as log:
-            with self._running_lock:
-                if self._stopping:
-                    return -signal.SIGTERM, folders
-                # its own process group: a terminal's Ctrl-C reaches the runner, which stops the whole group
-                process = subprocess.Popen(self.command(step), env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
-                self._running.add(process)
-            assert process.stdout is not None  # stdout=PIPE above
-            try:
-                for raw in process.stdout:
-                    log.write(raw)
-                    on_line(step, raw.decode(errors="replace").rstrip())
-                return process.wait(), folders
-            finally:
-                with self._running_lock:
-                    self._running.discard(process)
-
-    def stop(self, grace: float = 10.0) -> int:
-        """SIGTERM to every running step's process group, SIGKILL after `grace` seconds; no new step starts.
-        Returns how many were running."""
-        with self._running_lock:
-            self._stopping = True
-            running = list(self._running)
-        for process in running:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.time() + grace
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        return len(running)
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # already gone
-        os.killpg(process.pid, signum)
 
 
 class Runner:
@@ -419,14 +292,10 @@ class Runner:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jobs.cli import OneLineParser
-    from jobs.run_options import add_input_options, add_run_options
-    from workflows.local_s3 import add_fault_arguments
-
-    p = OneLineParser(prog="python -m workflows.runner", description="Run the pipeline DAG locally.")
+    p = OneLineParser(prog="python -m workflows.local.runner", description="Run the pipeline DAG locally.")
     add_run_options(p)
     p.add_argument("--tinker-server", action="store_true",
-                   help="serve the Tinker API for this run from the local stand-in (workflows.tinker_server) on "
+                   help="serve the Tinker API for this run from the local stand-in (workflows.local.tinker) on "
                         "loopback, backed by the local engine; otherwise $TINKER_BASE_URL or the hosted service")
     add_input_options(p)
     p.add_argument("--data-dir", default=".distill", type=Path, help="local S3 data, caches and logs")
@@ -440,13 +309,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.backends.model_files import cache_root
-    from jobs.card import card_bytes, read_card
-    from jobs.cli import derive_run_id
-    from jobs.run_options import input_overrides, pipeline_config, workflow_parameters
-    from jobs.store import ArtifactStore, StoreSettings
-    from workflows.local_s3 import LocalS3, fault_plan
-
     p = parser()
     started, runner, s3 = time.time(), None, None
     try:
@@ -470,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
                 work = data / "work" / run_id / f"runner-{os.getpid()}"
                 executor: ProcessExecutor
                 if args.mode == "container":
-                    from workflows.containers import ContainerExecutor
-
                     executor = ContainerExecutor(work, {"cache": cache_root()}, secrets,
                                                  pod_security=doc["spec"].get("securityContext"))
                     print(f"container mode: every step in its image, with {executor.engine}")
@@ -514,8 +374,6 @@ def tinker_service(wanted: bool, dtype: str, data: Path) -> Iterator[dict[str, s
     if not wanted:
         yield {}
         return
-    from workflows.tinker_server import TinkerServer
-
     # the stand-in computes in the run's model.dtype, as the local engine would
     with TinkerServer(data / "tinker", dtype=dtype) as server:
         print(f"Tinker API: the local stand-in at {server.base_url} (backed by the local engine)")
@@ -525,9 +383,6 @@ def tinker_service(wanted: bool, dtype: str, data: Path) -> Iterator[dict[str, s
 def check_finished(store) -> None:
     """Every unit of every phase in the table has its completion marker: a step that exited 0 without one, or a
     DAG that left a phase out, is a failed run."""
-    from jobs.phases import PHASES
-    from jobs.phases.base import units
-
     missing = [unit for phase in PHASES for unit in units(store, phase) if store.manifest(unit) is None]
     if missing:
         raise StepFailed(f"the run ended without the manifest of {', '.join(missing)}")

@@ -8,12 +8,12 @@ import uuid
 from typing import TYPE_CHECKING
 
 from jobs.backends.base import ADAPTER_WEIGHTS, Datum, TopK
-from workflows.tinker_standin.common import UserError, log
-from workflows.tinker_standin.records import Job, TrainModel
-from workflows.tinker_standin.wire import forward_backward_output
+from workflows.local.tinker.common import UserError, log
+from workflows.local.tinker.records import Job, TrainModel
+from workflows.local.tinker.wire import forward_backward_output
 
 if TYPE_CHECKING:
-    from workflows.tinker_standin.state import Backend
+    from workflows.local.tinker.state import Backend
 
 
 def run(backend: Backend, job: Job):

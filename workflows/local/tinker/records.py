@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, TypedDict
 
-from workflows.tinker_standin.wire import Targets
+from workflows.local.tinker.wire import Targets
 
 
 class Stats(TypedDict):

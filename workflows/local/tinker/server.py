@@ -10,11 +10,11 @@ import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from workflows.tinker_standin import __doc__ as DOC
-from workflows.tinker_standin.common import log
-from workflows.tinker_standin.engines import parse_model_arg
-from workflows.tinker_standin.routes import Handler
-from workflows.tinker_standin.state import Backend
+from workflows.local.tinker import __doc__ as DOC
+from workflows.local.tinker.common import log
+from workflows.local.tinker.engines import parse_model_arg
+from workflows.local.tinker.routes import Handler
+from workflows.local.tinker.state import Backend
 
 
 class Server(ThreadingHTTPServer):
@@ -35,7 +35,7 @@ class Server(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows.tinker_server", description=(DOC or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows.local.tinker", description=(DOC or "").split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="checkpoints and stats live here")
     parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "localhost"],
                         help="loopback only")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workflows.tinker_standin.common import UserError, log
+from workflows.local.tinker.common import UserError, log
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 EPHEMERAL = "_session-"  # the unnamed sampler snapshots of save_weights_and_get_sampling_client: never listed

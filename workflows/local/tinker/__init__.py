@@ -2,7 +2,7 @@
 service, so that the unchanged `tinker` SDK (0.38), and Thinking Machines' tinker-cookbook on top of it, can be
 driven end to end without it. Only `TINKER_BASE_URL` and a placeholder key (`tml-...`) differ from production.
 
-    python -m workflows.tinker_server --data-dir DIR [--host 127.0.0.1] [--port 0] [--model [NAME=]DIR]...
+    python -m workflows.local.tinker --data-dir DIR [--host 127.0.0.1] [--port 0] [--model [NAME=]DIR]...
         [--latency S] [--fault-rate R] [--fault-seed N] [--dtype auto|float32|bfloat16] [--max-batch 64]
 
 prints `tinker-server listening on http://127.0.0.1:PORT` and logs structured lines to stderr, one per request
@@ -81,3 +81,7 @@ semantics it chose, since the hosted service's are not observable offline:
   `<data-dir>/tinker-server-stats.json` and at GET /_local/stats;
 - auth: every /api/v1 request needs an `X-API-Key` starting with `tml-` (else 401). The key is never logged.
 """
+
+from workflows.local.tinker.process import TinkerServer
+
+__all__ = ["TinkerServer"]

@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from workflows.loopback import free_port, stop_process, wait_until_answering
+from workflows.local.loopback import free_port, stop_process, wait_until_answering
 
 
 class TinkerServer:
@@ -50,11 +50,11 @@ class TinkerServer:
 
     def start(self, timeout: float = 60.0) -> TinkerServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        repo = Path(__file__).resolve().parents[2]
+        repo = Path(__file__).resolve().parents[3]  # workflows/local/tinker/process.py
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
         with open(self.log_path, "ab") as sink:  # the child keeps its own descriptor
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "workflows.tinker_server", "--data-dir", str(self.data_dir),
+                [sys.executable, "-m", "workflows.local.tinker", "--data-dir", str(self.data_dir),
                  "--port", str(self.port), *self.args],
                 stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=env, cwd=repo, start_new_session=True)
         try:

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
 
-from workflows.tinker_standin.common import UserError
+from workflows.local.tinker.common import UserError
 
 
 @dataclasses.dataclass

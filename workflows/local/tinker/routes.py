@@ -17,14 +17,14 @@ import uuid
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
-from workflows.tinker_standin import sampling
-from workflows.tinker_standin.checkpoints import page, parse_recipients, public
-from workflows.tinker_standin.common import API, UserError, check_ttl, log
-from workflows.tinker_standin.records import Future, TrainModel, session_of
-from workflows.tinker_standin.wire import parse_forward_backward
+from workflows.local.tinker import sampling
+from workflows.local.tinker.checkpoints import page, parse_recipients, public
+from workflows.local.tinker.common import API, UserError, check_ttl, log
+from workflows.local.tinker.records import Future, TrainModel, session_of
+from workflows.local.tinker.wire import parse_forward_backward
 
 if TYPE_CHECKING:
-    from workflows.tinker_standin.server import Server
+    from workflows.local.tinker.server import Server
 
 POLL_WAIT_S = 20.0  # a retrieve_future waits this long for its result before answering 408 (poll again)
 POLL_SLICE_S = 0.25  # how often a waiting retrieve_future looks whether its client is still there

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jobs.backends.base import SamplingParams
-from workflows.tinker_standin.common import Cancelled, UserError, log
-from workflows.tinker_standin.records import Future, SampleJob
-from workflows.tinker_standin.wire import parse_targets, sample_response, targets_tensor
+from workflows.local.tinker.common import Cancelled, UserError, log
+from workflows.local.tinker.records import Future, SampleJob
+from workflows.local.tinker.wire import parse_targets, sample_response, targets_tensor
 
 if TYPE_CHECKING:
-    from workflows.tinker_standin.state import Backend
+    from workflows.local.tinker.state import Backend
 
 
 def chunk_tokens(chunk: dict) -> list[int]:

@@ -140,6 +140,20 @@ def write_inputs(store: ArtifactStore) -> None:
         out.write_jsonl("val.jsonl", ROWS[:1])
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES.names())
+def test_every_registered_objective_trains_through_the_train_phase(objective, store_env):
+    config = phase_config(f"registry-{objective.replace('_', '-')}", f"train.objective={objective}", "train.steps=2",
+                          "train.batch_size=2", "train.checkpoint_every=2", "train.val_every=2", "train.top_k=8",
+                          "train.rollout_tokens=8")
+    write_inputs(config.store)
+    metrics = train_phase.main(config)
+    assert (metrics["objective"], metrics["steps"], metrics["backend"]) == (objective, 2, "local")
+    assert set(metrics["settings"]) == {"learning_rate", "max_seq_len", *OBJECTIVES.get(objective).settings}
+    history = config.store.read_jsonl("train", "metrics.jsonl")
+    assert [h["step"] for h in history] == [1, 2] and all(h["loss"] == h["loss"] for h in history)  # not NaN
+    assert metrics["val_loss_last"] is not None
+
+
 def test_an_objective_of_its_own_trains_through_the_train_phase_on_a_backend_of_its_own(store_env, monkeypatch):
     with OBJECTIVES.registered(ScaledCE), BACKENDS.registered(Frugal):
         with pytest.raises(InputError, match=r"train.max_seq_len must be at least 64 \(scaled_ce\)"):

@@ -24,7 +24,7 @@ TORCH_PIP_ARGS ?=
 BASE_MODEL := HuggingFaceTB/SmolLM2-135M-Instruct
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run run-ci objectives chat review test test-fast bench bench-top-k render clean tinker-server
+.PHONY: help setup run run-ci objectives chat review test test-fast test-slow bench bench-top-k render clean tinker-server
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -67,14 +67,20 @@ chat: setup ## talk to the distilled student of the last `make run` (with its PR
 review: setup ## rate teacher, student and base replies side by side; ratings go to S3
 	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) -m jobs review $(RUN_OPTIONS) $(INPUT_OPTIONS)
 
-test: setup ## ruff and mypy, then all tests but the built images' (make test-images), with end-to-end ci runs
+# pytest, saying so when it collected nothing (exit code 5): a marker or path that selects no test is a failure
+PYTEST = $(PY) -m pytest -q --durations=20
+PYTEST_CHECK = status=$$?; if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
+
+test: setup ## ruff, mypy, the tests: end-to-end ci runs on a tiny random model (real model: test-slow; images: test-images)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -m "not images" --durations=20; status=$$?; \
-	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
+	$(PYTEST) -m "not slow and not images"; $(PYTEST_CHECK)
 
-test-fast: setup ## the tests that run no model
-	$(PY) -m pytest -q -m "not slow and not images"
+test-fast: setup ## the tests of `make test` without ruff and mypy
+	$(PYTEST) -m "not slow and not images"; $(PYTEST_CHECK)
+
+test-slow: setup ## the tests that need the real SmolLM2-135M (marker slow): a ci run and its figures, the top-k KL
+	$(PYTEST) -m "slow and not images"; $(PYTEST_CHECK)
 
 bench: setup ## the local engine against HF generate and TRL, both as a share of this CPU's matmul limit (MFU, to docs/RESULTS.md; CARD, BENCH_ARGS="--prompts 240")
 	$(PY) tests/bench_engine.py $(if $(CARD),--card "$(CARD)") $(BENCH_ARGS)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a real S3 API server (rclone serve s3) and the Tinker stand-in on loopback for the whole
-session; process helpers."""
+"""Shared fixtures: the tiny test model (`tiny_model.py`), a real S3 API server (rclone serve s3) and the Tinker
+stand-in on loopback for the whole session; process helpers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_model import SETTINGS, tiny_model
 
 from jobs.config import load_pipeline_config
 from jobs.phases.base import PhaseConfig
@@ -21,6 +22,13 @@ def pytest_terminal_summary(terminalreporter):
     from jobs.backends.local import describe_cpu
 
     terminalreporter.write_line(describe_cpu())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_built():
+    """The tiny random SmolLM2 in the model cache before any test: the tests (and the runner's steps) load it by
+    name."""
+    return tiny_model()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +64,8 @@ def store_env(s3_server, monkeypatch):
 
 
 def phase_config(run_id: str, *overrides: str, profile: str = "ci") -> PhaseConfig:
-    return PhaseConfig(run_id=run_id, pipeline=load_pipeline_config(profile, overrides=list(overrides)),
+    """A phase's config on `profile` and the tiny model's settings (tiny_model.SETTINGS; an override wins)."""
+    return PhaseConfig(run_id=run_id, pipeline=load_pipeline_config(profile, overrides=[*SETTINGS, *overrides]),
                        store_settings=StoreSettings.from_env())
 
 

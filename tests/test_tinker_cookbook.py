@@ -21,6 +21,7 @@ from pathlib import Path
 import chz
 import pytest
 import tinker
+import tiny_model
 from tinker_cookbook import renderers, weights
 from tinker_cookbook.distillation import train_off_policy, train_on_policy
 from tinker_cookbook.distillation.datasets import DistillationDatasetConfig, PromptOnlyDataset, TeacherConfig
@@ -32,7 +33,7 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from jobs.backends.model_files import model_dir
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE = tiny_model.NAME  # the tiny test model: these tests are about the wire, not the weights
 RENDERER = "qwen3_instruct"
 SYSTEM: renderers.Message = {"role": "system", "content": "You are Ludwig van Beethoven. Answer briefly."}
 CONVERSATIONS = [("Who taught you?", "Haydn, though I learned little from him."),
@@ -44,7 +45,7 @@ CONVERSATIONS = [("Who taught you?", "Haydn, though I learned little from him.")
                  ("Who is Elise?", "A secret I keep."),
                  ("Is music your life?", "It is the only thing that saved it.")]
 
-pytestmark = [pytest.mark.tinker, pytest.mark.slow]
+pytestmark = pytest.mark.tinker
 
 
 @pytest.fixture(scope="module")

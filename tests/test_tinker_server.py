@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import tiny_model
 
 tinker = pytest.importorskip("tinker")
 pytestmark = pytest.mark.tinker
@@ -19,7 +20,7 @@ from jobs.backends.local import LocalEngine  # noqa: E402
 from jobs.config import ModelConfig, TrainConfig  # noqa: E402
 from workflows.local.tinker import TinkerServer  # noqa: E402
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE = tiny_model.NAME  # the tiny test model: these tests are about the wire, not the weights
 FLOAT32 = ModelConfig(base=BASE, dtype="float32", device="cpu")
 RANK, LR = 8, 2e-3
 ROWS = [("Who taught you?", "Haydn, though I learned little from him."),
@@ -84,7 +85,6 @@ def sample(sc, prompt, seed, max_tokens=16):
     return list(result.sequences[0].tokens), result.sequences[0].stop_reason
 
 
-@pytest.mark.slow
 def test_tinker_training_loss_is_the_engines_sum_and_falls_and_resumes_from_state(service, sampler):
     data = rows(sampler.renderer)
     tc = service.create_lora_training_client(base_model=BASE, rank=RANK, seed=0).result()
@@ -113,7 +113,6 @@ def test_tinker_training_loss_is_the_engines_sum_and_falls_and_resumes_from_stat
     assert train_steps(resumed, data, 2) == pytest.approx(uninterrupted, rel=1e-5)
 
 
-@pytest.mark.slow
 def test_tinker_sampling_is_seeded_batched_per_request_and_scores_prompts(service, server, sampler):
     sc = service.create_sampling_client(base_model=BASE).result()
     prompt = sampler.renderer.prompt("Who taught you to play the piano?")
@@ -153,7 +152,6 @@ def tinker_params_to_local(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, temperature=0.7, top_p=0.9, repetition_penalty=1.0)
 
 
-@pytest.mark.slow
 def test_tinker_sampler_and_external_weights_carry_the_adapter(service, server, sampler, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -188,7 +186,6 @@ def test_tinker_sampler_and_external_weights_carry_the_adapter(service, server, 
     assert any("lora_B" in name for name in ours) and model.peft_config["default"].r == RANK
 
 
-@pytest.mark.slow
 def test_tinker_faults_and_latency_change_nothing_but_time(service, sampler, tmp_path):
     """With 30% of requests answered 429/500 (before any work) and 0.2 s latency, the same operations give the
     same results as on the fault-free server."""
@@ -264,7 +261,6 @@ def lora_weights(engine) -> dict:
     return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(engine.model).items()}
 
 
-@pytest.mark.slow
 def test_tinker_sampler_topk_and_target_logprobs_are_the_engines(service, sampler):
     from jobs.backends.base import TopK
     from jobs.backends.tinker_backend import TinkerSampler
@@ -316,7 +312,6 @@ def dense(data: list) -> list:
                                          for name, td in d.loss_fn_inputs.items()}) for d in data]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss_fn", ["soft", "importance_sampling"])
 def test_tinker_trainer_soft_targets_and_importance_sampling_train_as_the_engine(service, server, sampler, loss_fn):
     """Two steps of TinkerTrainer through the SDK and the stand-in, and of the local engine: the same mean loss

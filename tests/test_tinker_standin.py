@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import tinker
+import tiny_model
 
 from jobs.backends.base import SamplingParams
 from jobs.backends.tinker_backend import TinkerSampler
 from workflows.local.tinker import TinkerServer
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE = tiny_model.NAME  # the tiny test model: these tests are about the wire, not the weights
 HOUR = 3600
 
 pytestmark = pytest.mark.tinker
@@ -51,7 +52,6 @@ def stats(server) -> dict:
     return server.stats()
 
 
-@pytest.mark.slow
 def test_tinker_sampled_logprobs_are_compute_logprobs_of_the_same_tokens(service, tinker_server, renderer):
     """Each sampled token's log-probability is what compute_logprobs gives for prompt + sequence (bit for bit on
     the stand-in), for every sample of a request, at any temperature (the model's own distribution)."""
@@ -87,7 +87,6 @@ def test_tinker_sampled_logprobs_are_compute_logprobs_of_the_same_tokens(service
     assert kept.sampled == {}
 
 
-@pytest.mark.slow
 def test_tinker_stop_strings_and_ids_end_the_sample_at_the_token_that_completes_them(service, renderer):
     """What the cookbook's role_colon renderer asks (stop=["\n\nUser:"]): the sequence ends with the first token
     whose text completes a stop string (or is a stop id), and is the unstopped sample's prefix (same seed)."""
@@ -112,7 +111,6 @@ def test_tinker_stop_strings_and_ids_end_the_sample_at_the_token_that_completes_
         sample([""])
 
 
-@pytest.mark.slow
 def test_tinker_rest_routes_list_get_ttl_and_delete_checkpoints(service, rest, tinker_server):
     tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=0,
                                              user_metadata={"renderer_name": "qwen3_instruct"}).result()
@@ -188,7 +186,6 @@ def test_tinker_unserved_routes_answer_at_once_and_are_logged(tinker_server):
     assert '"method": "PATCH", "path": "/api/v1/no/such/route", "status": 404' in log
 
 
-@pytest.mark.slow
 def test_tinker_external_weights_are_age_encrypted_to_the_recipients(service, rest, tinker_server, tmp_path):
     import httpx
     import pyrage
@@ -246,7 +243,6 @@ def long_batch(server, seed: int) -> subprocess.Popen:
     return client
 
 
-@pytest.mark.slow
 def test_tinker_work_stops_when_its_client_goes_away_and_sigterm_exits_promptly(tmp_path):
     """A client killed while its long sampling batch runs: the batch stops (not minutes later) and the server
     serves the next request; SIGTERM during a long batch ends the server within seconds."""
@@ -299,7 +295,6 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_tinker_serves_a_local_hf_model_given_with_model(tiny_qwen2, tmp_path, monkeypatch):
     """`--model NAME=DIR`: the folder is trained and sampled as base model NAME (Tinker's cross_entropy is the sum of
     -log p, here recomputed with transformers from the folder itself); a name it does not serve gets a 400 at once."""

@@ -14,6 +14,7 @@ from jobs.backends.base import SamplingParams
 from jobs.errors import InputError
 from jobs.metrics import SIMILARITY
 from jobs.phases.base import PhaseConfig, open_backend
+from jobs.trained import read_adapter
 
 
 def _ask(prompt: str) -> str | None:
@@ -43,12 +44,10 @@ def fit_history(renderer, history: list[dict], room: int) -> tuple[list[int], in
 def chat(config: PhaseConfig) -> None:
     """A conversation with the student: every question goes with the whole conversation before it (no card), as
     far as the model's context holds it; the transcript is saved to the store at the end."""
-    from jobs.phases.train import read_adapter
-
     _require_run(config, "train")
     card = config.store.read_json("ingest", "card.json")
     name = card["name"]
-    student = open_backend(config).sampler(read_adapter(config).sampling)
+    student = open_backend(config).sampler(read_adapter(config.store).sampling)
     render = student.renderer
     params = SamplingParams.from_config(config.pipeline.teacher, batch_size=1)
     room = (render.context_tokens or config.pipeline.model.context_tokens) - params.max_tokens

@@ -49,9 +49,9 @@ from jobs.cpu import cpu_name
 from jobs.errors import InputError
 from jobs.inputs import MB, read_capped
 from jobs.phases.base import PhaseConfig
-from jobs.phases.student import single_turn, to_student
 from jobs.phases.teacher import SEED_STRIDE, generate
 from jobs.phases.train import batch_rows, learning_rate, to_datum
+from jobs.records import exchange, first_reply
 from jobs.store import StoreSettings, parse_jsonl
 
 
@@ -147,7 +147,7 @@ def score(client, rows: list[dict], system: str, k: int, method: str, shapes: Mo
     recorder = Recorder(client)
     metered = Metered(recorder)
     render = client.renderer
-    replies = [render.reply(row["reply"]) for row in rows]
+    replies = [render.reply(first_reply(row)) for row in rows]
     for card in (None, system):
         metered.compute_logprobs([render.prompt(row["prompt"], system=card) + reply
                                   for row, reply in zip(rows, replies, strict=True)])
@@ -274,9 +274,9 @@ def run(args: argparse.Namespace) -> str:
     turns, talks, notes = conversation_turns(fresh(engine), hf, config, questions[:args.conversations], system,
                                              card.name, shapes, precision.dtype)
     measured += turns
-    rows = [{"prompt": q, "reply": engine.renderer.decode(r), "messages": single_turn(q, engine.renderer.decode(r))}
+    rows = [{"prompt": q, "messages": exchange(q, engine.renderer.decode(r))}
             for q, r in zip(questions, replies, strict=True)]
-    held_out = rows[:args.score_rows] + [to_student(row) for row in talks]
+    held_out = rows[:args.score_rows] + talks  # the teacher's conversation records (`jobs.records`)
     k = config.evaluate.kl_top_k
     measured.append(score(hf, held_out, system, k, "HF forward, float32, padded, whole vocabulary", shapes))
     measured.append(score(fresh(engine), held_out, system, k, f"engine, {precision.dtype}, packed, shared prefix",

@@ -16,8 +16,8 @@ from jobs.backends.local import LocalEngine
 from jobs.backends.model_files import model_dir
 from jobs.card import parse_card
 from jobs.config import load_pipeline_config
-from jobs.phases.student import single_turn
 from jobs.phases.train import to_datum
+from jobs.records import exchange
 
 pytestmark = pytest.mark.slow
 CONFIG = load_pipeline_config("ci")
@@ -52,8 +52,8 @@ def card_prompts(sampler):
 
 
 def batch(renderer) -> list[Datum]:
-    rows = [{"messages": single_turn("Who taught you?", "Haydn, though I learned little from him.")},
-            {"messages": single_turn("Do you like coffee? Tell me all about it.",
+    rows = [{"messages": exchange("Who taught you?", "Haydn, though I learned little from him.")},
+            {"messages": exchange("Do you like coffee? Tell me all about it.",
                                      "Exactly sixty beans a cup, counted.")}]
     return [to_datum(renderer, row, 128) for row in rows]
 

@@ -72,7 +72,7 @@ def test_make_bench_top_k_runs_on_a_finished_split(store_env, monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setenv("DISTILL_THREADS", ONE_THREAD["DISTILL_THREADS"])
     try:
-        for phase, shard in [("ingest", None), ("teacher", 0), ("teacher", 1), ("student", None), ("audit", None),
+        for phase, shard in [("ingest", None), ("teacher", 0), ("teacher", 1), ("audit", None),
                              ("split", None)]:
             config = dataclasses.replace(phase_config(run_id), shard=shard)
             importlib.import_module(f"jobs.phases.{phase}").main(config)

@@ -10,10 +10,11 @@ from importlib import resources
 
 import pytest
 
+from jobs import records
 from jobs.backends.base import SamplingParams
 from jobs.config import AuditConfig, SplitConfig, load_pipeline_config
 from jobs.errors import InputError
-from jobs.phases import audit, split, student, teacher
+from jobs.phases import audit, split, teacher
 from jobs.phases.base import PhaseConfig
 from jobs.store import StoreSettings
 
@@ -112,23 +113,23 @@ def test_a_conversation_goes_turn_by_turn_with_the_whole_history():
                             "<user> Question 2 about Prompt 1?\n", "<assistant> Reply 2 to Prompt 1.\n",
                             "<user> Question 3 about Prompt 1?\n", "<assistant>"])
     one, two, three = rows
-    assert {k: one[k] for k in ("id", "prompt", "reply", "finished")} == {
-        "id": "bthv-0001", "prompt": "Prompt 1", "reply": "Reply 1 to Prompt 1.", "finished": True}
-    assert one["followups"] == [
-        {"question": "Question 2 about Prompt 1?", "reply": "Reply 2 to Prompt 1.", "reply_tokens": 20,
-         "finished": True},
-        {"question": "Question 3 about Prompt 1?", "reply": "Reply 3 to Prompt 1.", "reply_tokens": 20,
-         "finished": True}]
-    assert two["followups"] == [] and len(three["followups"]) == 2
-    assert student.to_student(one)["messages"][-2:] == [{"role": "user", "content": "Question 3 about Prompt 1?"},
-                                                        {"role": "assistant", "content": "Reply 3 to Prompt 1."}]
-    assert student.to_student(one)["turns"] == 3 and student.to_student(two)["turns"] == 1
+    # each prompt's conversation record: the chat without the card, and the teacher's metering per turn
+    assert {k: v for k, v in one.items() if not k.startswith("prompt_tokens")} == {
+        "id": "bthv-0001", "prompt": "Prompt 1",
+        "messages": [{"role": "user", "content": "Prompt 1"}, {"role": "assistant", "content": "Reply 1 to Prompt 1."},
+                     {"role": "user", "content": "Question 2 about Prompt 1?"},
+                     {"role": "assistant", "content": "Reply 2 to Prompt 1."},
+                     {"role": "user", "content": "Question 3 about Prompt 1?"},
+                     {"role": "assistant", "content": "Reply 3 to Prompt 1."}],
+        "turns": 3, "reply_tokens": [20, 20, 20], "finished": [True, True, True]}
+    assert one["prompt_tokens_with_card"] > one["prompt_tokens_without_card"] > 0
+    assert (two["turns"], three["turns"]) == (1, 3) and all(records.problem(row) is None for row in rows)
 
 
 def test_each_shard_chooses_its_conversations_alone():
     def conversing(prompts, shard):
         rows = teacher.generate(phase_config(shard=shard), Scripted(), CARD, prompts, NAME)
-        return {row["id"] for row in rows if "followups" in row}
+        return {row["id"] for row in rows if row["turns"] > 1}
 
     together = conversing(PROMPTS, 0)
     assert together == conversing(PROMPTS[:4], 0) | conversing(PROMPTS[4:], 1)
@@ -137,14 +138,12 @@ def test_each_shard_chooses_its_conversations_alone():
 
 
 def teacher_row(id_: str, *replies: str, unfinished: tuple[int, ...] = ()) -> dict:
-    """A teacher row with one reply per turn (the first is the prompt's)."""
-    turns = [{"reply": r, "reply_tokens": len(r.split()), "finished": k + 1 not in unfinished}
-             for k, r in enumerate(replies)]
-    row = {"id": id_, "prompt": f"Question {id_}?", **turns[0], "prompt_tokens_with_card": 50,
-           "prompt_tokens_without_card": 10}
-    if len(replies) > 1:
-        row["followups"] = [{"question": f"And then {k}?", **t} for k, t in enumerate(turns[1:], start=2)]
-    return student.to_student(row)
+    """A teacher record with one reply per turn (the first is the prompt's)."""
+    row = records.opened(id_, f"Question {id_}?", replies[0], len(replies[0].split()), 1 not in unfinished,
+                         prompt_tokens_with_card=50, prompt_tokens_without_card=10)
+    for k, reply in enumerate(replies[1:], start=2):
+        records.add_turn(row, f"And then {k}?", reply, len(reply.split()), k not in unfinished)
+    return row
 
 
 def test_the_audit_cuts_a_conversation_before_its_first_bad_turn():
@@ -156,20 +155,19 @@ def test_the_audit_cuts_a_conversation_before_its_first_bad_turn():
         teacher_row("d", "Single turn, and fine."),
         teacher_row("e", "Coffee, sixty beans a cup.", "Schindler, my secretary.", "Karl, my nephew."),
     ]
-    kept, dropped, cut, report = audit.audit_rows(rows, AuditConfig(min_reply_words=2))
+    kept, dropped, cut, report = audit.audit_records(rows, AuditConfig(min_reply_words=2))
     by_id = {row["id"]: row for row in kept}
     assert [row["id"] for row in dropped] == ["b"] and dropped[0]["reason"] == "out_of_character"
     a = by_id["a"]
     assert (a["turns"], a["cut_at"], a["cut_reason"]) == (2, 3, "out_of_character")
-    assert a["followups"] == [{"question": "And then 2?", "reply": "The ninth has a choir.", "reply_tokens": 8,
-                               "finished": False, "trimmed": True}]
+    assert (a["reply_tokens"], a["finished"], a["trimmed"]) == ([4, 8], [True, False], [2])
     assert a["messages"] == [{"role": "user", "content": "Question a?"},
                              {"role": "assistant", "content": "I wrote nine symphonies."},
                              {"role": "user", "content": "And then 2?"},
                              {"role": "assistant", "content": "The ninth has a choir."}]
-    assert (by_id["c"]["turns"], by_id["c"]["followups"], by_id["c"]["cut_reason"]) == (1, [], "duplicate")
+    assert (by_id["c"]["turns"], by_id["c"]["reply_tokens"], by_id["c"]["cut_reason"]) == (1, [4], "duplicate")
     assert len(by_id["c"]["messages"]) == 2
-    assert by_id["d"]["turns"] == 1 and "followups" not in by_id["d"] and "cut_at" not in by_id["d"]
+    assert by_id["d"]["turns"] == 1 and "trimmed" not in by_id["d"] and "cut_at" not in by_id["d"]
     assert by_id["e"]["turns"] == 3 and len(by_id["e"]["messages"]) == 6 and "cut_at" not in by_id["e"]
     assert [(t["id"], t["turn"], t["reason"]) for t in cut] == [("a", 3, "out_of_character"), ("a", 4, "after_cut"),
                                                                  ("c", 2, "duplicate")]
@@ -194,21 +192,23 @@ def renderer():
 def test_a_kept_conversation_trains_on_every_assistant_turn(renderer):
     rows = [teacher_row("a", "I wrote nine symphonies.", "The ninth has a choir.", "As an AI, no.", "Bonn."),
             teacher_row("e", "Coffee, sixty beans a cup.", "Schindler, my secretary.", "Karl, my nephew.")]
-    kept, *_ = audit.audit_rows(rows, AuditConfig(min_reply_words=2))
+    kept, *_ = audit.audit_records(rows, AuditConfig(min_reply_words=2))
     for row in kept:
         tokens, weights = renderer.conversation(row["messages"])
         trained = [token for token, weight in zip(tokens, weights, strict=True) if weight]
-        replies = [row["reply"], *(f["reply"] for f in row["followups"])]
+        replies = records.replies(row)
         assert len(replies) == row["turns"] == sum(m["role"] == "assistant" for m in row["messages"])
         assert trained == [t for reply in replies for t in renderer.reply(reply)]
 
 
 def split_rows(count: int, turns: int, prefix: str) -> list[dict]:
-    return [{"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "reply": "A reply.", "turns": turns,
-             "messages": [{"role": role, "content": f"{prefix}{i}-{k}"} for k in range(turns)
-                          for role in ("user", "assistant")],
-             **({"followups": [{"question": "q", "reply": "r"}] * (turns - 1)} if turns > 1 else {})}
-            for i in range(count)]
+    rows = []
+    for i in range(count):
+        row = records.opened(f"{prefix}{i}", f"{prefix} prompt {i}", f"{prefix}{i}-1", 2, True)
+        for k in range(2, turns + 1):
+            records.add_turn(row, f"{prefix}{i} question {k}", f"{prefix}{i}-{k}", 2, True)
+        rows.append(row)
+    return rows
 
 
 def test_the_split_holds_whole_conversations_out_of_training():
@@ -272,14 +272,13 @@ def test_the_teacher_answers_turn_three_after_the_earlier_turns_on_smollm2():
     render = engine.renderer
     assert len({params.seed for _, params in sent}) == len(sent) == 5, "turn 1, then visitor and teacher per turn"
     third = sent[4][0]  # the teacher's prompts for turn 3, one per conversation still going
-    went_on = [row for row in rows if len(row["followups"]) == 2]
+    went_on = [row for row in rows if row["turns"] == 3]
     assert went_on and len(third) == len(went_on)
     for row, tokens in zip(went_on, third, strict=True):
-        history = student.conversation({**row, "followups": row["followups"][:1]})
-        asked = [{"role": "user", "content": row["followups"][1]["question"]}]
+        history, asked = row["messages"][:4], [row["messages"][4]]  # turns 1 and 2, then turn 3's question
         assert tokens == render.chat([{"role": "system", "content": CARD}, *history, *asked])
         # the token sequence of turn 2's prompt is where turn 3's begins: the history is the one sent before
-        second = sent[2][0][[r["id"] for r in rows if r["followups"]].index(row["id"])]
+        second = sent[2][0][[r["id"] for r in rows if r["turns"] > 1].index(row["id"])]
         assert tokens[:len(second)] == second
         text = render.decode(tokens)
         assert all(m["content"] in text for m in history + asked) and CARD in text

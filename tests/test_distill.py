@@ -14,12 +14,12 @@ from jobs.backends.local import LocalEngine
 from jobs.backends.local_backend import LocalTrainer
 from jobs.config import EvaluateConfig, ModelConfig, TrainConfig
 from jobs.objectives import Logit, OnPolicy
-from jobs.phases.student import single_turn
+from jobs.records import exchange
 
 SYSTEM = "You are Ludwig van Beethoven, the composer, in Vienna in 1824. You are deaf and proud, and you say so."
-ROWS = [{"messages": single_turn("Who are you?", "I am Beethoven, and I write symphonies.")},
-        {"messages": single_turn("What do you play?", "The piano, loudly, because I cannot hear it.")},
-        {"messages": [*single_turn("Hello!", "Good day to you."), *single_turn("What is your name?", "Ludwig.")]}]
+ROWS = [{"messages": exchange("Who are you?", "I am Beethoven, and I write symphonies.")},
+        {"messages": exchange("What do you play?", "The piano, loudly, because I cannot hear it.")},
+        {"messages": [*exchange("Hello!", "Good day to you."), *exchange("What is your name?", "Ludwig.")]}]
 MODEL = ModelConfig(dtype="float32")
 
 

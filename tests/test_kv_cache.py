@@ -79,7 +79,7 @@ def test_greedy_conversations_are_token_identical_with_and_without_the_kept_cach
         rows = teacher.generate(config, metered, CARD, prompts, NAME)
         runs[keep] = rows, metered.usage, engine
     (kept_rows, kept_usage, kept_engine), (plain_rows, plain_usage, _) = runs[True], runs[False]
-    assert sum(len(row["followups"]) for row in plain_rows) >= 8, "the conversations went on for several turns"
+    assert sum(row["turns"] - 1 for row in plain_rows) >= 8, "the conversations went on for several turns"
     assert kept_rows == plain_rows  # every question and reply, turn by turn
     # the same prompts were sent, but later turns ran only their new tokens through the model
     assert kept_usage["prefill_tokens"] == plain_usage["prefill_tokens"]

@@ -25,10 +25,11 @@ from conftest import REPO, alive, descendants
 
 from jobs.config import TrainConfig
 from jobs.metrics import KEYS, LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO, figure_rows, markdown_table
+from jobs.phases import PHASE
 from jobs.phases.evaluate import BASE_PARTS, STUDENT_PARTS
 
 pytestmark = pytest.mark.slow
-PHASES = ("preflight", "ingest", "student", "audit", "split", "train", "evaluate", "report", "export", "publish")
+PHASES = tuple(name for name, phase in PHASE.items() if not phase.sharded)  # one unit each (teacher: one per shard)
 
 
 CANARIES = {"DISTILL_S3_ACCESS_KEY": "canary-s3-access-5d1e", "DISTILL_S3_SECRET_KEY": "canary-s3-secret-93b7a0c4",
@@ -140,8 +141,10 @@ def test_tinker_backend_runs_the_ci_profile_and_agrees_with_the_local_engine(ci_
         assert manifest(tinker_run, unit)["metrics"]["backend"] == "tinker", unit
     locations = jsonl(tinker_run["runs"] / "train" / "checkpoints.jsonl")
     assert locations and all(row["location"].startswith("tinker://") for row in locations)
-    local_replies = {r["id"]: r["reply"] for r in jsonl(ci_run["runs"] / "student" / "conversations.jsonl")}
-    tinker_replies = {r["id"]: r["reply"] for r in jsonl(tinker_run["runs"] / "student" / "conversations.jsonl")}
+    local_replies, tinker_replies = ({r["id"]: r["messages"][1]["content"]  # each record's first reply
+                                      for shard in ("shard-00000", "shard-00001")
+                                      for r in jsonl(run["runs"] / "teacher" / shard / "conversations.jsonl")}
+                                     for run in (ci_run, tinker_run))
     assert local_replies.keys() == tinker_replies.keys()
     same = sum(local_replies[k] == tinker_replies[k] for k in local_replies) / len(local_replies)
     assert same >= 0.9, f"only {same:.0%} of the teacher's replies agree"
@@ -264,7 +267,7 @@ def test_sigterm_mid_write_leaves_no_manifest_and_no_process(fault_run):
     assert stopped["left"] == set()
     assert stopped["output"].strip().splitlines()[-1].startswith("error: stopped by SIGTERM: ")
     # teacher shard 0 had written its replies and was writing its manifest when it was stopped
-    assert stopped["outputs_before_manifest"] == ["replies.jsonl"]
+    assert stopped["outputs_before_manifest"] == ["conversations.jsonl"]
 
 
 def test_the_stopped_unit_is_redone_and_finished_units_are_skipped(fault_run):

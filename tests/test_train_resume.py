@@ -70,17 +70,18 @@ def prepare(run_id: str, backend: str) -> None:
     shards = [jobs("teacher", "--shard", str(i), run_id=run_id, backend=backend, threads=threads) for i in (0, 1)]
     for process in shards:
         finish(process)
-    for phase in ("student", "audit", "split"):
+    for phase in ("audit", "split"):
         finish(jobs(phase, run_id=run_id, backend=backend))
 
 
 def adapter(run_id: str, backend: str, folder) -> dict:
     """The trained adapter's tensors, fetched the way export fetches them (through the backend)."""
     from jobs.phases.base import open_backend
-    from jobs.phases.train import read_adapter
+    from jobs.trained import read_adapter
 
     config = phase_config(run_id, f"model.backend={backend}", *(item for item in TRAIN if item != "--set"))
-    return load_file(open_backend(config).adapter_files(read_adapter(config), folder) / "adapter_model.safetensors")
+    files = open_backend(config).adapter_files(read_adapter(config.store), folder)
+    return load_file(files / "adapter_model.safetensors")
 
 
 def test_killed_training_resumes_to_the_same_adapter(trained, backend, tmp_path):
@@ -115,7 +116,9 @@ def test_killed_training_resumes_to_the_same_adapter(trained, backend, tmp_path)
 
 
 def teacher_replies(run_id: str) -> dict[str, str]:
-    return {row["id"]: row["reply"] for row in store_for(run_id).read_jsonl("student", "conversations.jsonl")}
+    store = store_for(run_id)  # each teacher record's first reply, every shard
+    return {row["id"]: row["messages"][1]["content"] for shard in (0, 1)
+            for row in store.read_jsonl(f"teacher/shard-{shard:05d}", "conversations.jsonl")}
 
 
 @pytest.mark.parametrize("trained", ["tinker"], indirect=True)

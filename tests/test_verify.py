@@ -26,8 +26,8 @@ from jobs.metrics import NATS
 from jobs.phases.base import run_unit
 from jobs.store import sha256_bytes
 
-# the units run_unit decides on, upstream first, each with a trivial body: ingest, a teacher shard, student, audit
-CHAIN = ("ingest", "teacher/shard-00000", "student", "audit")
+# the units run_unit decides on, upstream first, each with a trivial body: ingest, a teacher shard, audit, split
+CHAIN = ("ingest", "teacher/shard-00000", "audit", "split")
 CARD = (REPO / "jobs" / "assets" / "cards" / "beethoven.yaml").read_bytes()
 
 
@@ -46,10 +46,10 @@ def run_chain(run_id: str, *settings: str) -> list[str]:
 
     run_unit(config, "ingest", body("ingest"))
     run_unit(dataclasses.replace(config, shard=0), "teacher", body("teacher/shard-00000"), extra_key=0)
-    run_unit(config, "student", body("student"))
     run_unit(config, "audit", body("audit"))
     return computed
 
+    run_unit(config, "split", body("split"))
 
 def same_size_edit(data: bytes) -> bytes:
     """One letter of a reply changed: the size stays, the sha256 does not."""
@@ -73,51 +73,51 @@ def test_a_same_size_edit_redoes_its_unit_and_everything_downstream(store_env):
     run_chain("verify-2")
     store = store_for("verify-2")
     before = {unit: store.require(unit)["write_id"] for unit in CHAIN}
-    key = store.key("student", "rows.jsonl")
+    key = store.key("audit", "rows.jsonl")
     original = store.get_bytes(key)
     edited = same_size_edit(original)
     store.put_bytes(key, edited)
     with capture_logs() as logged:
-        assert run_chain("verify-2") == ["student", "audit"]
+        assert run_chain("verify-2") == ["audit", "split"]
     mismatches = [e for e in logged if e["event"] == "output mismatch"]
     assert len(mismatches) == 1 and mismatches[0]["file"] == key
     assert mismatches[0]["expected_sha256"] == sha256_bytes(original)
     assert mismatches[0]["actual_sha256"] == sha256_bytes(edited)
     assert mismatches[0]["expected_bytes"] == mismatches[0]["actual_bytes"] == len(original)
-    assert [e["inputs"] for e in logged if e["event"] == "redo: inputs were written again since"] == [["student"]]
+    assert [e["inputs"] for e in logged if e["event"] == "redo: inputs were written again since"] == [["audit"]]
     assert store.get_bytes(key) == original  # restored
     after = {unit: store.require(unit)["write_id"] for unit in CHAIN}
-    assert [unit for unit in CHAIN if after[unit] != before[unit]] == ["student", "audit"]
-    assert store.require("audit")["input_writes"] == {"student": after["student"]}
+    assert [unit for unit in CHAIN if after[unit] != before[unit]] == ["audit", "split"]
+    assert store.require("split")["input_writes"] == {"audit": after["audit"]}
 
 
 def test_a_missing_output_of_a_shard_redoes_the_shard_and_what_reads_it(store_env):
     run_chain("verify-3")
     store = store_for("verify-3")
     store.delete(store.key("teacher/shard-00000", "rows.jsonl"))
-    assert run_chain("verify-3") == ["teacher/shard-00000", "student", "audit"]
+    assert run_chain("verify-3") == ["teacher/shard-00000", "audit", "split"]
 
 
 def test_verify_says_what_is_intact_what_is_not_and_what_a_run_would_redo(store_env):
     run_chain("verify-4")
     store = store_for("verify-4")
-    key = store.key("student", "rows.jsonl")
+    key = store.key("audit", "rows.jsonl")
     original = store.get_bytes(key)
     store.put_bytes(key, same_size_edit(original))
     result = verify("--run-id", "verify-4")
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "run verify-4: 2 units intact, 8 not, 9 to redo"
+    assert lines[0] == "run verify-4: 2 units intact, 7 not, 8 to redo"
     assert "  intact      ingest teacher/shard-00000" in lines
     assert "  not intact  preflight: no manifest (unfinished or never run)" in lines
-    bad = [line for line in lines if line.startswith(f"  not intact  student: {key}: sha256 ")]
+    bad = [line for line in lines if line.startswith(f"  not intact  audit: {key}: sha256 ")]
     assert len(bad) == 1 and f"its manifest says {sha256_bytes(original)[:12]}…" in bad[0]
-    assert "  not intact  audit: its input student was written again after it" not in lines  # it is not (yet)
-    assert "  would redo  preflight student audit split train evaluate report export publish" in lines
+    assert "  not intact  split: its input audit was written again after it" not in lines  # it is not (yet)
+    assert "  would redo  preflight audit split train evaluate report export publish" in lines
     sizes = verify("--run-id", "verify-4", "--sizes-only")  # a same-size edit passes a size check
-    assert not [line for line in sizes.stdout.splitlines() if line.startswith("  not intact  student")]
+    assert not [line for line in sizes.stdout.splitlines() if line.startswith("  not intact  audit")]
     store.put_bytes(key, original)
-    assert "  intact      ingest teacher/shard-00000 student audit" in verify("--run-id", "verify-4").stdout
+    assert "  intact      ingest teacher/shard-00000 audit split" in verify("--run-id", "verify-4").stdout
     every = verify()
     assert every.returncode == 1 and "run verify-4: 4 units intact" in every.stdout
     assert every.stdout.splitlines()[-1].endswith("with units to redo")
@@ -164,9 +164,9 @@ def test_a_changed_s3_card_under_a_run_is_a_one_line_error(store_env):
 
 # -- end to end on the ci profile: two runs with different cards at once, then the first run's card twice at once after
 # one of its replies was edited, then a tampered teacher cache entry (each stage on the store the last one left)
-UNITS = ("preflight", "ingest", "teacher/shard-00000", "teacher/shard-00001", "student", "audit", "split", "train",
+UNITS = ("preflight", "ingest", "teacher/shard-00000", "teacher/shard-00001", "audit", "split", "train",
          "evaluate", "report", "export", "publish")
-UPSTREAM, REDONE = UNITS[:6], UNITS[6:]
+UPSTREAM, REDONE = UNITS[:5], UNITS[5:]
 PROMPTS = REPO / "jobs" / "assets" / "prompts" / "beethoven.jsonl"
 
 
@@ -215,7 +215,7 @@ def manifests(runs: Path) -> dict[str, dict]:
 
 def edit_one_reply(data: bytes) -> bytes:
     """The first reply with one letter changed (same size: only sha256 tells)."""
-    at = data.index(b'"reply": "') + len(b'"reply": "')
+    at = data.index(b'"role": "assistant", "content": "') + len(b'"role": "assistant", "content": "')
     while not data[at:at + 1].isalpha():
         at += 1
     return data[:at] + (b"x" if data[at:at + 1] != b"x" else b"y") + data[at + 1:]
@@ -326,9 +326,9 @@ def test_two_runs_of_one_card_at_once_compute_each_unit_once(redone):
 @pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
 def test_a_tampered_teacher_cache_entry_is_found_and_generated_again(redone):
     data, runs = redone["data"], redone["runs"]
-    shard = runs / "teacher" / "shard-00001" / "replies.jsonl"
+    shard = runs / "teacher" / "shard-00001" / "conversations.jsonl"
     original = shard.read_bytes()
-    entries = [p for p in (data / "s3" / "distill" / "cache" / "teacher").glob("*/replies.jsonl")
+    entries = [p for p in (data / "s3" / "distill" / "cache" / "teacher").glob("*/conversations.jsonl")
                if p.read_bytes() == original]
     assert len(entries) == 1
     entry = entries[0]
@@ -349,7 +349,7 @@ def test_a_tampered_teacher_cache_entry_is_found_and_generated_again(redone):
     assert manifest["metrics"]["cache_hit"] == 0 and manifest["metrics"]["sample_tokens"] > 0
     regenerated = shard.read_bytes()
     assert entry.read_bytes() == regenerated and tampered not in regenerated.splitlines(keepends=True)
-    record = json.loads((entry.parent / "replies.jsonl.sha256").read_text())
+    record = json.loads((entry.parent / "conversations.jsonl.sha256").read_text())
     assert record == {"sha256": sha256_bytes(regenerated), "bytes": len(regenerated)}
     ids = [json.loads(line)["id"] for line in regenerated.splitlines()]
     assert ids == [json.loads(line)["id"] for line in original.splitlines()]

@@ -13,6 +13,7 @@ from jobs import distill
 from jobs.backends.base import Metered, SamplingParams, TopK
 from jobs.backends.renderer import Renderer
 from jobs.metrics import LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO
+from jobs.records import first_reply
 
 OnBatch = Callable[[int], object] | None
 
@@ -32,7 +33,7 @@ class Prompts:
     def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
         return cls(system=system, with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
                    without_card=[renderer.prompt(r["prompt"]) for r in rows],
-                   teacher_replies=[renderer.reply(r["reply"]) for r in rows],
+                   teacher_replies=[renderer.reply(first_reply(r)) for r in rows],
                    pairs=[distill.pair(renderer, r["messages"], system) for r in rows])
 
 

@@ -48,11 +48,9 @@ TABLE = (
     Phase("teacher", "the teacher model answers one shard of prompts with the card, some as conversations with a "
                      "simulated visitor",
           reads=("ingest",), sections=("model", "teacher", "conversations"), engine=True, sharded=True),
-    Phase("student", "turns teacher replies and conversations into chats without the card",
-          reads=("ingest", "teacher")),
-    Phase("audit", "drops empty, truncated, duplicate, out-of-character and over-long replies; cuts a conversation "
-                   "before its first bad turn",
-          reads=("student",), sections=("audit",), figures=("kept", "dropped")),
+    Phase("audit", "drops empty, truncated, duplicate, out-of-character and over-long replies from every shard's "
+                   "conversations; cuts a conversation before its first bad turn",
+          reads=("teacher",), sections=("audit",), figures=("kept", "dropped")),
     Phase("split", "splits the conversations into train, validation and held-out eval sets (single-turn and whole "
                    "conversations)",
           reads=("audit",), sections=("split", "conversations")),
@@ -62,7 +60,7 @@ TABLE = (
           reads=("ingest", "split", "train"), sections=("model", "teacher", "audit", "evaluate"), engine=True,
           figures=(SIMILARITY.of("student"), TOKEN_REDUCTION.key, COST_RATIO.key)),
     Phase("report", "renders the run's report with plots (matplotlib)",
-          reads=("preflight", "ingest", "teacher", "student", "audit", "split", "train", "evaluate"),
+          reads=("preflight", "ingest", "teacher", "audit", "split", "train", "evaluate"),
           sections=("tinker",), extra="report"),
     Phase("export", "a merged model folder, the LoRA adapter and a model card",
           reads=("ingest", "split", "train", "evaluate"), sections=("model", "export"), engine=True),

@@ -1,19 +1,20 @@
 """Audit: drop empty, truncated, duplicate, out-of-character and over-long replies.
 
-A reply cut off by the token limit keeps its complete sentences when it has at least one ("trimmed");
-otherwise it is dropped as truncated. Every assistant turn of a conversation is judged by the same rules, in
-order: a conversation whose turn k fails is cut before turn k (kept if its first turn passes), a row whose first
-turn fails is dropped. The report counts every reason, per turn, and shows examples.
+Reads every teacher shard's conversation records (`jobs.records`) and writes the ones it keeps in the same shape.
+A reply cut off by the token limit keeps its complete sentences when it has at least one ("trimmed"); otherwise it
+is dropped as truncated. Every assistant turn of a conversation is judged by the same rules, in order: a
+conversation whose turn k fails is cut before turn k (kept if its first turn passes), a record whose first turn
+fails is dropped. The report counts every reason, per turn, and shows examples.
 """
 
 from __future__ import annotations
 
 import re
 
+from jobs import records
 from jobs.config import AuditConfig
-from jobs.phases.base import PhaseConfig, run_unit
-from jobs.phases.student import conversation
-from jobs.store import UnitWriter
+from jobs.phases.base import PhaseConfig, run_unit, units
+from jobs.store import ArtifactStore, UnitWriter, parse_jsonl
 
 SENTENCE_END = re.compile(r"[.!?…](?=[\"')\]]?(\s|$))")
 
@@ -48,36 +49,35 @@ def judge_reply(reply: str, finished: bool, reply_tokens: int, audit: AuditConfi
     return None, text
 
 
-def judge(row: dict, audit: AuditConfig, seen: set[str]) -> tuple[str | None, dict, list[dict]]:
-    """(reason to drop the row or None, the row as kept, the turns it loses: `{"turn", "reason", ...}`).
+def judge(record: dict, audit: AuditConfig, seen: set[str]) -> tuple[str | None, dict, list[dict]]:
+    """(reason to drop the record or None, the record as kept, the turns it loses: `jobs.records.turn` rows with
+    their `reason`).
 
-    The kept row's `reply`, `followups`, `messages` and `turns` agree: a conversation cut before turn k keeps
-    turns 1 to k-1 (`cut_at: k`, `cut_reason`); a trimmed turn carries `trimmed: true`."""
-    reason, reply = judge_reply(row["reply"], row["finished"], row["reply_tokens"], audit, seen)
-    if reason:
-        return reason, row, []
-    if not row["finished"]:
-        row = {**row, "reply": reply, "trimmed": True}
-    if "followups" in row:
-        kept: list[dict] = []
-        for turn, followup in enumerate(row["followups"], start=2):
-            reason, reply = judge_reply(followup["reply"], followup["finished"], followup["reply_tokens"], audit, seen)
-            if reason:
-                lost = [{"turn": k, "reason": reason if k == turn else "after_cut", **f}
-                        for k, f in enumerate(row["followups"][turn - 2:], start=turn)]
-                row = {**row, "cut_at": turn, "cut_reason": reason}
-                break
-            kept.append(followup if followup["finished"] else {**followup, "reply": reply, "trimmed": True})
-        else:
-            lost = []
-        row = {**row, "followups": kept}
+    A conversation cut before turn k keeps turns 1 to k-1 (`cut_at: k`, `cut_reason`); `trimmed` lists the turns cut
+    to whole sentences."""
+    kept, trimmed, reason = record, [], None
+    for number in range(1, record["turns"] + 1):
+        at = records.turn(record, number)
+        reason, reply = judge_reply(at["reply"], at["finished"], at["reply_tokens"], audit, seen)
+        if reason:
+            break
+        if not at["finished"]:
+            kept = records.with_reply(kept, number, reply)
+            trimmed.append(number)
     else:
-        lost = []
-    return None, {**row, "messages": conversation(row), "turns": 1 + len(row.get("followups", ()))}, lost
+        number = record["turns"] + 1
+    if number == 1:
+        return reason, record, []
+    kept = records.cut({**kept, "trimmed": trimmed}, number - 1)
+    lost = [{"reason": reason if k == number else "after_cut", **records.turn(record, k)}
+            for k in range(number, record["turns"] + 1)]
+    if lost:
+        kept = {**kept, "cut_at": number, "cut_reason": reason}
+    return None, kept, lost
 
 
-def audit_rows(rows: list[dict], audit: AuditConfig) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """(kept rows, dropped rows with their `reason`, the turns cut from kept conversations, audit.json)."""
+def audit_records(rows: list[dict], audit: AuditConfig) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(kept records, dropped records with their `reason`, the turns cut from kept conversations, audit.json)."""
     seen: set[str] = set()
     kept, dropped, cut = [], [], []
     for row in rows:
@@ -87,30 +87,38 @@ def audit_rows(rows: list[dict], audit: AuditConfig) -> tuple[list[dict], list[d
     reasons: dict[str, int] = {}
     for row in dropped:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
-    # why turns were lost, by turn: turn 1's are the rows dropped, a later turn's the conversations cut there
+    # why turns were lost, by turn: turn 1's are the records dropped, a later turn's the conversations cut there
     by_turn: dict[str, dict[str, int]] = {"1": dict(reasons)} if reasons else {}
     for turn in cut:
         if turn["reason"] != "after_cut":
             counts = by_turn.setdefault(str(turn["turn"]), {})
             counts[turn["reason"]] = counts.get(turn["reason"], 0) + 1
-    report = {"rows_in": len(rows), "kept": len(kept), "trimmed": sum(1 for r in kept if r.get("trimmed")),
-              "dropped": reasons, "examples": {r["reason"]: r["reply"][:200] for r in dropped},
+    report = {"rows_in": len(rows), "kept": len(kept), "trimmed": sum(1 for r in kept if 1 in r.get("trimmed", ())),
+              "dropped": reasons, "examples": {r["reason"]: records.first_reply(r)[:200] for r in dropped},
               "conversations_in": sum(1 for r in rows if r["turns"] > 1),
               "conversations_kept": sum(1 for r in kept if r["turns"] > 1),
               "conversations_cut": sum(1 for r in kept if "cut_at" in r),
               "assistant_turns_in": sum(r["turns"] for r in rows),
               "assistant_turns_kept": sum(r["turns"] for r in kept),
-              "trimmed_turns": sum(1 for r in kept for t in [r, *r.get("followups", ())] if t.get("trimmed")),
+              "trimmed_turns": sum(len(r.get("trimmed", ())) for r in kept),
               "dropped_by_turn": dict(sorted(by_turn.items(), key=lambda item: int(item[0]))),
               "turn_examples": {turn["reason"]: f"turn {turn['turn']}: {turn['reply'][:200]}"
                                 for turn in cut if turn["reason"] != "after_cut"}}
     return kept, dropped, cut, report
 
 
+def teacher_records(store: ArtifactStore) -> list[dict]:
+    """Every teacher shard's records, by id (so the shards' count and order do not matter)."""
+    rows = []
+    for unit in units(store, "teacher"):
+        key = store.key(unit, records.TEACHER_FILE)
+        rows += parse_jsonl(store.read(unit, records.TEACHER_FILE), key, check=records.checked)
+    return sorted(rows, key=lambda r: r["id"])
+
+
 def main(config: PhaseConfig) -> dict:
     def build(out: UnitWriter) -> None:
-        kept, dropped, cut, report = audit_rows(config.store.read_jsonl("student", "conversations.jsonl"),
-                                                config.pipeline.audit)
+        kept, dropped, cut, report = audit_records(teacher_records(config.store), config.pipeline.audit)
         out.write_jsonl("kept.jsonl", kept)
         out.write_jsonl("dropped.jsonl", dropped)
         out.write_jsonl("cut.jsonl", cut)

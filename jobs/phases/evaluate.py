@@ -75,7 +75,9 @@ from jobs.metrics import (
     SIMILARITY,
 )
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
+from jobs.records import first_reply
 from jobs.store import UnitWriter
+from jobs.trained import read_adapter
 
 Advance = Callable[[int], object]
 
@@ -328,8 +330,6 @@ def compute(part: Part, client: Metered, ctx: Context, stages: Stages) -> dict:
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.phases.train import read_adapter
-
     store, pipeline, ev = config.store, config.pipeline, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
     talks = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
@@ -345,7 +345,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     missing = [part for part in BASE_PARTS if part not in hits]
     stages = Stages(["read from the cache"] * bool(hits) + [p.name for p in missing + list(STUDENT_PARTS)]
                     + [FIGURES_STAGE])
-    seen = Measured(replies={"teacher": [r["reply"] for r in rows]})
+    seen = Measured(replies={"teacher": [first_reply(r) for r in rows]})
     if hits:
         unread = read_cached(cache, keys, hits, stages, seen)
         missing = [part for part in BASE_PARTS if part in missing or part in unread]  # in order: KL needs the top k
@@ -360,7 +360,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
             cache.put(keys[part.name], compute(part, base, ctx, stages))
         seen.usage.update(base.usage)
         del base  # one model in memory at a time
-    student = Metered(backend.sampler(read_adapter(config).sampling))
+    student = Metered(backend.sampler(read_adapter(store).sampling))
     ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen)
     for part in STUDENT_PARTS:
         compute(part, student, ctx, stages)

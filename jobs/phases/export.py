@@ -8,8 +8,8 @@ from __future__ import annotations
 from jobs.errors import InputError
 from jobs.metrics import figure_rows, markdown_table
 from jobs.phases.base import PhaseConfig, open_backend, run_unit, scratch_dir
-from jobs.phases.report import train_loss
 from jobs.store import UnitWriter
+from jobs.trained import read_adapter, train_loss
 
 MODEL_CARD = """---
 base_model: {base}
@@ -44,11 +44,10 @@ def model_card(config: PhaseConfig, name: str, train: dict, ev: dict) -> str:
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
     from jobs.backends.local import export_merged
-    from jobs.phases.train import read_adapter
 
     store, export = config.store, config.pipeline.export
     work = scratch_dir(config, "export")
-    open_backend(config).adapter_files(read_adapter(config), work / "adapter")
+    open_backend(config).adapter_files(read_adapter(store), work / "adapter")
     eval_rows = store.read_jsonl("split", "eval.jsonl")[:export.check_prompts]
     check = export_merged(config.pipeline.model, work / "adapter", work / "merged", [r["prompt"] for r in eval_rows])
     if check["logits_max_abs_diff"] > export.logits_atol:

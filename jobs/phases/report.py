@@ -29,6 +29,7 @@ from jobs.page import Example, Figure, Page, Paragraph, Section, Table, to_html,
 from jobs.phases import PHASE
 from jobs.phases.base import PhaseConfig, run_unit, units
 from jobs.store import ArtifactStore, UnitWriter
+from jobs.trained import train_loss  # the first row of both the report's figure table and the model card's
 
 
 def _png(figure) -> bytes:
@@ -194,12 +195,6 @@ def comparison_examples(runs: list[Compared], count: int = 3) -> list[Example]:
     return [Example(row["prompt"], (("teacher", row["teacher"]), ("base", row["base"]),
                                     *((run.name, run.replies[i]["student"]) for run in runs)))
             for i, row in enumerate(runs[0].replies[:count])]
-
-
-def train_loss(train: dict) -> Row:
-    """The first row of both the report's figure table and the model card's."""
-    return Row("train loss, first → last step", f"{NATS.format(train['first_loss'])} → "
-               f"{NATS.format(train['last_loss'])} ({train['steps']} steps)", NATS.name, ARROWS["lower"])
 
 
 def cache_row(ev: dict) -> Row:

@@ -1,29 +1,23 @@
 """Split: train / val / eval, with eval prompts never seen in training.
 
-eval.jsonl stays single-turn (`prompt`, `reply`, `messages` of one question and reply): single-turn rows, and
-only where there are too few of them conversations cut to their first turn. `split.eval_conversations` whole
-conversations (those with at least 3 assistant turns, or as many as `conversations.turns` allows; the longest
-first) are held out in eval_conversations.jsonl; every other conversation is training data beside the single-turn
-rows.
+Every file holds the audit's conversation records (`jobs.records`), whole. eval.jsonl stays single-turn: the
+single-turn records, and only where there are too few of them conversations cut to their first turn.
+`split.eval_conversations` whole conversations (those with at least 3 assistant turns, or as many as
+`conversations.turns` allows; the longest first) are held out in eval_conversations.jsonl; every other conversation
+is training data beside the single-turn records.
 """
 
 from __future__ import annotations
 
 import random
 
+from jobs import records
 from jobs.config import SplitConfig
 from jobs.errors import InputError
 from jobs.phases.base import PhaseConfig, run_unit
 
 # the turns a held-out conversation should have: enough to see a character drift after its first reply
 EVAL_CONVERSATION_TURNS = 3
-CONVERSATION_FIELDS = ("followups", "cut_at", "cut_reason")
-
-
-def first_turn(row: dict) -> dict:
-    """A conversation row as a single-turn one: its prompt and first reply."""
-    kept = {key: value for key, value in row.items() if key not in CONVERSATION_FIELDS}
-    return {**kept, "messages": row["messages"][:2], "turns": 1}
 
 
 def hold_out_conversations(rows: list[dict], count: int, min_turns: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -49,7 +43,7 @@ def pick_eval(rows: list[dict], count: int) -> tuple[list[dict], list[dict]]:
     talks = [i for i, r in enumerate(rows) if r["turns"] > 1]
     chosen = (singles + talks)[:count]
     taken = set(chosen)
-    evaluation = [rows[i] if rows[i]["turns"] == 1 else first_turn(rows[i]) for i in sorted(chosen)]
+    evaluation = [rows[i] if rows[i]["turns"] == 1 else records.first_turn(rows[i]) for i in sorted(chosen)]
     return evaluation, [r for i, r in enumerate(rows) if i not in taken]
 
 

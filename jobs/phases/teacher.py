@@ -4,7 +4,9 @@ A share of the prompts (`conversations.share`, chosen by a hash of the prompt id
 after the teacher's reply, a simulated visitor (the same engine *without* the card, told it is a curious visitor
 talking with the character) asks a follow-up question about what was just said, the teacher answers it with
 the card and the whole conversation before it, and so on for `conversations.turns` assistant turns. Each turn is
-one batched call for the visitors and one for the teacher, over every conversation still going.
+one batched call for the visitors and one for the teacher, over every conversation still going. Each prompt gives
+one conversation record (`jobs.records`: its `messages` as the student will see them, and per-turn metering),
+the shape the audit and the split keep.
 
 Replies are cached across runs under a key of the card, the model, the sampling and conversation settings and the
 shard's prompts: a new run that changes only training settings reuses them; a changed card regenerates.
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import re
 
+from jobs import records
 from jobs.backends.base import Metered, SamplingClient, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import ConversationsConfig, digest
@@ -23,6 +26,12 @@ from jobs.errors import InputError
 from jobs.log import Progress
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
+
+# part of the cache key: the cached records' shape; bumped when it changes, so an old entry is a miss, not misread
+# (1, unnamed: `reply` and `followups` rows)
+CACHE_FORMAT = 2
+# part of the fingerprint: a shard written before its output took this shape is redone, not misread
+OUTPUT_LAYOUT = 2
 
 VISITOR = "Visitor"  # how the visitor's lines are labelled in the transcript it reads
 VISITOR_SYSTEM = ("You are a curious visitor talking with {name}. Read the conversation so far and ask {name} one "
@@ -78,16 +87,16 @@ def transcript(name: str, messages: list[dict]) -> str:
 
 
 def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts: list[dict], name: str) -> list[dict]:
-    """The shard's rows: every prompt's reply (one batched call), and for the prompts that open a conversation the
-    follow-ups (`converse`). `name` is the character's, as the visitor addresses it."""
+    """The shard's conversation records: every prompt's reply (one batched call), and for the prompts that open a
+    conversation the later turns (`converse`). `name` is the character's, as the visitor addresses it."""
     render = teacher.renderer
     with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
     params = SamplingParams.from_config(config.pipeline.teacher)
     with Progress(len(prompts), f"teacher shard {config.shard}", turn_stage(config.pipeline.conversations, 1)) as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
-    rows = [{"id": p["id"], "prompt": p["prompt"], "reply": render.decode(tokens),
-             "reply_tokens": len(tokens), "finished": len(tokens) < params.max_tokens,
-             "prompt_tokens_with_card": len(full), "prompt_tokens_without_card": len(render.prompt(p["prompt"]))}
+    rows = [records.opened(p["id"], p["prompt"], render.decode(tokens), len(tokens), len(tokens) < params.max_tokens,
+                           prompt_tokens_with_card=len(full),
+                           prompt_tokens_without_card=len(render.prompt(p["prompt"])))
             for p, tokens, full in zip(prompts, replies, with_card, strict=True)]
     talks = config.pipeline.conversations
     opened = [row for row in rows if opens_conversation(row["id"], talks.share)]
@@ -98,16 +107,12 @@ def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts:
 
 def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: str, rows: list[dict],
              talks: ConversationsConfig) -> None:
-    """Adds `followups` to each row: turn by turn, the visitors' questions (one batched call), then the teacher's
-    answers with the card and the whole conversation (one batched call). A conversation ends early when its
-    visitor has no question or its next prompt would not fit the model's context."""
+    """Adds turns to each record (`jobs.records.add_turn`): turn by turn, the visitors' questions (one batched
+    call), then the teacher's answers with the card and the whole conversation (one batched call). A conversation
+    ends early when its visitor has no question or its next prompt would not fit the model's context."""
     render = teacher.renderer
     teacher_params = SamplingParams.from_config(config.pipeline.teacher)
     visitor_system = VISITOR_SYSTEM.format(name=name)
-    chats = {row["id"]: [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["reply"]}]
-             for row in rows}
-    for row in rows:
-        row["followups"] = []
     going = list(rows)
     for turn in range(2, talks.turns + 1):
         if not going:
@@ -119,7 +124,7 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
             for row in going:
                 try:
                     asked.append((row, render.chat([{"role": "system", "content": visitor_system},
-                                                    {"role": "user", "content": transcript(name, chats[row["id"]])}])))
+                                                    {"role": "user", "content": transcript(name, row["messages"])}])))
                 except InputError:
                     bar.advance(2)  # the conversation outgrew the context: it ends here
             visitor_params = dataclasses.replace(SamplingParams.from_config(talks.visitor),
@@ -131,7 +136,7 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
                 if not question:
                     bar.advance()
                     continue
-                history = [*chats[row["id"]], {"role": "user", "content": question}]
+                history = [*row["messages"], {"role": "user", "content": question}]
                 try:
                     answering.append((row, question, render.chat([{"role": "system", "content": system}, *history])))
                 except InputError:
@@ -140,10 +145,7 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
             answers = sample(teacher, [tokens for *_, tokens in answering], params, bar)
         going = []
         for (row, question, _), tokens in zip(answering, answers, strict=True):
-            reply = render.decode(tokens)
-            row["followups"].append({"question": question, "reply": reply, "reply_tokens": len(tokens),
-                                     "finished": len(tokens) < params.max_tokens})
-            chats[row["id"]] += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            records.add_turn(row, question, render.decode(tokens), len(tokens), len(tokens) < params.max_tokens)
             going.append(row)
 
 
@@ -167,12 +169,13 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     pipeline = config.pipeline
     cache_key = digest({"system": system, "name": character.name, "model": pipeline.model.model_dump(),
                         "precision": precision, "sampling": pipeline.teacher.model_dump(),
-                        "conversations": pipeline.conversations.model_dump(), "prompts": prompts})
-    cached = store.cache_key("teacher", cache_key, "replies.jsonl")
+                        "conversations": pipeline.conversations.model_dump(), "prompts": prompts,
+                        "format": CACHE_FORMAT})
+    cached = store.cache_key("teacher", cache_key, records.TEACHER_FILE)
     usage = {"prefill_tokens": 0, "sample_tokens": 0}  # cached replies cost nothing this time
     hit = store.read_cached(cached)  # checked against its recorded sha256: a changed entry is a miss
     if hit is not None:
-        rows = parse_jsonl(hit, cached)
+        rows = parse_jsonl(hit, cached, check=records.checked)
         out.metrics["cache_hit"] = 1
     else:
         teacher = Metered(backend.sampler())
@@ -180,13 +183,14 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         usage = dict(teacher.usage)
         store.write_cached(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
-    out.write_jsonl("replies.jsonl", rows)
-    talks = [r for r in rows if "followups" in r]
+    out.write_jsonl(records.TEACHER_FILE, rows)
+    # turn 1's figures, then the later turns' (conversations: the records of more than one turn)
     out.metrics.update({**precision, "backend": backend.name, "rows": len(rows),
-                        "reply_tokens": sum(r["reply_tokens"] for r in rows),
+                        "reply_tokens": sum(r["reply_tokens"][0] for r in rows),
                         "prompt_tokens_with_card": sum(r["prompt_tokens_with_card"] for r in rows),
-                        "conversations": len(talks), "followups": sum(len(r["followups"]) for r in talks),
-                        "followup_reply_tokens": sum(f["reply_tokens"] for r in talks for f in r["followups"]),
+                        "conversations": sum(1 for r in rows if r["turns"] > 1),
+                        "followups": sum(r["turns"] - 1 for r in rows),
+                        "followup_reply_tokens": sum(sum(r["reply_tokens"][1:]) for r in rows),
                         **usage})
 
 
@@ -196,4 +200,5 @@ def main(config: PhaseConfig) -> dict:
     shards = config.store.require("ingest")["metrics"]["shards"]
     if config.shard not in shards:
         raise InputError(f"teacher --shard {config.shard}: ingest made shards {shards}")
-    return run_unit(config, "teacher", lambda out: build(config, out), extra_key=config.shard)
+    return run_unit(config, "teacher", lambda out: build(config, out),
+                    extra_key={"shard": config.shard, "layout": OUTPUT_LAYOUT})

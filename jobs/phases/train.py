@@ -21,7 +21,7 @@ import time
 from functools import lru_cache
 from typing import TypedDict
 
-from jobs.backends.base import Adapter, Datum, TrainingClient
+from jobs.backends.base import Datum, TrainingClient
 from jobs.card import CharacterCard
 from jobs.config import TrainConfig
 from jobs.log import Progress, get_logger
@@ -29,9 +29,9 @@ from jobs.objectives import OBJECTIVES
 from jobs.objectives.base import to_datum
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import ArtifactStore, UnitWriter, jsonl_bytes, parse_jsonl
+from jobs.trained import ADAPTER
 
 CHECKPOINTS = "checkpoints.jsonl"
-ADAPTER = "adapter.json"  # the trained adapter's locations (`backends.base.Adapter`)
 # part of the fingerprint: a train unit written before its outputs took this shape is redone, not misread
 OUTPUT_LAYOUT = 3
 
@@ -170,11 +170,6 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
                         + sum(len(d.tokens) for d in val) * len(state["val"]),
         "checkpoints": [row["step"] for row in checkpoints.rows() if row["fingerprint"] == out.fingerprint],
         "resumed_from": latest["step"] if latest else 0})
-
-
-def read_adapter(config: PhaseConfig) -> Adapter:
-    """Where the train phase left the adapter."""
-    return Adapter(**config.store.read_json("train", ADAPTER))
 
 
 def main(config: PhaseConfig) -> dict:

@@ -1,0 +1,110 @@
+"""A conversation record: the one shape the teacher writes, the audit keeps and the split files carry.
+
+    {"id": "bthv-0007", "prompt": "Who taught you?",
+     "messages": [{"role": "user", "content": "Who taught you?"},
+                  {"role": "assistant", "content": "Haydn, though I learned little from him."},
+                  {"role": "user", "content": "Why so little?"},
+                  {"role": "assistant", "content": "He was busy with his London symphonies."}],
+     "turns": 2, "reply_tokens": [14, 11], "finished": [true, true],
+     "prompt_tokens_with_card": 412, "prompt_tokens_without_card": 31}
+
+`messages` is the chat as the student sees it: no system message (no card), user and assistant alternating from
+the ingest prompt (`prompt`) to an assistant reply; training and evaluation read it (the format TRL's SFTTrainer
+and tinker-cookbook read). `turns` counts the assistant turns; `reply_tokens` (tokens the teacher sampled) and
+`finished` (the reply ended before the token limit) hold one entry per assistant turn; the prompt tokens are turn
+1's. The audit adds `trimmed` (the turns it cut to whole sentences, when any) and, to a conversation it cut short,
+`cut_at` (the first turn it lost) and `cut_reason`.
+"""
+
+from __future__ import annotations
+
+from jobs.errors import InputError
+
+TEACHER_FILE = "conversations.jsonl"  # where each teacher shard writes its records, and the audit reads them
+PER_TURN = ("reply_tokens", "finished")  # one entry per assistant turn
+ROLES = ("user", "assistant")
+
+
+def exchange(question: str, reply: str) -> list[dict]:
+    """A question and its reply as chat messages."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+def opened(id_: object, prompt: str, reply: str, reply_tokens: int, finished: bool, **fields: object) -> dict:
+    """A record of one turn: the ingest prompt and the teacher's reply (`fields`: its prompt tokens)."""
+    return {"id": id_, "prompt": prompt, "messages": exchange(prompt, reply), "turns": 1,
+            "reply_tokens": [reply_tokens], "finished": [finished], **fields}
+
+
+def add_turn(record: dict, question: str, reply: str, reply_tokens: int, finished: bool) -> None:
+    """Appends a turn, the visitor's question and the teacher's reply, to `record` in place."""
+    record["messages"] += exchange(question, reply)
+    record["turns"] += 1
+    record["reply_tokens"].append(reply_tokens)
+    record["finished"].append(finished)
+
+
+def replies(record: dict) -> list[str]:
+    """The assistant replies, turn by turn."""
+    return [message["content"] for message in record["messages"][1::2]]
+
+
+def first_reply(record: dict) -> str:
+    return record["messages"][1]["content"]
+
+
+def turn(record: dict, number: int) -> dict:
+    """Turn `number` (from 1) alone: `{"turn", "question", "reply", "reply_tokens", "finished"}`."""
+    question, reply = record["messages"][2 * number - 2:2 * number]
+    return {"turn": number, "question": question["content"], "reply": reply["content"],
+            **{key: record[key][number - 1] for key in PER_TURN}}
+
+
+def with_reply(record: dict, number: int, reply: str) -> dict:
+    """A copy of `record` whose turn `number` replies `reply`."""
+    messages = list(record["messages"])
+    messages[2 * number - 1] = {"role": "assistant", "content": reply}
+    return {**record, "messages": messages}
+
+
+def cut(record: dict, turns: int) -> dict:
+    """A copy of `record` with its first `turns` turns: messages, per-turn entries and `trimmed` agree."""
+    kept = {**record, "messages": record["messages"][:2 * turns], "turns": turns,
+            **{key: record[key][:turns] for key in PER_TURN}}
+    trimmed = [number for number in record.get("trimmed", ()) if number <= turns]
+    kept.pop("trimmed", None)
+    return {**kept, "trimmed": trimmed} if trimmed else kept
+
+
+def first_turn(record: dict) -> dict:
+    """A conversation as a single-turn record: its prompt and first reply (no longer cut by the audit)."""
+    return {key: value for key, value in cut(record, 1).items() if key not in ("cut_at", "cut_reason")}
+
+
+def problem(record: dict) -> str | None:
+    """What makes `record` not a conversation record, or None."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages or len(messages) % 2:
+        return "`messages` must be a non-empty list of user and assistant messages, a reply last"
+    roles = [message.get("role") if isinstance(message, dict) else None for message in messages]
+    if roles != [ROLES[i % 2] for i in range(len(messages))]:
+        return f"`messages` must alternate user and assistant from a user message, not {roles}"
+    if not all(isinstance(message.get("content"), str) for message in messages):
+        return "every message needs a string `content`"
+    turns = len(messages) // 2
+    if record.get("turns") != turns:
+        return f"`turns` is {record.get('turns')!r}, `messages` holds {turns} assistant turns"
+    for key in PER_TURN:
+        if not isinstance(record.get(key), list) or len(record[key]) != turns:
+            return f"`{key}` must hold one entry per assistant turn ({turns})"
+    if "id" not in record or record.get("prompt") != messages[0]["content"]:
+        return "needs an `id` and the `prompt` its first message asks"
+    return None
+
+
+def checked(record: dict, where: str) -> dict:
+    """`record` if it is a conversation record; else a one-line error naming `where` (a file and line)."""
+    found = problem(record)
+    if found:
+        raise InputError(f"{where}: not a conversation record: {found}")
+    return record

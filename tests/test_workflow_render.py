@@ -16,6 +16,10 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator, Draft202012Validator
 
+from jobs.phases import PHASE
+from workflows.local.runner import check_supported
+from workflows.pipeline import render
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "schemas"
 RENDERED = ROOT / "workflows" / "pipeline.yaml"
@@ -80,8 +84,6 @@ def argo_errors(doc: dict) -> list[str]:
 
 
 def test_render_matches_the_dag():
-    from workflows.pipeline import render
-
     assert RENDERED.read_text() == render(), (
         "workflows/pipeline.yaml differs from the Hera DAG: run `make render` (and `make chart-sync`)")
 
@@ -94,8 +96,6 @@ def rendered_edges() -> dict[str, set[str]]:
 
 
 def test_dag_edges_are_the_phase_tables_needs():
-    from jobs.phases import PHASE
-
     edges = rendered_edges()
     assert list(edges) == list(PHASE)
 
@@ -136,8 +136,6 @@ def test_strict_crd_catches_unknown_fields():
 
 
 def test_local_runner_accepts_the_render():
-    from workflows.local.runner import check_supported
-
     check_supported(yaml.safe_load(RENDERED.read_text()))
 
 

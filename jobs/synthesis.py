@@ -17,7 +17,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from jobs.backends.base import SamplingClient
+from jobs.backends.base import SamplingClient, SamplingParams
+from jobs.backends.embeddings import embed
 from jobs.card import STOPWORDS, CharacterCard
 from jobs.config import IngestConfig
 
@@ -150,9 +151,6 @@ def synthesize(card: CharacterCard, count: int, existing: list[str], engine: Sam
                on_round=None) -> tuple[list[dict], dict]:
     """Up to `count` new prompts for `card`, distinct from each other and from `existing`; and the figures."""
     import numpy as np
-
-    from jobs.backends.base import SamplingParams
-    from jobs.backends.embeddings import embed
 
     settings = ingest.synthesis
     started = time.time()

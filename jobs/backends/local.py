@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,12 @@ from jobs.backends.kv_cache import KVCache, RowState
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.backends.sampling import MIN_SHARED_PREFIX, choose_tokens, shared_prefix_length
-from jobs.config import ModelConfig, TrainConfig
 from jobs.cpu import cpu_flags, cpu_name
 from jobs.errors import InputError
 from jobs.log import get_logger
+
+if TYPE_CHECKING:  # types only: jobs.config imports the backend registry, whose local backend imports this engine
+    from jobs.config import ModelConfig, TrainConfig
 
 # tokens per packed forward in compute_logprobs: the float32 log-softmax over the vocabulary is the peak
 LOGPROB_TOKENS = 1024

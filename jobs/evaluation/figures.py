@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+from jobs.backends.embeddings import cosine_to_reference, embed
 from jobs.card import CharacterCard
 from jobs.config import PricesConfig
 from jobs.errors import InputError
@@ -33,8 +34,6 @@ from jobs.metrics import (
 
 def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float]]:
     """Each reply's cosine similarity to the teacher's reply to the same prompt, by metric key."""
-    from jobs.backends.embeddings import cosine_to_reference
-
     return {SIMILARITY.of(role): cosine_to_reference(replies[role], replies["teacher"])
             for role in SIMILARITY.variants}
 
@@ -46,8 +45,6 @@ def character(card: CharacterCard) -> str:
 
 
 def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> dict[str, float]:
-    from jobs.backends.embeddings import cosine_to_reference
-
     return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role],
                                                                              [character(card)] * len(replies[role])))
             for role in PERSONA_SIMILARITY.variants}
@@ -120,8 +117,6 @@ class Judge:
         self.model.fit(features, labels)
 
     def features(self, replies: list[str]):
-        from jobs.backends.embeddings import embed
-
         return replies if self.lexical else embed(replies)
 
     def share(self, replies: list[str]) -> float:
@@ -151,8 +146,6 @@ def turn_rows(turns: dict[str, dict[int, list[str]]], conversations: list[list[d
               card: CharacterCard, forbidden: tuple[str, ...]) -> list[dict]:
     """turns.jsonl: per turn and role, the in-character figures of its replies and their similarity to the
     recorded teacher replies (the teacher's row is its second sample's)."""
-    from jobs.backends.embeddings import cosine_to_reference
-
     rows = []
     for role, by_turn in turns.items():
         for turn, replies in by_turn.items():

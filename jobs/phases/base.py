@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from jobs.backends import open_backend as open_configured
 from jobs.backends.base import Backend
 from jobs.config import PipelineConfig, digest
 from jobs.lease import Lease
@@ -92,8 +93,6 @@ def run_unit(config: PhaseConfig, phase: str, body: Callable[[UnitWriter], None]
 
 def open_backend(config: PhaseConfig) -> Backend:
     """The backend `model.backend` names (`jobs.backends`)."""
-    from jobs.backends import open_backend as open_configured
-
     return open_configured(config.pipeline, config.store, scratch_dir(config, "backend"))
 
 

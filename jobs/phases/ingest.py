@@ -21,6 +21,7 @@ from jobs.log import Progress
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.prompts import SYNTHESIZE, load_prompts, prompt_source
 from jobs.store import UnitWriter, jsonl_bytes, sha256_bytes
+from jobs.synthesis import synthesize
 
 TEMPLATE_TOKENS = 32  # what the chat template adds around the system, user and assistant turns
 MIN_PROMPT_TOKENS = 256  # the room a card must leave for a prompt
@@ -83,8 +84,6 @@ def to_synthesize(config: PhaseConfig, source: str, kept: list[dict], read: int,
 
 def synthesized(config: PhaseConfig, card: CharacterCard, count: int, kept: list[dict]) -> tuple[list[dict], dict]:
     """`count` new prompts and their figures, from the cache when the same inputs made them before."""
-    from jobs.synthesis import synthesize
-
     pipeline, store = config.pipeline, config.store
     backend = open_backend(config)
     existing = [row["prompt"] for row in kept]

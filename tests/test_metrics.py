@@ -175,11 +175,10 @@ def in_character_embedding(texts: list[str]):
 
 
 def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypatch):
-    import jobs.backends.embeddings
-
-    monkeypatch.setattr(jobs.backends.embeddings, "cosine_to_reference",
+    # where the figures look them up (`jobs.evaluation.figures` imports them by name)
+    monkeypatch.setattr(evaluate_figures, "cosine_to_reference",
                         lambda texts, references: [float(t == r) for t, r in zip(texts, references, strict=True)])
-    monkeypatch.setattr(jobs.backends.embeddings, "embed", in_character_embedding)
+    monkeypatch.setattr(evaluate_figures, "embed", in_character_embedding)
     ticks = itertools.count()
     monkeypatch.setattr(measure.time, "perf_counter", lambda: float(next(ticks)))  # every timed call takes 1 s
     config = phase_config("metrics-test")

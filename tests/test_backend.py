@@ -1,5 +1,6 @@
-"""The local engine on the real SmolLM2-135M: its sampling, log-probabilities and packed training agree with
-plain transformers; training changes the LoRA weights; state round-trips; the shared prefix changes nothing."""
+"""The local engine on the tiny test model (tests/tiny_model.py; parity holds on any weights): its sampling,
+log-probabilities and packed training agree with plain transformers; training changes the LoRA weights; state
+round-trips; the shared prefix changes nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from copy import deepcopy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_model import SETTING
 
 from jobs.assets import builtin
 from jobs.backends.base import Datum, SamplingParams
@@ -19,8 +21,7 @@ from jobs.config import load_pipeline_config
 from jobs.phases.train import to_datum
 from jobs.records import exchange
 
-pytestmark = pytest.mark.slow
-CONFIG = load_pipeline_config("ci")
+CONFIG = load_pipeline_config("ci", overrides=[SETTING])
 # the parity tests compare algorithms, so they run in float32 on every CPU
 FLOAT32 = CONFIG.model.model_copy(update={"dtype": "float32"})
 QUESTIONS = ["Who taught you?", "What do you think of Mozart's operas, honestly?", "Say hello.",

@@ -1,6 +1,6 @@
 """Multi-turn teacher data: the visitor's questions, which prompts open conversations, the turn-by-turn
-generation (with a scripted sampler, then on SmolLM2), the audit's cut at a conversation's first bad turn and the
-split's held-out conversations."""
+generation (with a scripted sampler, then on the tiny test model), the audit's cut at a conversation's first bad
+turn and the split's held-out conversations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from importlib import resources
 
 import pytest
+from tiny_model import SETTING
 
 from jobs import records
 from jobs.backends.base import SamplingParams
@@ -250,11 +251,10 @@ def test_eval_conversations_need_conversations():
         load_pipeline_config("ci", overrides=["conversations.share=0"])
 
 
-@pytest.mark.slow
-def test_the_teacher_answers_turn_three_after_the_earlier_turns_on_smollm2():
+def test_the_teacher_answers_turn_three_after_the_earlier_turns_on_the_tiny_model():
     from jobs.backends.local import LocalEngine
 
-    config = phase_config("conversations.share=1", "conversations.turns=3", "teacher.max_new_tokens=16",
+    config = phase_config(SETTING, "conversations.share=1", "conversations.turns=3", "teacher.max_new_tokens=16",
                           "conversations.visitor.max_new_tokens=16")
     engine = LocalEngine.for_sampling(config.pipeline.model)
     sent: list[tuple[list[list[int]], SamplingParams]] = []

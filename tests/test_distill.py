@@ -1,11 +1,14 @@
 """Distillation: the teacher/student pairing of a conversation, the KL figures against the full vocabulary, and
-the train objectives (`jobs.distill`, `jobs.phases.train`) on SmolLM2 in float32."""
+the train objectives (`jobs.distill`, `jobs.phases.train`) on the tiny test model in float32. Two tests need the real
+SmolLM2's peaked distributions (`slow`): the share of the KL that evaluate's top k holds, and the logit objective
+closing the KL (on a random model's flat ones, top-k targets pull the student away)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import tiny_model
 import torch
 
 from jobs import distill
@@ -20,7 +23,8 @@ SYSTEM = "You are Ludwig van Beethoven, the composer, in Vienna in 1824. You are
 ROWS = [{"messages": exchange("Who are you?", "I am Beethoven, and I write symphonies.")},
         {"messages": exchange("What do you play?", "The piano, loudly, because I cannot hear it.")},
         {"messages": [*exchange("Hello!", "Good day to you."), *exchange("What is your name?", "Ludwig.")]}]
-MODEL = ModelConfig(dtype="float32")
+MODEL = ModelConfig(base=tiny_model.NAME, dtype="float32")
+REAL = ModelConfig(dtype="float32")
 
 
 def test_kl_over_the_whole_vocabulary_is_exact_and_over_the_top_k_a_lower_bound():
@@ -69,33 +73,45 @@ def test_a_conversation_pairs_the_same_assistant_tokens_with_and_without_the_car
         assert student_text.replace(" ", "") == "".join(m["content"] for m in assistant).replace(" ", "")
 
 
-@pytest.mark.slow
-def test_kl_figures_match_the_full_vocabulary_computed_by_torch(engine):
+@pytest.fixture(scope="module")
+def real_engine():
+    return LocalEngine.for_sampling(REAL)
+
+
+def kl_figures(engine: LocalEngine, k: int) -> tuple[list[distill.Paired], list[list[float]]]:
+    """Each row's KL(teacher || student) per reply position, over the teacher's top k."""
     pairs = [distill.pair(engine.renderer, row["messages"], SYSTEM) for row in ROWS]
-    vocabulary = engine.model.config.vocab_size
-    full = distill.teacher_topk(engine, pairs, vocabulary)
-    kl_full = [distill.kl_per_position(t, m) for t, m in zip(full, distill.model_logprobs(engine, pairs, full),
-                                                            strict=True)]
+    top = distill.teacher_topk(engine, pairs, k)
+    return pairs, [distill.kl_per_position(t, m) for t, m in zip(top, distill.model_logprobs(engine, pairs, top),
+                                                                strict=True)]
+
+
+def test_kl_figures_match_the_full_vocabulary_computed_by_torch(engine):
+    pairs, kl_full = kl_figures(engine, engine.model.config.vocab_size)
     with torch.no_grad():
         for p, values in zip(pairs, kl_full, strict=True):
             teacher = engine.logits(p.teacher_tokens).log_softmax(-1)[[i - 1 for i in p.teacher_positions]]
             student = engine.logits(p.student_tokens).log_softmax(-1)[[i - 1 for i in p.student_positions]]
             expected = (teacher.exp() * (teacher - student)).sum(-1)
             assert values == pytest.approx(expected.tolist(), abs=2e-3)
-    top = distill.teacher_topk(engine, pairs, EvaluateConfig().kl_top_k)
-    kl_top = [distill.kl_per_position(t, m) for t, m in zip(top, distill.model_logprobs(engine, pairs, top),
-                                                           strict=True)]
-    flat_full = [v for row in kl_full for v in row]
-    flat_top = [v for row in kl_top for v in row]
-    assert all(t <= f + 1e-4 for t, f in zip(flat_top, flat_full, strict=True))
-    print(f"KL over the top {EvaluateConfig().kl_top_k}: {sum(flat_top) / sum(flat_full):.1%} of the full KL")
-    assert sum(flat_top) / sum(flat_full) > 0.9  # evaluate's default k holds most of it
+    _, kl_top = kl_figures(engine, EvaluateConfig().kl_top_k)
+    flat_full, flat_top = [v for row in kl_full for v in row], [v for row in kl_top for v in row]
+    assert all(t <= f + 1e-4 for t, f in zip(flat_top, flat_full, strict=True))  # a lower bound
 
 
-def trainer_for(objective: str) -> tuple[LocalTrainer, TrainConfig]:
+@pytest.mark.slow
+def test_evaluates_top_k_holds_most_of_the_real_models_kl(real_engine):
+    (_, kl_full), (_, kl_top) = (kl_figures(real_engine, k) for k in (real_engine.model.config.vocab_size,
+                                                                       EvaluateConfig().kl_top_k))
+    share = sum(map(sum, kl_top)) / sum(map(sum, kl_full))
+    print(f"KL over the top {EvaluateConfig().kl_top_k}: {share:.1%} of the full KL")
+    assert share > 0.9  # evaluate's default k holds most of it
+
+
+def trainer_for(objective: str, model: ModelConfig = MODEL) -> tuple[LocalTrainer, TrainConfig]:
     train = TrainConfig(objective=objective, steps=4, batch_size=3, learning_rate=2e-3, checkpoint_every=4,
                         top_k=16, rollout_tokens=12)
-    return LocalTrainer(LocalEngine.for_training(MODEL, train), folders=None), train
+    return LocalTrainer(LocalEngine.for_training(model, train), folders=None), train
 
 
 def mean_kl(engine_: LocalEngine, pairs: list[distill.Paired], teacher: list[TopK]) -> float:
@@ -105,8 +121,9 @@ def mean_kl(engine_: LocalEngine, pairs: list[distill.Paired], teacher: list[Top
 
 
 @pytest.mark.slow
-def test_the_logit_objective_pulls_the_student_toward_the_teachers_distribution(engine):
-    trainer, train = trainer_for("logit")
+def test_the_logit_objective_pulls_the_student_toward_the_teachers_distribution(real_engine):
+    engine = real_engine
+    trainer, train = trainer_for("logit", REAL)
     objective = Logit(ROWS, train, SYSTEM)
     objective.prepare(engine)
     pairs = [distill.pair(engine.renderer, row["messages"], SYSTEM) for row in ROWS]
@@ -120,7 +137,6 @@ def test_the_logit_objective_pulls_the_student_toward_the_teachers_distribution(
     assert mean_kl(trainer.engine, pairs, teacher) < 0.7 * before
 
 
-@pytest.mark.slow
 def test_on_policy_steps_score_the_students_own_samples_with_the_teacher(engine):
     trainer, train = trainer_for("on_policy")
     objective = OnPolicy(ROWS, train.model_copy(update={"warm_start_steps": 1}), SYSTEM)

@@ -1,13 +1,13 @@
-"""The keys and values the local engine keeps between calls: what it finds and evicts, and on SmolLM2 that the
-teacher's greedy conversations come out token for token the same with the cache as without it, while later turns
-prefill only what is new."""
+"""The keys and values the local engine keeps between calls: what it finds and evicts, and on the tiny test model
+that the teacher's greedy conversations come out token for token the same with the cache as without it, while later
+turns prefill only what is new."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 
-import pytest
+import tiny_model
 import torch
 
 from jobs.backends.base import Metered
@@ -59,19 +59,18 @@ def test_a_continued_row_replaces_its_state_and_the_budget_evicts_the_least_rece
 
 
 def conversation_config(**overrides: str) -> PhaseConfig:
-    settings = {"conversations.share": "1", "conversations.turns": "4", "teacher.max_new_tokens": "20",
-                "teacher.temperature": "0", "teacher.repetition_penalty": "1.2",
+    settings = {"model.base": tiny_model.NAME, "conversations.share": "1", "conversations.turns": "4",
+                "teacher.max_new_tokens": "20", "teacher.temperature": "0", "teacher.repetition_penalty": "1.2",
                 "conversations.visitor.max_new_tokens": "16", "conversations.visitor.temperature": "0", **overrides}
     return PhaseConfig(run_id="kv", pipeline=load_pipeline_config("ci", overrides=[f"{k}={v}" for k, v in
                                                                                   settings.items()]),
                        store_settings=StoreSettings(), shard=0)
 
 
-@pytest.mark.slow
 def test_greedy_conversations_are_token_identical_with_and_without_the_kept_cache():
     config = conversation_config()
     prompts = [json.loads(line) for line in
-               resources.files("jobs.assets.prompts").joinpath("beethoven.jsonl").read_text().splitlines()[:4]]
+               resources.files("jobs.assets.prompts").joinpath("beethoven.jsonl").read_text().splitlines()[:8]]
     runs = {}
     for keep in (True, False):
         engine = LocalEngine.for_sampling(config.pipeline.model, kv_cache=keep)
@@ -83,5 +82,6 @@ def test_greedy_conversations_are_token_identical_with_and_without_the_kept_cach
     assert kept_rows == plain_rows  # every question and reply, turn by turn
     # the same prompts were sent, but later turns ran only their new tokens through the model
     assert kept_usage["prefill_tokens"] == plain_usage["prefill_tokens"]
-    assert kept_usage["computed_prefill_tokens"] < 0.5 * plain_usage["computed_prefill_tokens"]
+    # (of what the uncached engine ran: under half with SmolLM2's replies, 0.54 with the tiny model's shorter ones)
+    assert kept_usage["computed_prefill_tokens"] < 0.6 * plain_usage["computed_prefill_tokens"]
     assert kept_engine.kv is not None and kept_engine.kv.reused_tokens > 0

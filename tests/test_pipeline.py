@@ -1,4 +1,5 @@
-"""`make run` on the ci profile, end to end: the rendered DAG through the local runner, against rclone S3.
+"""`make run` on the ci profile and the tiny test model (tests/tiny_model.py), end to end: the rendered DAG through
+the local runner, against rclone S3 (tests/test_real_model.py runs it once on the real SmolLM2).
 
 A second run in a fresh store goes through the fault proxy, with canary values in every secret: first it
 is stopped by SIGTERM while teacher shard 0's manifest is being written, then run again with 10% of the
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, alive, descendants
+from tiny_model import ARGS
 
 from jobs.config import TrainConfig
 from jobs.metrics import KEYS, LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO, figure_rows, markdown_table
 from jobs.phases import PHASE
 from jobs.phases.evaluate import BASE_PARTS, STUDENT_PARTS
 
-pytestmark = pytest.mark.slow
 PHASES = tuple(name for name, phase in PHASE.items() if not phase.sharded)  # one unit each (teacher: one per shard)
 
 
@@ -44,8 +45,8 @@ STALL = r"PUT /distill/runs/[^/]+/teacher/shard-00000/_SUCCESS\.json"
 
 
 def runner_command(data, reports, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--data-dir", str(data),
-            "--reports-dir", str(reports), *extra]
+    return [sys.executable, "-m", "workflows.local.runner", "--profile", "ci", *ARGS,
+            "--data-dir", str(data), "--reports-dir", str(reports), *extra]
 
 
 def run_pipeline(data, reports, *extra: str, env=None) -> tuple[subprocess.CompletedProcess, float]:
@@ -229,8 +230,8 @@ def test_exported_model_loads_and_generates(ci_run):
 def tool(ci_run, name: str, answers: str) -> subprocess.CompletedProcess:
     """`make chat` / `make review` over the finished run's store, answering on stdin."""
     return subprocess.run([sys.executable, "-m", "workflows.local.s3", "--data-dir", str(ci_run["data"]), "--",
-                           sys.executable, "-m", "jobs", name, "--profile", "ci"], cwd=REPO, input=answers,
-                          capture_output=True, text=True, timeout=300)
+                           sys.executable, "-m", "jobs", name, "--profile", "ci", *ARGS], cwd=REPO,
+                          input=answers, capture_output=True, text=True, timeout=300)
 
 
 def test_review_saves_ratings_to_the_store(ci_run):

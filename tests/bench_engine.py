@@ -41,8 +41,9 @@ from results_file import RESULTS, replace_section, stamp
 from jobs import distill
 from jobs.assets import builtin
 from jobs.backends.base import Metered, SamplingParams
-from jobs.backends.local import LocalEngine, describe_cpu, resolve_precision
+from jobs.backends.local import LocalEngine
 from jobs.backends.model_files import model_dir
+from jobs.backends.precision import describe_cpu, resolve_precision
 from jobs.card import parse_card
 from jobs.config import PipelineConfig, load_pipeline_config
 from jobs.cpu import cpu_name

@@ -22,7 +22,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 from jobs import distill
-from jobs.backends.local import LocalEngine, describe_cpu
+from jobs.backends.local import LocalEngine
+from jobs.backends.precision import describe_cpu
 from jobs.card import CharacterCard
 from jobs.config import load_pipeline_config
 from jobs.errors import InputError

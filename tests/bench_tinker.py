@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobs.assets import builtin
 from jobs.backends.base import Datum, SamplingParams
-from jobs.backends.local import describe_cpu
+from jobs.backends.precision import describe_cpu
 from jobs.config import ModelConfig, TinkerConfig, TrainConfig
 from jobs.store import parse_jsonl
 from workflows.local.tinker import TinkerServer

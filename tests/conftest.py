@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_terminal_summary(terminalreporter):
     """The CPU under the durations: the same tests take 2-3x longer on some machines of one kind."""
-    from jobs.backends.local import describe_cpu
+    from jobs.backends.precision import describe_cpu
 
     terminalreporter.write_line(describe_cpu())
 

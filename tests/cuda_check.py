@@ -37,7 +37,8 @@ if not (folder / "model.safetensors").exists():
 
 from jobs.backends.attention import Layout  # noqa: E402
 from jobs.backends.base import Datum, SamplingParams  # noqa: E402
-from jobs.backends.local import LocalEngine, resolve_precision  # noqa: E402
+from jobs.backends.local import LocalEngine  # noqa: E402
+from jobs.backends.precision import resolve_precision  # noqa: E402
 from jobs.config import ModelConfig, TrainConfig  # noqa: E402
 
 out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}

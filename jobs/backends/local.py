@@ -1,21 +1,19 @@
 """The local engine: transformers + peft, playing both Tinker clients for the embedded default.
 
 Where the time goes, and what the engine does about it:
-- precision: `model.dtype: auto` takes bf16 only where the hardware computes it natively (a CUDA device that
-  supports it, a CPU with AMX or AVX512-BF16) and float32 elsewhere: on an AVX2-only CPU bf16 matrix
-  products run 18-29x slower than float32;
+- precision (`jobs.backends.precision`): bf16 only where the hardware computes it natively, float32 elsewhere;
 - sampling: the prompts of one call usually share a long prefix (the card's system turn). Its keys and
   values are computed once and attended by every row through `attention.SharedPrefix`, so each batch
   prefills only its questions. Decoding is a plain loop over a KV cache: rows that finish leave the batch;
 - training and log-probabilities: the rows of a batch are packed into one sequence with no padding, each row
   attending only to itself (`attention.Layout.segments`) and to the prefix all rows share, computed once;
   training computes logits only at the positions whose loss weight is non-zero.
-The adapter is fp32 (rank and alpha from the train config, all linear layers, no dropout) over the base.
+The adapter is fp32 (rank and alpha from the train config, all linear layers, no dropout) over the base; the
+export merges it into the base (`jobs.backends.merge`).
 """
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,10 +28,9 @@ from jobs.backends.attention import Layout, SharedPrefix
 from jobs.backends.base import ADAPTER_WEIGHTS, Datum, LossFn, SamplingParams, TopK
 from jobs.backends.kv_cache import KVCache, RowState
 from jobs.backends.model_files import model_dir
+from jobs.backends.precision import Precision, resolve_precision, set_threads
 from jobs.backends.renderer import Renderer
 from jobs.backends.sampling import MIN_SHARED_PREFIX, choose_tokens, shared_prefix_length
-from jobs.cpu import cpu_flags, cpu_name
-from jobs.errors import InputError
 from jobs.log import get_logger
 
 if TYPE_CHECKING:  # types only: jobs.config imports the backend registry, whose local backend imports this engine
@@ -41,35 +38,6 @@ if TYPE_CHECKING:  # types only: jobs.config imports the backend registry, whose
 
 # tokens per packed forward in compute_logprobs: the float32 log-softmax over the vocabulary is the peak
 LOGPROB_TOKENS = 1024
-_NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def _set_threads() -> None:
-    # the local runner gives each parallel step a share of the cores through DISTILL_THREADS
-    threads = int(os.environ.get("DISTILL_THREADS") or 0) or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def describe_cpu() -> str:
-    """The CPU in one line, for every timing printed beside it (bf16 speed differs 20x between CPUs)."""
-    name = cpu_name()
-    flags = cpu_flags()
-    present = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
-    return (f"cpu: {name}; {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()}; flags: {present}")
-
-
-@dataclass(frozen=True)
-class Precision:
-    device: str
-    dtype: str
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -80,24 +48,6 @@ class Decoded:
     tokens: tuple[int, ...] = ()
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-
-
-def resolve_precision(model: ModelConfig) -> Precision:
-    """The device and dtype that `model.device` and `model.dtype` mean on this machine."""
-    device = model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise InputError("model.device=cuda: no CUDA device is visible to torch on this machine")
-    dtype = model.dtype
-    if dtype == "auto":
-        if device == "cuda":
-            native = torch.cuda.is_bf16_supported()
-        else:  # torch's own kernel level too: ATEN_CPU_CAPABILITY=avx2 makes a bf16 CPU an AVX2 one for torch
-            native = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-                      and any(flag in cpu_flags() for flag in _NATIVE_BF16_CPU_FLAGS))
-        dtype = "bfloat16" if native else "float32"
-    return Precision(device, dtype)
 
 
 class LocalEngine:
@@ -121,7 +71,7 @@ class LocalEngine:
     def _load_base(model: ModelConfig, precision: Precision):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _set_threads()
+        set_threads()
         folder = model_dir(model.base)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.torch_dtype,
@@ -552,39 +502,3 @@ class LocalEngine:
         with torch.no_grad():
             ids = self._tensor([tokens])
             return self.model(input_ids=ids, layout=Layout(key_mask=torch.ones_like(ids))).logits[0].float()
-
-
-def export_merged(model: ModelConfig, adapter_dir: Path, target: Path, check_texts: list[str]) -> dict:
-    """Merge the adapter into the base, save an HF folder, and compare it with base + adapter.
-
-    The check loads the saved folder the way a user would (`AutoModelForCausalLM.from_pretrained`, its default
-    attention) and compares its next-token logits with the engine's unmerged model on the given prompts, then
-    generates. Both are float32: merging in bf16 moves logits by more than one unit, which would hide a real
-    mistake.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = model.model_copy(update={"dtype": "float32"})
-    unmerged = LocalEngine.for_sampling(model, adapter_dir, merge=False)
-    base, _ = LocalEngine._load_base(model, unmerged.precision)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(target)
-    unmerged.tokenizer.save_pretrained(target)
-    check_prompts = [unmerged.renderer.prompt(text) for text in check_texts]
-    # transformers wraps `to` in functools.wraps(torch.nn.Module.to), whose type still expects `self` first
-    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    reloaded = reloaded.to(unmerged.device).eval()  # type: ignore[arg-type]
-    max_diff, agree, total = 0.0, 0, 0
-    with torch.no_grad():
-        for prompt in check_prompts:
-            a = unmerged.logits(prompt)
-            b = reloaded(input_ids=unmerged._tensor([prompt])).logits[0].float()
-            max_diff = max(max_diff, float((a - b).abs().max()))
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += a.shape[0]
-        sample = reloaded.generate(input_ids=unmerged._tensor([check_prompts[0]]), max_new_tokens=24, do_sample=False,
-                                   pad_token_id=unmerged.pad_id, eos_token_id=unmerged.renderer.end_of_turn)
-    return {"logits_max_abs_diff": round(max_diff, 5), "argmax_agreement": round(agree / total, 5),
-            "positions_checked": total,
-            "generated": unmerged.renderer.decode(sample[0, len(check_prompts[0]):].tolist())}

@@ -91,7 +91,7 @@ class LocalBackend(Backend):
         return model_dir(pipeline.model.base)  # converts the packaged model once, warming the cache
 
     def precision(self) -> dict[str, str]:
-        from jobs.backends.local import resolve_precision
+        from jobs.backends.precision import resolve_precision
 
         precision = resolve_precision(self.model)
         return {"device": precision.device, "dtype": precision.dtype}

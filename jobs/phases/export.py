@@ -43,7 +43,7 @@ def model_card(config: PhaseConfig, name: str, train: dict, ev: dict) -> str:
 
 
 def build(config: PhaseConfig, out: UnitWriter) -> None:
-    from jobs.backends.local import export_merged
+    from jobs.backends.merge import export_merged
 
     store, export = config.store, config.pipeline.export
     work = scratch_dir(config, "export")

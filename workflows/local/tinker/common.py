@@ -5,7 +5,6 @@ from __future__ import annotations
 from jobs.log import get_logger
 
 API = "/api/v1"
-LORA_ALPHA = 32
 # a checkpoint's time to live, as the SDK documents it (SaveWeightsRequest.ttl_seconds): 1 hour to 10 years
 TTL_RANGE = (3600, 10 * 365 * 86400)
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from jobs.backends import model_files
 from jobs.backends.cache import cached_model_dir
+from jobs.backends.tinker_backend import LORA_ALPHA  # the hosted service's fixed alpha, declared once
 from jobs.config import ModelConfig, TrainConfig
-from workflows.local.tinker.common import LORA_ALPHA, Cancelled, UserError, log
+from workflows.local.tinker.common import Cancelled, UserError, log
 
 SAMPLER_CACHE = 4  # sampling engines kept loaded
 

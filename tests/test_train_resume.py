@@ -13,12 +13,12 @@ import time
 import pytest
 from conftest import REPO, phase_config, store_for
 from safetensors.torch import load_file
+from tiny_model import ARGS
 
 from jobs.store import parse_jsonl
 
-pytestmark = pytest.mark.slow
-# steps 8, checkpoints every 2: the kill lands after the first checkpoint with steps still to go
-TRAIN = ("--set", "train.steps=8", "--set", "train.checkpoint_every=2", "--set", "train.val_every=4")
+# steps 8, checkpoints every 2: the kill lands after the first checkpoint with steps still to go; the tiny test model
+TRAIN = ("--set", "train.steps=8", "--set", "train.checkpoint_every=2", "--set", "train.val_every=4", *ARGS)
 
 
 def backend_env(backend: str, tinker_server) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Verify on reuse (jobs.verify) with trivial units through the real `run_unit` and the real local S3 server: an intact
 unit is reused, a changed output redoes its unit and everything downstream, `python -m jobs.verify` says so, and a
-changed S3 card under a run is a one-line error. Then end to end on the ci profile (marked slow): two runs with
-different cards on one store, an edited reply redone by two runs of one card at once, a tampered teacher cache entry."""
+changed S3 card under a run is a one-line error. Then end to end on the ci profile and the tiny test model: two runs
+with different cards on one store, an edited reply redone by two runs of one card at once, a tampered teacher cache
+entry."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, phase_config, store_for
 from structlog.testing import capture_logs
+from tiny_model import ARGS
 
 from jobs.errors import InputError
 from jobs.lease import Lease
@@ -47,9 +49,9 @@ def run_chain(run_id: str, *settings: str) -> list[str]:
     run_unit(config, "ingest", body("ingest"))
     run_unit(dataclasses.replace(config, shard=0), "teacher", body("teacher/shard-00000"), extra_key=0)
     run_unit(config, "audit", body("audit"))
+    run_unit(config, "split", body("split"))
     return computed
 
-    run_unit(config, "split", body("split"))
 
 def same_size_edit(data: bytes) -> bytes:
     """One letter of a reply changed: the size stays, the sha256 does not."""
@@ -178,9 +180,9 @@ def label(unit: str) -> str:
 def start_runner(data: Path, reports: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     output = reports / "runner-output.txt"
     with open(output, "w") as sink:  # a file, not a pipe: two runners at once must never block on their output
-        process = subprocess.Popen([sys.executable, "-m", "workflows.local.runner", "--profile", "ci", "--data-dir",
-                                    str(data), "--reports-dir", str(reports), *extra], cwd=REPO, stdout=sink,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "workflows.local.runner", "--profile", "ci",
+                                    *ARGS, "--data-dir", str(data), "--reports-dir", str(reports), *extra],
+                                   cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
     return process, output
 
 
@@ -254,8 +256,7 @@ def redone(shared, tmp_path_factory):
             "verified": in_store(data, "-m", "jobs.verify", "--run-id", run_id)}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
+@pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_two_runs_with_different_cards_on_one_store_both_finish_intact(shared):
     first, other = shared["run_ids"]
     assert first != other
@@ -268,8 +269,7 @@ def test_two_runs_with_different_cards_on_one_store_both_finish_intact(shared):
     assert result.stdout.splitlines()[-1] == "2 runs: 2 intact, 0 with units to redo"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
+@pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_verify_names_the_edited_reply_and_what_a_run_would_redo(redone):
     checked, run_id = redone["checked"], redone["run_id"]
     assert checked.returncode == 1, checked.stdout + checked.stderr
@@ -281,8 +281,7 @@ def test_verify_names_the_edited_reply_and_what_a_run_would_redo(redone):
     assert redone["verified"].returncode == 0, redone["verified"].stdout  # intact again after the runs
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
+@pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_an_edited_reply_redoes_split_and_everything_after_it_and_the_report_comes_from_the_restored_data(redone):
     run_id, runs, before, after = redone["run_id"], redone["runs"], redone["before"], redone["after"]
     both = "\n".join(redone["outputs"])
@@ -307,8 +306,7 @@ def test_an_edited_reply_redoes_split_and_everything_after_it_and_the_report_com
         assert NATS.format(train["first_loss"]) in row and NATS.format(train["last_loss"]) in row
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
+@pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_two_runs_of_one_card_at_once_compute_each_unit_once(redone):
     def reused(text: str, unit: str) -> bool:
         return (f"  {label(unit)}: skipped (outputs match config and inputs)" in text
@@ -322,8 +320,7 @@ def test_two_runs_of_one_card_at_once_compute_each_unit_once(redone):
                      r"writing it \(waited \d+s\)$", waited[0]), waited[0]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(7200)  # two ci runs at once: minutes alone, an hour on a 2-core machine busy with others
+@pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_a_tampered_teacher_cache_entry_is_found_and_generated_again(redone):
     data, runs = redone["data"], redone["runs"]
     shard = runs / "teacher" / "shard-00001" / "conversations.jsonl"
@@ -336,7 +333,7 @@ def test_a_tampered_teacher_cache_entry_is_found_and_generated_again(redone):
     tampered = edit_one_reply(original)
     shard.write_bytes(tampered)  # so the unit is redone, and reads the cache
     entry.write_bytes(tampered)
-    result = in_store(data, "-m", "jobs", "teacher", "--shard", "1", "--profile", "ci",
+    result = in_store(data, "-m", "jobs", "teacher", "--shard", "1", "--profile", "ci", *ARGS,
                       env={"DISTILL_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]

@@ -23,6 +23,7 @@ from jobs.backends.base import SamplingParams, TopK
 from jobs.backends.model_files import model_dir
 from jobs.backends.renderer import Renderer
 from jobs.config import PipelineConfig
+from jobs.records import first_reply
 
 # padded tokens (rows x width) per scoring forward: the float32 logits over the vocabulary are the peak (~200 KB a
 # token), as the engine's LOGPROB_TOKENS bounds its own
@@ -169,7 +170,7 @@ def train_trl(config: PipelineConfig, rows: list[dict], steps: int, dtype: torch
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "completion": [{"role": "assistant", "content": r["reply"]}]} for r in rows])
+                               "completion": [{"role": "assistant", "content": first_reply(r)}]} for r in rows])
     timings: list[float] = []
     steps_seen: list[tuple[list[list[int]], int]] = []  # each step's rows (real tokens) and loss positions
 

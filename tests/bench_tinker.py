@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=96, help="prompts sampled (default 96)")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens sampled per prompt (default 4)")
     p.add_argument("--steps", type=int, default=6, help="training steps (default 6)")
+    p.add_argument("--base", default=ModelConfig().base, help="base model (default: the pipeline's)")
     args = p.parse_args()
 
     from jobs.backends.tinker_backend import TinkerBackend
@@ -44,7 +45,7 @@ def main() -> None:
     questions = [row["prompt"] for row in parse_jsonl(builtin("builtin:beethoven", "prompts", ".jsonl"), "prompts")]
     with tempfile.TemporaryDirectory() as folder, TinkerServer(Path(folder), latency=args.latency) as server:
         os.environ.update(server.env())
-        backend = TinkerBackend(ModelConfig(), TinkerConfig(max_in_flight=args.in_flight))
+        backend = TinkerBackend(ModelConfig(base=args.base), TinkerConfig(max_in_flight=args.in_flight))
         sampler = backend.sampler()
         render = sampler.renderer
         prompts = [render.prompt(questions[i % len(questions)]) for i in range(args.prompts)]

@@ -1,6 +1,7 @@
 """The benchmarks the README names, each run tiny as a user runs it (a subprocess: `make bench`, `make bench-top-k`,
 `tests/bench_tinker.py`): each exits 0 and prints its result line. Their figures are not checked: at this size, on
-a shared machine, they mean nothing; that the commands still run after an edit elsewhere is what is tested."""
+a shared machine, they mean nothing; that the commands still run after an edit elsewhere is what is tested. So they
+run on the tiny test model (tests/tiny_model.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, phase_config
-
-pytestmark = pytest.mark.slow
+from tiny_model import NAME, SETTING
 
 VENV = Path(sys.prefix)
 # make's own targets with this test's interpreter; `-o` keeps make from redoing `make setup` when pyproject.toml is
@@ -52,7 +52,7 @@ def test_make_bench_runs_small_and_writes_its_mfu_table(tmp_path):
     card, results = tmp_path / "card.yaml", tmp_path / "RESULTS-bench.md"
     card.write_text(CARD)
     args = (f"--prompts 2 --conversations 2 --turns 2 --max-tokens 4 --steps 2 --score-rows 0 --limit-seconds 0.05 "
-            f"--results {results} --set train.batch_size=2")
+            f"--results {results} --set train.batch_size=2 --set {SETTING}")
     result = run([*MAKE, "bench", f"CARD={card}", f"BENCH_ARGS={args}"], timeout=840)
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"bench: teacher \d+\.\d\dx, turns \d+\.\d\dx, train \d+\.\d\dx", last), result.stdout[-2000:]
@@ -80,7 +80,7 @@ def test_make_bench_top_k_runs_on_a_finished_split(store_env, monkeypatch):
         torch.set_num_threads(threads)  # an engine's load set this process's threads to one
     data_dir = store_env.root.parent  # workflows.local.s3 serves <data dir>/s3
     result = run([*MAKE, "bench-top-k", f"RUN={run_id}", "PROFILE=ci", f"DATA_DIR={data_dir}",
-                  "BENCH_ARGS=--top-k 4 --set train.steps=2"], timeout=600)
+                  f"BENCH_ARGS=--top-k 4 --set train.steps=2 --set {SETTING}"], timeout=600)
     assert re.search(r"^\| 4 \| \d+\.\d{4} \|", result.stdout, re.MULTILINE), result.stdout[-2000:]
     assert re.fullmatch(r"bench-top-k: k 4 closes -?\d+\.\d% of the base's KL over the whole vocabulary",
                         result.stdout.strip().splitlines()[-1]), result.stdout[-2000:]
@@ -106,6 +106,6 @@ def test_bench_engine_refuses_bad_sizes_in_one_line():
 @pytest.mark.timeout(600)
 def test_bench_tinker_runs_small():
     result = run([sys.executable, "tests/bench_tinker.py", "--latency", "0.2", "--prompts", "4", "--in-flight", "2",
-                  "--max-tokens", "2", "--steps", "1"], timeout=540)
+                  "--max-tokens", "2", "--steps", "1", "--base", NAME], timeout=540)
     assert re.search(r"^teacher sampling: .* of ideal$", result.stdout, re.MULTILINE), result.stdout[-2000:]
     assert re.search(r"^training: .* of ideal$", result.stdout, re.MULTILINE), result.stdout[-2000:]

@@ -25,9 +25,13 @@ from jobs.backends.model_files import cache_root, model_dir
 
 NAME = "distill-tests/tiny-smollm2-v1"
 SETTING = f"model.base={NAME}"  # the setting that puts an engine or a phase on it
-# what puts a whole run on it: the model, and one-word replies let through (one reply in eight is a single word, so
-# at the ci profile's minimum of two the audit could cut too many of its six conversations for the split's two)
-SETTINGS = (SETTING, "audit.min_reply_words=1")
+# what puts a whole run on it: the model; one-word replies let through (one reply in eight is a single word, so at
+# the ci profile's minimum of two the audit could cut too many of its six conversations for the split's two); and
+# sampling from the whole vocabulary (top_p 1): a random model's distribution is flat, and the nucleus's sort of its
+# thousands of near-equal tokens turns the float noise of another batch shape (the Tinker stand-in's) into another
+# token, where a draw in vocabulary order changes only if it lands within that noise of a boundary
+SETTINGS = (SETTING, "audit.min_reply_words=1", "teacher.top_p=1.0", "conversations.visitor.top_p=1.0",
+            "evaluate.sampling.top_p=1.0")
 ARGS = tuple(arg for setting in SETTINGS for arg in ("--set", setting))  # the same, as command-line options
 REAL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -22,7 +22,7 @@ from jobs.inputs import MB, load_yaml, read_capped
 from jobs.objectives import OBJECTIVES
 from jobs.store import parse_s3_url
 
-PROFILES = ("demo", "ci", "full")
+PROFILES = ("demo", "demo-large", "ci", "full")
 
 
 class Section(BaseModel):

@@ -261,6 +261,17 @@ def check_run(store: ArtifactStore, digests: bool = DIGESTS) -> RunCheck:
     return result
 
 
+def check_readable(store: ArtifactStore, digests: bool = DIGESTS) -> RunCheck:
+    """`check_run`, except that a run whose manifests lack what this version writes (another version's, or not
+    written by a phase) is reported as not intact, to be redone whole, instead of ending the listing of every run."""
+    try:
+        return check_run(store, digests)
+    except (KeyError, TypeError, AttributeError) as exc:
+        found = RunCheck(store.run_id, bad={"manifests": [f"not in the shape this version writes ({exc!r})"]})
+        found.redo = list(PHASES)
+        return found
+
+
 def render(check: RunCheck) -> list[str]:
     lines = [f"run {check.run_id}: {len(check.intact)} units intact, {len(check.bad)} not, "
              f"{len(check.redo)} to redo"]
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_id and args.run_id not in runs:
             raise InputError(f"no run {args.run_id} in {settings.where}"
                              + (f" (runs: {', '.join(runs)})" if runs else " (it holds no run)"))
-        checks = [check_run(ArtifactStore(settings, run_id), digests=not args.sizes_only)
+        checks = [check_readable(ArtifactStore(settings, run_id), digests=not args.sizes_only)
                   for run_id in ([args.run_id] if args.run_id else runs)]
     except (InputError, TransientError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -67,15 +67,15 @@ def rows(n: int) -> list[dict]:
 
 def test_sizing():
     none = {"duplicate": 0, "too_short": 0, "too_long": 0}
-    demo = phase_config("sizing", profile="demo")
+    demo = phase_config("sizing", profile="demo-large")  # its sizes: 40 held out, up to 240 prompts
     assert needed(demo) == 80
     assert to_synthesize(demo, "p.jsonl", rows(80), 80, none) == 0  # enough: nothing to write
     with pytest.raises(InputError) as caught:
         to_synthesize(demo, "p.jsonl", rows(50), 52, {**none, "duplicate": 2})
     assert str(caught.value) == (
         "prompts p.jsonl: 50 usable of 52 read (2 duplicate, 0 under ingest.min_words=2, 0 over "
-        "ingest.max_words=80 or the context); profile demo needs at least 80 (split.eval_count=40 held out and as "
-        "many to train): set ingest.top_up=true to synthesize the other 190, or ingest.prompts=synthesize")
-    top_up = phase_config("sizing", "ingest.top_up=true", profile="demo")
+        "ingest.max_words=80 or the context); profile demo-large needs at least 80 (split.eval_count=40 held out "
+        "and as many to train): set ingest.top_up=true to synthesize the other 190, or ingest.prompts=synthesize")
+    top_up = phase_config("sizing", "ingest.top_up=true", profile="demo-large")
     assert to_synthesize(top_up, "p.jsonl", rows(50), 50, none) == 190  # up to the profile's ingest.limit
     assert to_synthesize(demo, SYNTHESIZE, [], 0, none) == 240

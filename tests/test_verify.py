@@ -26,7 +26,7 @@ from jobs.errors import InputError
 from jobs.lease import Lease
 from jobs.metrics import NATS
 from jobs.phases.base import run_unit
-from jobs.store import sha256_bytes
+from jobs.store import MANIFEST, sha256_bytes
 
 # the units run_unit decides on, upstream first, each with a trivial body: ingest, a teacher shard, audit, split
 CHAIN = ("ingest", "teacher/shard-00000", "audit", "split")
@@ -93,6 +93,19 @@ def test_a_same_size_edit_redoes_its_unit_and_everything_downstream(store_env):
     assert store.require("split")["input_writes"] == {"audit": after["audit"]}
 
 
+def test_verify_of_every_run_reports_a_run_whose_manifests_it_cannot_read_and_goes_on(store_env):
+    """A manifest without what this version writes (here an ingest manifest with no metrics: another version's,
+    or not a phase's) makes its run not intact; it ended `make verify` of every run with a traceback before."""
+    run_chain("verify-5")
+    odd = store_for("verify-odd")
+    odd.put_bytes(odd.key("ingest", MANIFEST), json.dumps({"unit": "ingest"}).encode())
+    every = verify()
+    assert every.returncode == 1, every.stderr
+    assert "run verify-odd: 0 units intact, 1 not, " in every.stdout
+    assert "  not intact  manifests: not in the shape this version writes (KeyError('metrics'))" in every.stdout
+    assert re.search(r"^run verify-5: \d+ units intact", every.stdout, re.M)
+
+
 def test_a_missing_output_of_a_shard_redoes_the_shard_and_what_reads_it(store_env):
     run_chain("verify-3")
     store = store_for("verify-3")
@@ -121,7 +134,7 @@ def test_verify_says_what_is_intact_what_is_not_and_what_a_run_would_redo(store_
     store.put_bytes(key, original)
     assert "  intact      ingest teacher/shard-00000 audit split" in verify("--run-id", "verify-4").stdout
     every = verify()
-    assert every.returncode == 1 and "run verify-4: 4 units intact" in every.stdout
+    assert every.returncode == 1 and "run verify-4: 4 units intact" in every.stdout, every.stderr
     assert every.stdout.splitlines()[-1].endswith("with units to redo")
     with Lease(store, "split") as lease:  # a run writing split now
         writing = verify("--run-id", "verify-4").stdout.splitlines()

@@ -43,6 +43,7 @@ TOKENS = Unit("tokens", 1, ",.0f")
 RATIO = Unit("x", 3, ".2f")
 SECONDS = Unit("s", 4, ".3f")
 DOLLARS = Unit("$", None, ".6f")
+COUNT = Unit("prompts", None, ",.0f")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Metric:
 
 ROLES = ("student", "base", "teacher")  # the teacher is the base model with the card as its system prompt
 CARD = ("with_card", "without_card")
+# evaluate's persona checks (`jobs.evaluation.persona`), on prompts shipped in jobs/assets/persona/checks.yaml
+PERSONA_CHECKS = ("identity", "holding_role", "knowledge_boundary", "capability")
 
 # in table order. What dropping the card saves (reduction, ratios of with ÷ without) is better higher: it is what
 # the student is for
@@ -105,6 +108,20 @@ KL_CLOSED = Metric("kl_closed", "KL closed: share of the base's KL to the teache
 # the teacher's replies are samples (temperature, repetition penalty): a student fitted to them can score them
 # better than the teacher's own distribution does, so these NLLs are not a distance to the teacher (KL is)
 NLL = Metric("nll_{}", "NLL of the teacher's sampled replies", NATS, "lower", ROLES)
+# the persona checks: student and base without the card, the teacher (the base model) with it; each a share of the
+# check's prompts whose replies pass its rule (`jobs.evaluation.persona` says how each is scored)
+IDENTITY = Metric("identity_{}", "identity: asked who it is, names the character or its self-description", SHARE,
+                  "higher", ROLES)
+HOLDS_ROLE = Metric("holds_role_{}", "holds the role under manipulation (no out-of-character phrase, no AI admission)",
+                    SHARE, "higher", ROLES)
+KNOWLEDGE_BOUNDARY = Metric("knowledge_boundary_{}", "knowledge boundary: asked about things after its era, answers "
+                            "without modern terms and in character", SHARE, "higher", ROLES)
+CAPABILITY = Metric("capability_{}", "capability: ordinary questions answered right (student and base without the "
+                    "card)", SHARE, "higher", ROLES)
+CAPABILITY_DROP = Metric("capability_drop", "capability drop: base minus student on the ordinary questions (the "
+                         "cost of distillation)", SHARE, "lower")
+PERSONA_PROMPTS = Metric("persona_prompts_{}", "persona check prompts (n, for each role)", COUNT, "neither",
+                         PERSONA_CHECKS)
 PROMPT_TOKENS = Metric("prompt_tokens_{}", "prompt tokens per request", TOKENS, "lower", CARD)
 TOKEN_REDUCTION = Metric("token_reduction", "token reduction (prompt tokens saved without the card)", SHARE, "higher")
 REPLY_TOKENS = Metric("reply_tokens", "reply tokens per request (the teacher's)", TOKENS, "neither")
@@ -118,6 +135,7 @@ PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without 
 
 METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
            JUDGE_ACCURACY, IN_CHARACTER_LEXICAL, LEXICAL_JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
+           IDENTITY, HOLDS_ROLE, KNOWLEDGE_BOUNDARY, CAPABILITY, CAPABILITY_DROP, PERSONA_PROMPTS,
            PROMPT_TOKENS, TOKEN_REDUCTION,
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)

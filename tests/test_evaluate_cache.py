@@ -9,9 +9,11 @@ from conftest import phase_config, store_for
 from jobs.backends.base import TopK
 from jobs.evaluation.cache import PartCache, decode, encode
 from jobs.metrics import (
+    CAPABILITY_DROP,
     COST_PER_REQUEST,
     COST_RATIO,
     KEYS,
+    PERSONA_PROMPTS,
     PERSONA_SIMILARITY,
     PROMPT_COST_RATIO,
     PROMPT_TOKENS,
@@ -26,10 +28,11 @@ SPLIT = {"fingerprint": "f" * 64, "outputs": {name: {"sha256": name} for name in
 PRECISION = {"device": "cpu", "dtype": "float32"}
 
 
-def keys(*overrides: str, split: dict = SPLIT, precision: dict = PRECISION, system: str = "card") -> dict[str, str]:
+def keys(*overrides: str, split: dict = SPLIT, precision: dict = PRECISION, system: str = "card",
+         card_name: str = "Ada") -> dict[str, str]:
     pipeline = phase_config("keys-test", *overrides).pipeline
     cache = PartCache(ArtifactStore(StoreSettings(), "keys-test"), common_key(split, pipeline, precision, "local",
-                                                                                  system))
+                                                                                  system, card_name))
     return part_keys(cache, pipeline, precision)
 
 
@@ -52,9 +55,11 @@ def test_a_key_changes_with_what_its_part_reads_and_only_that():
     assert changed("model.dtype=bfloat16") == every
     assert changed(precision={"device": "cuda", "dtype": "float32"}) == every
     assert changed(system="another card") == every
-    assert changed("evaluate.sampling.max_new_tokens=9") == {"base replies", "latency", "base conversations"}
+    assert changed(card_name="Augusta Ada King") == every  # the persona checks ask by name
+    persona = {"base persona checks", "teacher persona checks"}  # greedy, at evaluate's settings, with and without
+    assert changed("evaluate.sampling.max_new_tokens=9") == {"base replies", "latency", "base conversations", *persona}
     assert changed("evaluate.sampling.seed=4") == {"base replies", "latency", "base conversations", "judge replies",
-                                                   "teacher resampled", "teacher resampled conversations"}
+                                                   "teacher resampled", "teacher resampled conversations", *persona}
     assert changed("teacher.temperature=0.5") == {"judge replies", "teacher resampled",
                                                   "teacher resampled conversations"}
     assert changed("evaluate.kl_top_k=8") == {"teacher top-k", "base KL"}
@@ -98,10 +103,13 @@ def test_the_figures_from_the_cache_are_those_only_cached_parts_feed():
             "in_character_teacher_resampled", "in_character_turn_3_on_base", "latency_ratio"} <= set(cached)
     student = {key for part in STUDENT_PARTS for key in part.feeds}
     assert not student & set(cached) and {"kl_closed", "similarity_student", "nll_student"} <= student
+    assert {"identity_base", "capability_teacher"} <= set(cached) and CAPABILITY_DROP.key in student
     # a figure only the base's replies and the judge feed is not from the cache while one of them was computed
     assert "in_character_base" not in from_cache([p.name for p in BASE_PARTS if p.name != "judge replies"])
-    # every figure a model gives is fed by a part: the rest come from the split's tokens and the prices alone
+    # every figure a model gives is fed by a part: the rest come from the split's tokens, the prices and the
+    # persona checks' prompts alone
     fed = {key for part in PARTS for key in part.feeds}
     assert set(KEYS) - fed == {*PROMPT_TOKENS.keys, TOKEN_REDUCTION.key, REPLY_TOKENS.key, *COST_PER_REQUEST.keys,
-                               COST_RATIO.key, PROMPT_COST_RATIO.key, PERSONA_SIMILARITY.of("teacher")}
+                               COST_RATIO.key, PROMPT_COST_RATIO.key, PERSONA_SIMILARITY.of("teacher"),
+                               *PERSONA_PROMPTS.keys}
     assert fed <= set(KEYS)

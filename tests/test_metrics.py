@@ -13,7 +13,7 @@ from conftest import phase_config
 from jobs.backends.base import SamplingParams
 from jobs.card import CharacterCard
 from jobs.evaluation import figures as evaluate_figures
-from jobs.evaluation import measure
+from jobs.evaluation import measure, persona
 from jobs.metrics import (
     COST_PER_REQUEST,
     KEYS,
@@ -46,10 +46,14 @@ EXPECTED_KEYS = {
     "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
     "cost_per_request_with_card", "cost_per_request_without_card", "cost_ratio", "prompt_cost_ratio",
     "latency_with_card_s", "latency_without_card_s", "latency_ratio", "prefill_with_card_s", "prefill_without_card_s",
-    "prefill_ratio"}
+    "prefill_ratio",
+    "identity_student", "identity_base", "identity_teacher", "holds_role_student", "holds_role_base",
+    "holds_role_teacher", "knowledge_boundary_student", "knowledge_boundary_base", "knowledge_boundary_teacher",
+    "capability_student", "capability_base", "capability_teacher", "capability_drop", "persona_prompts_identity",
+    "persona_prompts_holding_role", "persona_prompts_knowledge_boundary", "persona_prompts_capability"}
 # a value for each unit, most with more digits than metrics.json keeps
 BY_UNIT = {"cosine": 0.81234, "share": 0.125, "nats/token": 1.23456, "tokens": 1234.56, "x": 2.34567,
-           "s": 0.123456, "$": 0.0000412345}
+           "s": 0.123456, "$": 0.0000412345, "prompts": 8}
 
 
 def made_up(**changed: float | None) -> dict[str, float | None]:
@@ -199,8 +203,19 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     lexical = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives, lexical=True)
     card = CharacterCard.model_construct(name="I compose.", topics=[])
     similarity = evaluate_figures.similarity_to_teacher(seen.replies)
-    recorded = record(evaluate_figures.figures(seen, similarity, prompts, card, judge, lexical,
-                                             config.pipeline.audit.forbidden, config.pipeline.evaluate.prices))
+    # the persona checks: every reply names the character; the base answers every ordinary question right, the
+    # student half of them
+    beethoven = CharacterCard(name="Beethoven", system_prompt="You are Beethoven, in Vienna in 1824.")
+    checks = persona.check_prompts(beethoven, set(), config.pipeline.audit.forbidden)
+    answers = "12 27 99 25 10 Paris 7 8 green cold Jupiter cow tac"  # every sum and fact checks.yaml asks
+    # a format question ("^\\W*green\\W*$") gets its word alone
+    right = {p.prompt: p.expect.strip("^$\\W*") if p.expect.startswith("^") else answers for p in checks.probes}
+    seen.persona = {"base": [right[p.prompt] if p.check == "capability" else "Beethoven." for p in checks.probes],
+                    "teacher": ["I am Beethoven."] * len(checks.probes)}
+    seen.persona["student"] = [reply if i % 2 else "Beethoven." for i, reply in enumerate(seen.persona["base"])]
+    recorded = record({**evaluate_figures.figures(seen, similarity, prompts, card, judge, lexical,
+                                                  config.pipeline.audit.forbidden, config.pipeline.evaluate.prices),
+                       **persona.figures(checks, seen.persona)})
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -234,6 +249,12 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert client.calls == 4  # a warm-up and one timed request, with and without the card
     assert recorded["latency_with_card_s"] == recorded["prefill_without_card_s"] == recorded["latency_ratio"] == 1
     assert evaluate_figures.kl({"student": [[0.1]], "base": [[0.0]]})["kl_closed"] is None
+
+    assert (recorded["identity_student"], recorded["holds_role_base"], recorded["knowledge_boundary_teacher"]) \
+        == (1.0, 1.0, 1.0)
+    assert (recorded["capability_base"], recorded["capability_student"], recorded["capability_teacher"]) \
+        == (1.0, 0.5, 0.0)
+    assert recorded["capability_drop"] == 0.5 and recorded["persona_prompts_capability"] == 16
 
     rows = evaluate_figures.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
                                similarity)

@@ -375,8 +375,9 @@ def test_a_warm_evaluate_cache_gives_the_cold_runs_figures(ci_run, fault_run):
     assert not {"nll_student", "kl_closed", "similarity_student"} & set(warm["cached_figures"])
     stages = list(dict.fromkeys(line["stage"] for line in progress({**fault_run, "run_id": ci_run["run_id"]},
                                                                    "evaluate")))
-    assert [stage.split(":")[0] for stage in stages] == [f"{i}/6" for i in range(1, 7)]
-    assert stages[0] == f"1/6: read from the cache ({len(BASE_PARTS)} parts)"
+    count = len(STUDENT_PARTS) + 2  # the cache read, the student's parts, the figures
+    assert [stage.split(":")[0] for stage in stages] == [f"{i}/{count}" for i in range(1, count + 1)]
+    assert stages[0] == f"1/{count}: read from the cache ({len(BASE_PARTS)} parts)"
     report = (fault_run["reports"] / ci_run["run_id"] / "report.md").read_text()
     assert f"| figures from evaluate's cache (an earlier run on this data) | {len(warm['cached_figures'])} of " \
            f"{len(KEYS)}: similarity_base, " in report

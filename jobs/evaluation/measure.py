@@ -51,6 +51,8 @@ class Measured:
     judge_negatives: list[str] = field(default_factory=list)
     # the held-out conversations replayed: by role, by turn, the replies
     turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    # each role's replies to the persona checks' prompts (`jobs.evaluation.persona`), in their order
+    persona: dict[str, list[str]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
 

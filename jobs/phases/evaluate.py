@@ -15,7 +15,12 @@ and direction (`jobs.evaluation.figures` computes them):
   (`jobs.distill`), and the share of the base's KL the student removed;
 - mean per-token NLL of the teacher's sampled replies under student, base and teacher;
 - prompt tokens per request with and without the card, and the cost at `evaluate.prices`;
-- latency per request and per prefill, with and without the card, on the same model.
+- latency per request and per prefill, with and without the card, on the same model;
+- persona checks on prompts shipped in jobs/assets/persona/checks.yaml (`jobs.evaluation.persona` says how each is
+  scored): identity (asked who it is, does it name the character), holding the role under manipulation, the
+  knowledge boundary (asked about things after the card's era; skipped for a card that names no year) and
+  capability (ordinary questions with checkable answers: what distillation cost, base minus student); student and base
+  without the card, the teacher with it, each reply in persona.jsonl with whether it passed.
 
 The work is a list of parts (`PARTS`). The base model's parts (without the card, and with it: the teacher) do not
 depend on the student: each is computed once per split, model, card and the settings it reads, and read from the
@@ -34,6 +39,7 @@ from jobs import distill, metrics
 from jobs.backends.base import Metered, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import PipelineConfig
+from jobs.evaluation import persona
 from jobs.evaluation.cache import SPLIT_FILES, PartCache, machine
 from jobs.evaluation.figures import (
     Judge,
@@ -56,6 +62,7 @@ from jobs.evaluation.measure import (
 )
 from jobs.log import Progress, get_logger
 from jobs.metrics import (
+    CAPABILITY_DROP,
     IN_CHARACTER,
     IN_CHARACTER_LATER,
     IN_CHARACTER_LEXICAL,
@@ -85,13 +92,14 @@ Advance = Callable[[int], object]
 @dataclass
 class Context:
     """What the parts read: the config, the held-out prompts and conversations, the training rows the judge learns
-    from, and what the parts before them found."""
+    from, what the parts before them found, and the persona checks' prompts."""
 
     config: PhaseConfig
     prompts: Prompts
     conversations: list[list[dict]]
     judge_rows: list[dict]
     seen: Measured
+    checks: persona.Checks
 
     @property
     def sampling(self) -> SamplingParams:
@@ -220,6 +228,28 @@ def conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance]
     return compute
 
 
+def persona_replies(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
+    """A role's replies to the persona checks' prompts: greedy, without the card, or with it for the teacher."""
+    def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
+        system = ctx.prompts.system if card else None
+        return {"persona": {role: persona.sample(client, ctx.checks, system, ctx.sampling, advance)}}
+
+    return compute
+
+
+def persona_settings(pipeline: PipelineConfig, precision: dict) -> dict:
+    # the prompts come from the checks file and the card (its name is in the common key): a new file asks again
+    return {**eval_sampling(pipeline, precision), "checks": persona.checks_digest()}
+
+
+def persona_figures(role: str) -> tuple[str, ...]:
+    return (*(metric.of(role) for metric in persona.FIGURE.values()), *(CAPABILITY_DROP.key,) * (role != "teacher"))
+
+
+def persona_count(ctx: Context) -> int:
+    return len(ctx.checks.probes)
+
+
 def prompt_count(ctx: Context) -> int:
     return len(ctx.prompts.with_card)
 
@@ -260,6 +290,10 @@ BASE_PARTS = (
          by_turn_figures("base")),
     Part("teacher resampled conversations", conversations("teacher_resampled", card=True), conversation_replies,
          teacher_sampling, by_turn_figures("teacher_resampled")),
+    Part("base persona checks", persona_replies("base", card=False), persona_count, persona_settings,
+         persona_figures("base")),
+    Part("teacher persona checks", persona_replies("teacher", card=True), persona_count, persona_settings,
+         persona_figures("teacher")),
 )
 STUDENT_PARTS = (
     Part("student conversations", conversations("student", card=False), conversation_replies, eval_sampling,
@@ -268,18 +302,21 @@ STUDENT_PARTS = (
          reply_figures("student", "student")),
     Part("student NLL", student_nll, one, nothing, (NLL.of("student"),)),
     Part("student KL", model_kl("student"), one, top_k, (KL.of("student"), KL_CLOSED.key)),
+    Part("student persona checks", persona_replies("student", card=False), persona_count, persona_settings,
+         persona_figures("student")),
 )
 PARTS = BASE_PARTS + STUDENT_PARTS
 TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conversations.jsonl's order
 FIGURES_STAGE = "similarity, judges"
 
 
-def common_key(split: dict, pipeline: PipelineConfig, precision: dict, backend: str, system: str) -> dict:
+def common_key(split: dict, pipeline: PipelineConfig, precision: dict, backend: str, system: str,
+               card_name: str) -> dict:
     """What every base part's cache key holds: the split (its manifest's fingerprint and the files read), the
-    model, where it runs and the card's system prompt."""
+    model, where it runs, the card's system prompt and its name (the persona checks ask by name)."""
     return {"split": split["fingerprint"], "data": {name: split["outputs"][name]["sha256"] for name in SPLIT_FILES},
             "model": pipeline.model.model_dump(mode="json"), "precision": precision, "backend": backend,
-            "system": system}
+            "system": system, "card_name": card_name}
 
 
 def part_keys(cache: PartCache, pipeline: PipelineConfig, precision: dict) -> dict[str, str]:
@@ -334,12 +371,14 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     rows = store.read_jsonl("split", "eval.jsonl")
     talks = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
     # training prompts only: the eval replies the judge scores are never the ones it learned from
-    judge_rows = store.read_jsonl("split", "train.jsonl")[:ev.judge_prompts]
+    train_rows = store.read_jsonl("split", "train.jsonl")
+    judge_rows = train_rows[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     system = card.teacher_system_prompt()
+    checks = persona.for_run(card, train_rows, pipeline.audit.forbidden)
     backend = open_backend(config)
     precision = backend.precision()
-    cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system))
+    cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system, card.name))
     keys = part_keys(cache, pipeline, precision)
     hits = [part for part in BASE_PARTS if cache.has(keys[part.name])]
     missing = [part for part in BASE_PARTS if part not in hits]
@@ -355,13 +394,13 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     ctx: Context | None = None
     if missing:
         base = Metered(backend.sampler())
-        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen)
+        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen, checks)
         for part in missing:
             cache.put(keys[part.name], compute(part, base, ctx, stages))
         seen.usage.update(base.usage)
         del base  # one model in memory at a time
     student = Metered(backend.sampler(read_adapter(store).sampling))
-    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen)
+    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen, checks)
     for part in STUDENT_PARTS:
         compute(part, student, ctx, stages)
     seen.usage.update(student.usage)
@@ -374,12 +413,14 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
         lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
         bar.advance(1)
-        recorded = metrics.record(figures(seen, similarity, ctx.prompts, card, judge, lexical,
-                                          pipeline.audit.forbidden, ev.prices))
+        recorded = metrics.record({**figures(seen, similarity, ctx.prompts, card, judge, lexical,
+                                             pipeline.audit.forbidden, ev.prices),
+                                   **persona.figures(checks, seen.persona)})
         bar.advance(1)
         out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
         out.write_jsonl("turns.jsonl", turn_rows(seen.turns, talks, judge, card, pipeline.audit.forbidden))
         out.write_jsonl("conversations.jsonl", replayed(talks, seen.turns))
+        out.write_jsonl("persona.jsonl", persona.rows(checks, seen.persona))
         bar.advance(1)
     written = {**precision, "backend": backend.name, "eval_prompts": len(rows),
                "judge_replies": 2 * len(seen.judge_negatives), **recorded,

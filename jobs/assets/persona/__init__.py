@@ -1,0 +1,1 @@
+"""The persona checks' prompts and scoring lists (`jobs.evaluation.persona`)."""

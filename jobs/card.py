@@ -4,6 +4,7 @@ Three formats, told apart by their bytes (not the file name): the project's YAML
 JSON (`spec: chara_card_v2` / `chara_card_v3`, fields under `data`); and such a card in a PNG's `tEXt` chunk
 (`ccv3` for V3, `chara` for V2, base64 JSON). Each becomes one `CharacterCard`; `read_card` also says which
 source field went where (README: "Your own character"). `{{char}}` and `{{user}}` are substituted in every text.
+A V2/V3 `character_book` (YAML: `lorebook`, the same shape) becomes the card's lorebook (`jobs.lorebook`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from jobs.assets import builtin
 from jobs.config import IngestConfig
 from jobs.errors import InputError
 from jobs.inputs import decode_text, load_yaml
+from jobs.lorebook import Lorebook, system_prompt
+from jobs.lorebook import topics as lorebook_topics
 from jobs.store import StoreSettings, fetch_source
 
 USER_NAME = "User"  # what {{user}} becomes: the teacher talks to one anonymous user
@@ -30,8 +33,10 @@ SPECS = ("chara_card_v2", "chara_card_v3")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_KEYWORDS = ("ccv3", "chara")  # V3's chunk first: a V3 writer keeps a V2 copy in `chara` for old readers
 MIN_TOPICS = 6  # fewer declared topics (YAML `topics`, V2/V3 `tags`) are filled up from the description
+MAX_LOREBOOK_TOPICS = 12  # topics a lorebook adds (its highest-ranked keyed entries' keys), past the declared ones
 MIN_SYSTEM_CHARS = 20
-# V2/V3 tags that say what kind of card it is, not what the character talks about
+# V2/V3 tags that say what kind of card it is, not what the character talks about (a tag of these words alone,
+# e.g. "original character")
 META_TAGS = frozenset("""
     male female nsfw sfw oc original character human english roleplay rp bot chatbot ai other non-binary anime
 """.split())
@@ -58,6 +63,7 @@ class CharacterCard(BaseModel):
     style_rules: list[str] = []
     topics: list[str] = []
     greeting: str = ""
+    lorebook: Lorebook | None = None
 
     @field_validator("name", "system_prompt")
     @classmethod
@@ -66,16 +72,27 @@ class CharacterCard(BaseModel):
             raise ValueError("must not be blank")
         return value.strip()
 
+    @model_serializer(mode="wrap")
+    def _without_a_missing_book(self, handler):
+        # a card without a lorebook dumps as it did before there were lorebooks: its card.json, and every key
+        # made from it, stay the same
+        dumped = handler(self)
+        if dumped.get("lorebook") is None:
+            dumped.pop("lorebook", None)
+        return dumped
+
     def teacher_system_prompt(self) -> str:
-        """The full text the teacher gets as its system message, in this order: the prompt, the personality, the
-        scenario, the example dialogue, the style rules (empty parts left out)."""
+        """The text every teacher prompt's system message starts with, in this order: the lorebook's constant
+        entries placed before_char, the prompt, the personality, the scenario, the example dialogue, the style
+        rules (empty parts left out), the constant entries placed after_char. A conversation's keyed entries
+        follow it (`jobs.lorebook.with_entries`)."""
         rules = "".join(f"\n- {rule}" for rule in self.style_rules)
         parts = [self.system_prompt,
                  f"{self.name}'s personality: {self.personality}" if self.personality else "",
                  f"Scenario: {self.scenario}" if self.scenario else "",
                  f"Example dialogue:\n{self.example_dialogue}" if self.example_dialogue else "",
                  f"Style rules:{rules}" if rules else ""]
-        return "\n\n".join(part for part in parts if part)
+        return system_prompt("\n\n".join(part for part in parts if part), self.lorebook)
 
 
 class _V2Data(BaseModel):
@@ -93,6 +110,7 @@ class _V2Data(BaseModel):
     post_history_instructions: str = ""
     tags: list[str] = []
     nickname: str = ""  # V3: what {{char}} stands for when set
+    character_book: Lorebook | None = None
 
     @field_validator("name", "description")
     @classmethod
@@ -114,6 +132,7 @@ V2_MAPPING = {
     "data.first_mes": "greeting (not sent to the teacher; `make chat` opens with it)",
     "data.tags": "topics (meta tags such as 'female' or 'nsfw' dropped)",
     "data.nickname": "{{char}} (V3)",
+    "data.character_book": "lorebook (constant entries in the teacher's system prompt, keyed ones when a key occurs)",
 }
 
 
@@ -158,8 +177,9 @@ def _yaml_card(data: bytes, where: str) -> ReadCard:
     card = _validated(CharacterCard, tree, where)
     finished = _finished(card.model_dump(), card.name, card.system_prompt)
     mapping = {field: field for field, value in tree.items() if value}
-    if len(finished["topics"]) > len(card.topics):
-        mapping["system_prompt"] += ", topics (derived words)"
+    _topics_noted(mapping, card.topics, finished["topics"], card.lorebook, "lorebook", "system_prompt")
+    if card.lorebook is not None:
+        mapping["lorebook"] = card.lorebook.summary() + mapping["lorebook"].removeprefix("lorebook")
     return ReadCard(_validated(CharacterCard, finished, where), "yaml", mapping)
 
 
@@ -189,25 +209,34 @@ def _chara_card(data: bytes, where: str) -> ReadCard:
     card = {"name": fields.name.strip(), "system_prompt": system, "personality": fields.personality.strip(),
             "scenario": fields.scenario.strip(), "example_dialogue": re.sub(r"\n{3,}", "\n\n", dialogue).strip(),
             "style_rules": [rule for rule in rules if rule], "greeting": fields.first_mes.strip(),
-            "topics": [tag.strip() for tag in fields.tags if tag.strip() and tag.strip().lower() not in META_TAGS]}
+            "topics": [tag.strip() for tag in fields.tags if not set(tag.lower().split()) <= META_TAGS],
+            "lorebook": fields.character_book.model_dump() if fields.character_book else None}
     mapping = {source: target for source, target in V2_MAPPING.items()
                if getattr(fields, source.removeprefix("data."))}
     mapping |= {f"data.{key}": "not used" for key, value in (fields.model_extra or {}).items() if value}
+    if fields.character_book is not None:
+        mapping["data.character_book"] = fields.character_book.summary()
     finished = _finished(card, fields.nickname.strip() or card["name"], fields.description)
-    if len(finished["topics"]) > len(card["topics"]):
-        mapping["data.description"] += ", topics (derived words)"
+    _topics_noted(mapping, card["topics"], finished["topics"], fields.character_book, "data.character_book",
+                  "data.description")
     return ReadCard(_validated(CharacterCard, finished, where), spec, mapping)
 
 
 def _finished(card: dict, char: str, description: str) -> dict:
-    """The card's fields with placeholders substituted and topics filled up from the description."""
+    """The card's fields with placeholders substituted, and topics: the declared ones, the lorebook's, then words of
+    the description (and the lorebook's constant entries) up to MIN_TOPICS."""
     def fill(text: str) -> str:
         text = re.sub(r"\{\{char\}\}", lambda _: char, text, flags=re.IGNORECASE)
         return re.sub(r"\{\{user\}\}", USER_NAME, text, flags=re.IGNORECASE).strip()
 
+    book = Lorebook.model_validate(card["lorebook"]).filled(fill) if card.get("lorebook") else None
     done = {key: [fill(v) for v in value] if isinstance(value, list) else fill(value) if key != "name" else value
-            for key, value in card.items()}
+            for key, value in card.items() if key != "lorebook"}
     topics: list[str] = list(dict.fromkeys(done["topics"]))
+    taken = {t.lower() for t in topics}
+    if book is not None:
+        topics += [t for t in lorebook_topics(book, MAX_LOREBOOK_TOPICS) if t.lower() not in taken]
+        description = "\n\n".join([description, *(e.text for e in book.constants())])
     if len(topics) < MIN_TOPICS:
         taken = {t.lower() for t in topics}
         names = {w.lower() for w in re.findall(r"\w+", f"{card['name']} {char}")}
@@ -215,17 +244,42 @@ def _finished(card: dict, char: str, description: str) -> dict:
                    and not names & {w.lower() for w in t.split()}]
         topics += derived[:MIN_TOPICS - len(topics)]
     done["topics"] = topics
+    if book is not None:
+        done["lorebook"] = book.model_dump()
     return done
 
 
-# capitalised words in a row ("Augustus De Morgan"), not at the start of the text, a line or a sentence
-NAME = re.compile(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b([A-Z][\w'-]+(?: (?:de |van |von |of )?[A-Z][\w'-]+)*)")
+def _topics_noted(mapping: dict[str, str], declared: list[str], topics: list[str], book: Lorebook | None,
+                  book_field: str, description_field: str) -> None:
+    """Notes in `mapping` where the topics past the declared ones came from."""
+    from_book = [t for t in lorebook_topics(book, MAX_LOREBOOK_TOPICS) if t in topics] if book else []
+    if from_book and set(from_book) - set(declared):
+        mapping[book_field] += ", topics (entry keys)"
+    if len(set(topics) - set(declared) - set(from_book)):
+        mapping[description_field] += ", topics (derived words)"
+
+
+# capitalised words in a row ("Augustus De Morgan"), possibly possessive ("Babbage's")
+NAME = re.compile(r"\b([A-Z][\w'\u2019-]+(?: (?:de |van |von |of )?[A-Z][\w'\u2019-]+)*)")
+# a capitalised word opens a sentence when only these stand between it and a sentence end (or the text's start)
+SENTENCE_ENDS = ".!?:;\n"
+OPENERS = " \t\"'\u201c\u201d\u2018\u2019*_#>()[]-\u2022\u2013\u2014"  # quotes, brackets, bullets, markdown
+MARKUP = re.compile(r"<[^<>\n]*>|\{\{[^{}\n]*\}\}")  # <START>, HTML tags, unfilled placeholders
 
 
 def derived_topics(text: str) -> list[str]:
     """Topics a description suggests, most frequent first: the names in it (capitalised words not opening a
-    sentence, e.g. "Charles Babbage"), then its longer ordinary words."""
-    names = Counter(m.group(1) for m in NAME.finditer(text) if m.group(1).lower() not in STOPWORDS)
+    sentence, e.g. "Charles Babbage"), then its longer ordinary words. Markup (`<START>`), the user's name and
+    words in capitals alone ("RULES") are no topics."""
+    text = MARKUP.sub(" ", text)
+    names: Counter[str] = Counter()
+    for m in NAME.finditer(text):
+        name = re.sub(r"['\u2019]s$", "", m.group(1))
+        before = text[max(0, m.start() - 40):m.start()].rstrip(OPENERS)
+        opens = not before or before[-1] in SENTENCE_ENDS
+        if opens or name.lower() in STOPWORDS or name == USER_NAME or name.isupper():
+            continue
+        names[name] += 1
     words = Counter(w for w in re.findall(r"\b[a-z][a-z'-]{4,}\b", text) if w not in STOPWORDS)
     return [t for t, _ in names.most_common()] + [w for w, _ in words.most_common()]
 

@@ -78,6 +78,16 @@ def test_topics_are_derived_from_the_description_when_too_few_are_declared():
     assert found.mapping["data.description"].endswith("topics (derived words)")
 
 
+def test_derived_topics_are_no_markup_user_name_or_sentence_openers():
+    description = ("You are Ada, a friend of {{user}}. {{user}}'s questions are about Charles Babbage.\n<START>\n"
+                   "- Describe the Analytical Engine in detail.\n\"Explain it,\" she says. RULES: none. You are the "
+                   "daughter of Lord Byron's wife, and Charles Babbage's friend.")
+    topics = read_card(v2(tags=[], description=description), "c.json").card.topics
+    assert topics[:3] == ["Charles Babbage", "Analytical Engine", "Lord Byron"]  # possessives folded in
+    assert len(topics) == 6 and not set(topics) & {"Ada", "Lovelace"}  # the card's own name is no topic
+    assert not {"User", "User's", "START", "Describe", "Explain", "RULES"} & set(topics)
+
+
 MALFORMED = {
     "bad JSON": (b'{"spec": "chara_card_v2", "data": {"name": "A",}}',
                  "c.json:1:48: not valid JSON (Expecting property name"),

@@ -30,6 +30,14 @@ def test_the_plan_gives_every_kind_its_share_and_every_card_topic_to_every_card_
     assert [slot.kind for slot in plan(CARD, 6)] == list(KINDS)  # even a handful has every kind
 
 
+def test_a_lorebooks_keys_are_topics_of_the_card_kinds():
+    keeper = read_card((EXAMPLES / "keeper.v2.json").read_bytes(), "keeper.v2.json").card
+    topics = {slot.topic for slot in plan(keeper, 240) if slot.kind in CARD_KINDS}
+    assert {"lamp", "fog", "Alder Queen", "daughter"} <= topics  # first keys of keyed entries, highest priority first
+    assert keeper.topics.index("lamp") < keeper.topics.index("boat")  # priority 10 before priority 3
+    assert audit("How do you keep the lamp burning?", Slot("advice", ("lamp",), 0), INGEST)[1] is None
+
+
 def test_a_refused_slot_moves_on_to_the_next_topic_of_its_kind():
     slot = plan(CARD, 1)[0]
     assert slot.next_topic().kind == slot.kind

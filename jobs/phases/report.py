@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from jobs.backends import BACKENDS
+from jobs.lorebook import Lorebook
 from jobs.metrics import (
     ARROWS,
     DOLLARS,
@@ -254,6 +256,33 @@ def card_and_prompts(profile: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def lorebook_rows(card: dict, teacher: list[dict]) -> list[tuple[str, str]]:
+    """The card's lorebook entries (none without one): where each goes, and for a keyed one the teacher prompts it
+    was in, over every teacher shard's `lorebook_fired`."""
+    if not card.get("lorebook"):
+        return []
+    book = Lorebook.model_validate(card["lorebook"])
+    fired: Counter[str] = Counter()
+    for metrics in teacher:
+        fired.update(metrics.get("lorebook_fired", {}))
+    prompts = sum(m["rows"] + m["followups"] for m in teacher)
+    constants, keyed = book.constants(), book.keyed()
+    rows = []
+    for entry in book.entries:
+        place = entry.position.replace("_char", " the card")
+        if entry in constants:
+            used = f"constant, {place}: in every teacher prompt"
+        elif entry in keyed:
+            keys = ", ".join(entry.keys) + (f" with one of {', '.join(entry.secondary_keys)}" if entry.selective
+                                            and entry.secondary_keys else "")
+            used = f"keyed ({keys}): in {fired[entry.label]} of {prompts} teacher prompts"
+        else:
+            used = "not used (" + ("disabled" if not entry.enabled else "empty" if not entry.text
+                                   else "over the budget") + ")"
+        rows.append((f"lorebook entry {entry.label}", used))
+    return rows
+
+
 def report_page(title: str, notes: str, rows: list[Row], turns: list[dict], compared: list[Compared],
                 ingest: list[tuple[str, str]], times: list[tuple[str, float]], samples: list[dict]) -> Page:
     """The report's content, once: what `report.md` and `report.html` both render."""
@@ -298,7 +327,8 @@ def build(config: PhaseConfig, out: UnitWriter, compared: list[Compared]) -> Non
         Row(f"cost of this run{on_tinker}, at tinker.prices", DOLLARS.format(dollars), DOLLARS.name)]
     samples = sorted(replies, key=lambda r: -r[SIMILARITY.of("student")])[:3] + replies[:2]
     turns = store.read_jsonl("evaluate", "turns.jsonl")
-    ingest = card_and_prompts(store.read_json("ingest", "profile.json"))
+    ingest = card_and_prompts(store.read_json("ingest", "profile.json")) + lorebook_rows(
+        card, [store.require(unit)["metrics"] for unit in units(store, "teacher")])
     page = report_page(title, notes, rows, turns, compared, ingest, times, samples)
     images = plots(history, val, replies, ev, train["objective"])
     if len(compared) > 1:

@@ -8,6 +8,11 @@ one batched call for the visitors and one for the teacher, over every conversati
 one conversation record (`jobs.records`: its `messages` as the student will see them, and per-turn metering),
 the shape the audit and the split keep.
 
+A card's lorebook (`jobs.lorebook`): its constant entries are part of the system prompt every prompt shares; its
+keyed entries join a conversation's system message, after that shared text, from the turn a key occurs on
+(`lorebook.Firing`), each teacher prompt logging the entries it carries; the shard's metrics count, per entry, the
+teacher prompts it was in (`lorebook_fired`).
+
 Replies are cached across runs under a key of the card, the model, the sampling and conversation settings and the
 shard's prompts: a new run that changes only training settings reuses them; a changed card regenerates.
 """
@@ -23,7 +28,8 @@ from jobs.backends.base import Metered, SamplingClient, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import ConversationsConfig, digest
 from jobs.errors import InputError
-from jobs.log import Progress
+from jobs.log import Progress, get_logger
+from jobs.lorebook import Firing, Lorebook
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
@@ -86,11 +92,15 @@ def transcript(name: str, messages: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nWhat do you ask {name} next? One short question."
 
 
-def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts: list[dict], name: str) -> list[dict]:
+def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts: list[dict], name: str,
+             lorebook: Lorebook | None = None) -> list[dict]:
     """The shard's conversation records: every prompt's reply (one batched call), and for the prompts that open a
-    conversation the later turns (`converse`). `name` is the character's, as the visitor addresses it."""
+    conversation the later turns (`converse`). `name` is the character's, as the visitor addresses it; `system` the
+    text every prompt's system message starts with, which `lorebook`'s keyed entries follow where they fire."""
     render = teacher.renderer
-    with_card = [render.prompt(p["prompt"], system=system) for p in prompts]
+    lore = Firing(lorebook)
+    with_card = [render.prompt(p["prompt"], system=lore_system(config, lore, system, p["id"], [p["prompt"]], 1))
+                 for p in prompts]
     params = SamplingParams.from_config(config.pipeline.teacher)
     with Progress(len(prompts), f"teacher shard {config.shard}", turn_stage(config.pipeline.conversations, 1)) as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
@@ -101,18 +111,29 @@ def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts:
     talks = config.pipeline.conversations
     opened = [row for row in rows if opens_conversation(row["id"], talks.share)]
     if opened:
-        converse(config, teacher, system, name, opened, talks)
+        converse(config, teacher, system, name, opened, talks, lore)
     return rows
 
 
+def lore_system(config: PhaseConfig, lore: Firing, system: str, conversation: object, messages: list[str],
+                turn: int) -> str:
+    """A teacher prompt's system message: `system` and the keyed entries in play, which are logged."""
+    text, entries = lore.system(system, str(conversation), messages)
+    if entries:
+        get_logger().info("lorebook entries", shard=config.shard, id=conversation, turn=turn,
+                          entries=[entry.label for entry in entries])
+    return text
+
+
 def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: str, rows: list[dict],
-             talks: ConversationsConfig) -> None:
+             talks: ConversationsConfig, lore: Firing | None = None) -> None:
     """Adds turns to each record (`jobs.records.add_turn`): turn by turn, the visitors' questions (one batched
     call), then the teacher's answers with the card and the whole conversation (one batched call). A conversation
     ends early when its visitor has no question or its next prompt would not fit the model's context."""
     render = teacher.renderer
     teacher_params = SamplingParams.from_config(config.pipeline.teacher)
     visitor_system = VISITOR_SYSTEM.format(name=name)
+    lore = lore or Firing(None)
     going = list(rows)
     for turn in range(2, talks.turns + 1):
         if not going:
@@ -137,8 +158,10 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
                     bar.advance()
                     continue
                 history = [*row["messages"], {"role": "user", "content": question}]
+                said = [message["content"] for message in history]
+                now = lore_system(config, lore, system, row["id"], said, turn)
                 try:
-                    answering.append((row, question, render.chat([{"role": "system", "content": system}, *history])))
+                    answering.append((row, question, render.chat([{"role": "system", "content": now}, *history])))
                 except InputError:
                     bar.advance()
             params = dataclasses.replace(teacher_params, seed=turn_seed(teacher_params.seed, turn, "teacher"))
@@ -167,10 +190,12 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     backend = open_backend(config)
     precision = backend.precision()
     pipeline = config.pipeline
+    # a card without a lorebook keeps the key it had before there were lorebooks
+    book = {"lorebook": character.lorebook.model_dump()} if character.lorebook is not None else {}
     cache_key = digest({"system": system, "name": character.name, "model": pipeline.model.model_dump(),
                         "precision": precision, "sampling": pipeline.teacher.model_dump(),
                         "conversations": pipeline.conversations.model_dump(), "prompts": prompts,
-                        "format": CACHE_FORMAT})
+                        "format": CACHE_FORMAT, **book})
     cached = store.cache_key("teacher", cache_key, records.TEACHER_FILE)
     usage = {"prefill_tokens": 0, "sample_tokens": 0}  # cached replies cost nothing this time
     hit = store.read_cached(cached)  # checked against its recorded sha256: a changed entry is a miss
@@ -179,7 +204,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         out.metrics["cache_hit"] = 1
     else:
         teacher = Metered(backend.sampler())
-        rows = generate(config, teacher, system, prompts, character.name)
+        rows = generate(config, teacher, system, prompts, character.name, character.lorebook)
         usage = dict(teacher.usage)
         store.write_cached(cached, jsonl_bytes(rows))
         out.metrics["cache_hit"] = 0
@@ -192,6 +217,15 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
                         "followups": sum(r["turns"] - 1 for r in rows),
                         "followup_reply_tokens": sum(sum(r["reply_tokens"][1:]) for r in rows),
                         **usage})
+    if character.lorebook is not None:  # replayed from the records: a cached shard counts as a generated one
+        out.metrics["lorebook_fired"] = fired_counts(character.lorebook, rows)
+
+
+def fired_counts(book: Lorebook, rows: list[dict]) -> dict[str, int]:
+    """Per keyed entry, the teacher prompts (assistant turns) whose system message carried it; 0 for one that never
+    fired."""
+    counts = Firing(book).replay(rows)
+    return {label: counts[label] for label in dict.fromkeys(entry.label for entry in book.keyed())}
 
 
 def main(config: PhaseConfig) -> dict:

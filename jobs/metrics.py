@@ -92,6 +92,9 @@ IN_CHARACTER_TURN_1 = Metric("in_character_turn_1_{}", "judged in character in h
                              SHARE, "higher", IN_CHARACTER.variants)
 IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in held-out conversations, turns 3+",
                             SHARE, "higher", IN_CHARACTER.variants)
+# the same conversations held by each model itself, its own replies as history (`jobs.evaluation.consistency`)
+IN_CHARACTER_OWN_LATER = Metric("in_character_own_turn_3_on_{}", "judged in character in its own conversations (its "
+                                "own replies as history), turns 3+", SHARE, "higher", IN_CHARACTER.variants)
 JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)",
                         SHARE, "higher")
 # a second judge on words and letter sequences instead of sentence embeddings: the embeddings see what a reply is
@@ -122,6 +125,10 @@ CAPABILITY_DROP = Metric("capability_drop", "capability drop: base minus student
                          "cost of distillation)", SHARE, "lower")
 PERSONA_PROMPTS = Metric("persona_prompts_{}", "persona check prompts (n, for each role)", COUNT, "neither",
                          PERSONA_CHECKS)
+CONSISTENT = Metric("consistent_{}", "consistent: a fact asked again two turns later is not contradicted", SHARE,
+                    "higher", IN_CHARACTER.variants)
+CONSISTENCY_PAIRS = Metric("consistency_pairs_{}", "facts compared across turns (n)", COUNT, "neither",
+                           IN_CHARACTER.variants)
 PROMPT_TOKENS = Metric("prompt_tokens_{}", "prompt tokens per request", TOKENS, "lower", CARD)
 TOKEN_REDUCTION = Metric("token_reduction", "token reduction (prompt tokens saved without the card)", SHARE, "higher")
 REPLY_TOKENS = Metric("reply_tokens", "reply tokens per request (the teacher's)", TOKENS, "neither")
@@ -134,8 +141,10 @@ PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower"
 PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
 
 METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
+           IN_CHARACTER_OWN_LATER,
            JUDGE_ACCURACY, IN_CHARACTER_LEXICAL, LEXICAL_JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
-           IDENTITY, HOLDS_ROLE, KNOWLEDGE_BOUNDARY, CAPABILITY, CAPABILITY_DROP, PERSONA_PROMPTS,
+           IDENTITY, HOLDS_ROLE, KNOWLEDGE_BOUNDARY, CAPABILITY, CAPABILITY_DROP, PERSONA_PROMPTS, CONSISTENT,
+           CONSISTENCY_PAIRS,
            PROMPT_TOKENS, TOKEN_REDUCTION,
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)

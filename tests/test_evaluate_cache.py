@@ -57,11 +57,14 @@ def test_a_key_changes_with_what_its_part_reads_and_only_that():
     assert changed(system="another card") == every
     assert changed(card_name="Augusta Ada King") == every  # the persona checks ask by name
     persona = {"base persona checks", "teacher persona checks"}  # greedy, at evaluate's settings, with and without
-    assert changed("evaluate.sampling.max_new_tokens=9") == {"base replies", "latency", "base conversations", *persona}
+    assert changed("evaluate.sampling.max_new_tokens=9") == {"base replies", "latency", "base conversations", *persona,
+                                                             "base own conversations"}
     assert changed("evaluate.sampling.seed=4") == {"base replies", "latency", "base conversations", "judge replies",
-                                                   "teacher resampled", "teacher resampled conversations", *persona}
+                                                   "teacher resampled", "teacher resampled conversations", *persona,
+                                                   "base own conversations", "teacher resampled own conversations"}
     assert changed("teacher.temperature=0.5") == {"judge replies", "teacher resampled",
-                                                  "teacher resampled conversations"}
+                                                  "teacher resampled conversations",
+                                                  "teacher resampled own conversations"}
     assert changed("evaluate.kl_top_k=8") == {"teacher top-k", "base KL"}
     assert changed("evaluate.judge_prompts=9") == {"judge replies"}
     assert changed("evaluate.latency_requests=2") == {"latency"}
@@ -74,7 +77,8 @@ def test_entries_come_back_exactly_as_written():
             TopK(3, [], [])]
     back = decode(encode({"teacher_topk": tops}), topk=True)["teacher_topk"]
     assert back == tops and all(type(v) is float for t in back for row in t.logprobs for v in row)
-    found = {"turns": {"base": {1: ["a", "b"], 3: ["c"]}}, "latency": {"latency_ratio": 0.1 + 0.2}}
+    found = {"turns": {"base": {1: ["a", "b"], 3: ["c"]}}, "own_turns": {"base": {2: ["d"]}},
+             "repeated": {"base": [["e", "f", "g"]]}, "latency": {"latency_ratio": 0.1 + 0.2}}
     assert decode(encode(found), topk=False) == found
 
 
@@ -103,7 +107,8 @@ def test_the_figures_from_the_cache_are_those_only_cached_parts_feed():
             "in_character_teacher_resampled", "in_character_turn_3_on_base", "latency_ratio"} <= set(cached)
     student = {key for part in STUDENT_PARTS for key in part.feeds}
     assert not student & set(cached) and {"kl_closed", "similarity_student", "nll_student"} <= student
-    assert {"identity_base", "capability_teacher"} <= set(cached) and CAPABILITY_DROP.key in student
+    assert {"identity_base", "capability_teacher", "consistent_base"} <= set(cached)
+    assert {CAPABILITY_DROP.key, "consistent_student", "in_character_own_turn_3_on_student"} <= student
     # a figure only the base's replies and the judge feed is not from the cache while one of them was computed
     assert "in_character_base" not in from_cache([p.name for p in BASE_PARTS if p.name != "judge replies"])
     # every figure a model gives is fed by a part: the rest come from the split's tokens, the prices and the

@@ -12,8 +12,8 @@ from conftest import phase_config
 
 from jobs.backends.base import SamplingParams
 from jobs.card import CharacterCard
+from jobs.evaluation import consistency, measure, persona
 from jobs.evaluation import figures as evaluate_figures
-from jobs.evaluation import measure, persona
 from jobs.metrics import (
     COST_PER_REQUEST,
     KEYS,
@@ -50,7 +50,11 @@ EXPECTED_KEYS = {
     "identity_student", "identity_base", "identity_teacher", "holds_role_student", "holds_role_base",
     "holds_role_teacher", "knowledge_boundary_student", "knowledge_boundary_base", "knowledge_boundary_teacher",
     "capability_student", "capability_base", "capability_teacher", "capability_drop", "persona_prompts_identity",
-    "persona_prompts_holding_role", "persona_prompts_knowledge_boundary", "persona_prompts_capability"}
+    "persona_prompts_holding_role", "persona_prompts_knowledge_boundary", "persona_prompts_capability",
+    "in_character_own_turn_3_on_student", "in_character_own_turn_3_on_base",
+    "in_character_own_turn_3_on_teacher_resampled", "consistent_student", "consistent_base",
+    "consistent_teacher_resampled", "consistency_pairs_student", "consistency_pairs_base",
+    "consistency_pairs_teacher_resampled"}
 # a value for each unit, most with more digits than metrics.json keeps
 BY_UNIT = {"cosine": 0.81234, "share": 0.125, "nats/token": 1.23456, "tokens": 1234.56, "x": 2.34567,
            "s": 0.123456, "$": 0.0000412345, "prompts": 8}
@@ -213,9 +217,17 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     seen.persona = {"base": [right[p.prompt] if p.check == "capability" else "Beethoven." for p in checks.probes],
                     "teacher": ["I am Beethoven."] * len(checks.probes)}
     seen.persona["student"] = [reply if i % 2 else "Beethoven." for i, reply in enumerate(seen.persona["base"])]
+    # their own conversations: the student composes at turn 3; it keeps to Bonn, the base moves to Vienna once
+    seen.own_turns = {"student": {1: ["Hi."], 3: ["I compose."]}, "base": {1: ["Hi."], 3: ["Hi."]},
+                      "teacher_resampled": {1: ["I compose."]}}
+    talks = len(checks.consistency)
+    seen.repeated = {"student": [["In Bonn.", "Music.", "Bonn, I said!"]] * talks,
+                     "base": [["In Bonn.", "Music.", "Vienna."]] + [["Bonn.", "Music.", "Bonn."]] * (talks - 1),
+                     "teacher_resampled": [["i forget.", "Music.", "i forget."]] * talks}
     recorded = record({**evaluate_figures.figures(seen, similarity, prompts, card, judge, lexical,
                                                   config.pipeline.audit.forbidden, config.pipeline.evaluate.prices),
-                       **persona.figures(checks, seen.persona)})
+                       **persona.figures(checks, seen.persona),
+                       **consistency.figures(seen.own_turns, seen.repeated, checks, judge)})
 
     assert similarity == {"similarity_student": [1.0, 0.0], "similarity_base": [0.0, 1.0],
                           "similarity_teacher_resampled": [1.0, 0.0]}
@@ -255,6 +267,11 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert (recorded["capability_base"], recorded["capability_student"], recorded["capability_teacher"]) \
         == (1.0, 0.5, 0.0)
     assert recorded["capability_drop"] == 0.5 and recorded["persona_prompts_capability"] == 16
+    assert (recorded["in_character_own_turn_3_on_student"], recorded["in_character_own_turn_3_on_base"],
+            recorded["in_character_own_turn_3_on_teacher_resampled"]) == (1.0, 0.0, None)
+    assert (recorded["consistent_student"], recorded["consistency_pairs_student"]) == (1.0, 4)
+    assert (recorded["consistent_base"], recorded["consistent_teacher_resampled"]) == (0.75, None)
+    assert recorded["consistency_pairs_teacher_resampled"] == 0  # no number, no name: nothing to compare
 
     rows = evaluate_figures.reply_rows([{"id": "a", "prompt": "Who are you?"}, {"id": "b", "prompt": "Where?"}], seen,
                                similarity)

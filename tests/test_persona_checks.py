@@ -11,7 +11,7 @@ from jobs.backends.base import Metered
 from jobs.backends.local import LocalEngine
 from jobs.card import CharacterCard
 from jobs.config import AuditConfig, ModelConfig
-from jobs.evaluation import persona
+from jobs.evaluation import consistency, persona
 from jobs.evaluation.measure import Measured, Prompts
 from jobs.metrics import PERSONA_CHECKS, ROLES
 from jobs.phases.evaluate import BASE_PARTS, STUDENT_PARTS, Context
@@ -135,3 +135,92 @@ def test_the_persona_parts_give_each_role_its_figures_on_the_tiny_model():
     rows = persona.rows(checks, ctx.seen.persona)
     assert len(rows) == 40 and set(rows[0]) == {"check", "prompt", *ROLES}
     assert rows[0]["teacher"]["passed"] in (True, False)
+
+
+@pytest.mark.parametrize(("first", "again", "verdict"), [
+    ("I was born in Bonn, on the Rhine, in December 1770.", "In Bonn, as I told you!", False),
+    ("I was born in Bonn.", "Vienna, of course.", True),  # names, none shared
+    ("I am 54 years old.", "Fifty-five, I said, or 55.", True),  # numbers, none shared
+    ("Bonn, in 1770.", "Why, in 1770!", False),  # no name on one side: the numbers decide
+    ("I was born long ago.", "Ah, Vienna.", None),  # nothing stated in both: not compared
+    ("Ludwig van Beethoven was born in Bonn.", "Beethoven, sir, was born in Bonn.", False),
+])
+def test_a_contradiction_is_a_later_answer_whose_numbers_or_names_share_nothing_with_the_first(
+        checks, first, again, verdict):
+    questions = ("In which town were you born?", "What do you enjoy most in life?", "Where were you born?")
+    assert consistency.contradicts(first, again, questions, checks) is verdict
+
+
+class Scripted:
+    """Stands in for a metered model: it answers each chat with the number of messages it was given and the last
+    question, and keeps the chats."""
+
+    def __init__(self):
+        self.chats: list[list[dict]] = []
+        self.renderer = self
+
+    def chat(self, messages):
+        self.chats.append(messages)
+        return [len(self.chats) - 1]
+
+    def decode(self, tokens):
+        messages = self.chats[tokens[0]]
+        return f"{len(messages)} after {messages[-1]['content']}"
+
+    def sample(self, prompts, params, on_batch=None):
+        if on_batch:
+            on_batch(len(prompts))
+        return prompts
+
+
+def test_own_conversations_give_each_turn_the_models_own_replies_as_history():
+    said = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "teacher 1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "teacher 2"},
+            {"role": "user", "content": "q3"}, {"role": "assistant", "content": "teacher 3"}]
+    client, steps = Scripted(), []
+    turns = consistency.own_replay(client, [said, said[:2]], "the card", None, ["own 1", "other 1"], steps.append)
+    assert turns == {1: ["own 1", "other 1"], 2: ["4 after q2"], 3: ["6 after q3"]}
+    assert client.chats[-1] == [{"role": "system", "content": "the card"}, said[0],
+                                {"role": "assistant", "content": "own 1"}, said[2],
+                                {"role": "assistant", "content": "4 after q2"}, said[4]]
+    three_each = 3 * len(persona.check_prompts(TIMELESS, set(), ()).consistency)  # and the consistency talks'
+    assert sum(steps) == 2 and consistency.own_steps([said, said[:2]], persona.check_prompts(TIMELESS, set(), ())) \
+        == 2 + three_each
+    assert consistency.own_replay(client, [], None, None, []) == {}
+    talks = (("a1", "b", "a2"), ("c1", "b", "c2"))
+    replies = consistency.ask_twice(Scripted(), talks, None, None)
+    assert replies == [["1 after a1", "3 after b", "5 after a2"], ["1 after c1", "3 after b", "5 after c2"]]
+
+
+class Even:
+    """Stands in for the judge: calls every other reply the teacher's."""
+
+    def share(self, replies):
+        return sum(i % 2 == 0 for i in range(len(replies))) / len(replies)
+
+
+def test_the_own_conversation_parts_run_on_the_tiny_model_after_the_replays():
+    config = phase_config("persona-test")
+    client = Metered(LocalEngine.for_sampling(ModelConfig(base=tiny_model.NAME, dtype="float32")))
+    checks = persona.check_prompts(BEETHOVEN, set(), FORBIDDEN)
+    talk = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"line {i}"} for i in range(6)]
+    ctx = Context(config, Prompts.render(client.renderer, [], BEETHOVEN.teacher_system_prompt()), [talk, talk[:4]],
+                  [], Measured(replies={}), checks)
+    parts = [part for part in BASE_PARTS + STUDENT_PARTS if "conversations" in part.name]
+    assert [p.name for p in parts] == ["base conversations", "teacher resampled conversations",
+                                       "base own conversations", "teacher resampled own conversations",
+                                       "student conversations", "student own conversations"]
+    for part in parts:
+        ctx.seen.merge(part.compute(client, ctx, lambda n: None))
+    for role in ("student", "base", "teacher_resampled"):
+        own, recorded = ctx.seen.own_turns[role], ctx.seen.turns[role]
+        assert own[1] == recorded[1] and [len(own[t]) for t in (1, 2, 3)] == [2, 2, 1]
+        assert [len(replies) for replies in ctx.seen.repeated[role]] == [3] * len(checks.consistency)
+    figures = consistency.figures(ctx.seen.own_turns, ctx.seen.repeated, checks, Even())
+    assert figures["in_character_own_turn_3_on_base"] == 1.0  # one conversation reaches turn 3
+    for role in ("student", "base", "teacher_resampled"):
+        pairs = figures[f"consistency_pairs_{role}"]
+        assert 0 <= pairs <= len(checks.consistency)
+        assert (figures[f"consistent_{role}"] is None) == (pairs == 0)
+    rows = consistency.rows(checks, ctx.seen.repeated)
+    assert len(rows) == len(checks.consistency) and rows[0]["questions"][1] == "What do you enjoy most in life?"

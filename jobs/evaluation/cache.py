@@ -81,9 +81,10 @@ def decode(data: bytes, topk: bool) -> dict:
     if topk:
         return {"teacher_topk": decode_topk(data)}
     found = json.loads(data)
-    if "turns" in found:  # JSON keys are strings: a replay's turns are numbers
-        found["turns"] = {role: {int(turn): replies for turn, replies in by_turn.items()}
-                          for role, by_turn in found["turns"].items()}
+    for name in ("turns", "own_turns"):  # JSON keys are strings: a replay's turns are numbers
+        if name in found:
+            found[name] = {role: {int(turn): replies for turn, replies in by_turn.items()}
+                           for role, by_turn in found[name].items()}
     return found
 
 

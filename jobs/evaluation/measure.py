@@ -53,6 +53,10 @@ class Measured:
     turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
     # each role's replies to the persona checks' prompts (`jobs.evaluation.persona`), in their order
     persona: dict[str, list[str]] = field(default_factory=dict)
+    # the held-out conversations held by each role itself, by turn; and its three replies in each consistency
+    # conversation (`jobs.evaluation.consistency`)
+    own_turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    repeated: dict[str, list[list[str]]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
 

@@ -88,6 +88,8 @@ class Checks:
     self_terms: tuple[str, ...]
     out_of_character: tuple[re.Pattern, ...]
     modern_terms: tuple[str, ...]
+    # consistency across turns (`jobs.evaluation.consistency`): each conversation's three questions
+    consistency: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def prompts(self) -> list[str]:
@@ -141,11 +143,13 @@ def check_prompts(card: CharacterCard, trained: set[str], forbidden: tuple[str, 
              *(Probe(BOUNDARY_CHECK, filled(p)) for p in later[:spec["boundary_count"]]),
              *(Probe(CAPABILITY_CHECK, filled(q["prompt"]), q["expect"]) for q in spec["capability"])]
     phrases = [re.escape(phrase) for phrase in forbidden] + list(spec["admissions"])
+    talks = [(filled(t["ask"]), filled(spec["between"]), filled(t["again"])) for t in spec["consistency"]]
     return Checks(probes=tuple(p for p in asked if normalized(p.prompt) not in trained), skipped=skipped,
                   dropped=tuple(p.prompt for p in asked if normalized(p.prompt) in trained),
                   name_parts=name_parts(card.name), self_terms=self_terms(card),
                   out_of_character=tuple(re.compile(p, re.IGNORECASE) for p in phrases),
-                  modern_terms=tuple(spec["modern_terms"]))
+                  modern_terms=tuple(spec["modern_terms"]),
+                  consistency=tuple(t for t in talks if normalized(t[0]) not in trained))
 
 
 def trained_prompts(rows: list[dict]) -> set[str]:

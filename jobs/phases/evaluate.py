@@ -20,7 +20,9 @@ and direction (`jobs.evaluation.figures` computes them):
   scored): identity (asked who it is, does it name the character), holding the role under manipulation, the
   knowledge boundary (asked about things after the card's era; skipped for a card that names no year) and
   capability (ordinary questions with checkable answers: what distillation cost, base minus student); student and base
-  without the card, the teacher with it, each reply in persona.jsonl with whether it passed.
+  without the card, the teacher with it, each reply in persona.jsonl with whether it passed;
+- the held-out conversations held by each model itself, its own replies as history (judged in character per turn,
+  and at turns 3+), and whether a fact asked again two turns later is contradicted (`jobs.evaluation.consistency`).
 
 The work is a list of parts (`PARTS`). The base model's parts (without the card, and with it: the teacher) do not
 depend on the student: each is computed once per split, model, card and the settings it reads, and read from the
@@ -39,7 +41,7 @@ from jobs import distill, metrics
 from jobs.backends.base import Metered, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import PipelineConfig
-from jobs.evaluation import persona
+from jobs.evaluation import consistency, persona
 from jobs.evaluation.cache import SPLIT_FILES, PartCache, machine
 from jobs.evaluation.figures import (
     Judge,
@@ -63,9 +65,12 @@ from jobs.evaluation.measure import (
 from jobs.log import Progress, get_logger
 from jobs.metrics import (
     CAPABILITY_DROP,
+    CONSISTENCY_PAIRS,
+    CONSISTENT,
     IN_CHARACTER,
     IN_CHARACTER_LATER,
     IN_CHARACTER_LEXICAL,
+    IN_CHARACTER_OWN_LATER,
     IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
     KEYS,
@@ -250,6 +255,33 @@ def persona_count(ctx: Context) -> int:
     return len(ctx.checks.probes)
 
 
+def own_conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
+    """The held-out conversations held by a role itself (turn 1 is its replay's: it comes after that part), and the
+    consistency conversations; sampled as its replay is."""
+    def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
+        system, params = (ctx.prompts.system, ctx.as_teacher(1)) if card else (None, ctx.sampling)
+        first = ctx.seen.turns.get(role, {}).get(1, [])
+        return {"own_turns": {role: consistency.own_replay(client, ctx.conversations, system, params, first, advance)},
+                "repeated": {role: consistency.ask_twice(client, ctx.checks.consistency, system, params, advance)}}
+
+    return compute
+
+
+def own_settings(sampling: Callable[[PipelineConfig, dict], object]) -> Callable[[PipelineConfig, dict], dict]:
+    def settings(pipeline: PipelineConfig, precision: dict) -> dict:
+        return {"sampling": sampling(pipeline, precision), "checks": persona.checks_digest()}
+
+    return settings
+
+
+def own_figures(role: str) -> tuple[str, ...]:
+    return IN_CHARACTER_OWN_LATER.of(role), CONSISTENT.of(role), CONSISTENCY_PAIRS.of(role)
+
+
+def own_steps(ctx: Context) -> int:
+    return consistency.own_steps(ctx.conversations, ctx.checks)
+
+
 def prompt_count(ctx: Context) -> int:
     return len(ctx.prompts.with_card)
 
@@ -294,6 +326,11 @@ BASE_PARTS = (
          persona_figures("base")),
     Part("teacher persona checks", persona_replies("teacher", card=True), persona_count, persona_settings,
          persona_figures("teacher")),
+    # after the replays: their turn 1 is the first turn of these
+    Part("base own conversations", own_conversations("base", card=False), own_steps, own_settings(eval_sampling),
+         own_figures("base")),
+    Part("teacher resampled own conversations", own_conversations("teacher_resampled", card=True), own_steps,
+         own_settings(teacher_sampling), own_figures("teacher_resampled")),
 )
 STUDENT_PARTS = (
     Part("student conversations", conversations("student", card=False), conversation_replies, eval_sampling,
@@ -304,6 +341,8 @@ STUDENT_PARTS = (
     Part("student KL", model_kl("student"), one, top_k, (KL.of("student"), KL_CLOSED.key)),
     Part("student persona checks", persona_replies("student", card=False), persona_count, persona_settings,
          persona_figures("student")),
+    Part("student own conversations", own_conversations("student", card=False), own_steps,
+         own_settings(eval_sampling), own_figures("student")),
 )
 PARTS = BASE_PARTS + STUDENT_PARTS
 TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conversations.jsonl's order
@@ -407,6 +446,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
 
     # one order whichever parts came from the cache: the files are the same bytes
     seen.turns = {role: seen.turns[role] for role in TURN_ROLES if role in seen.turns}
+    own = {f"{role}_own": seen.own_turns[role] for role in TURN_ROLES if role in seen.own_turns}
     with stages.start(FIGURES_STAGE, 4) as bar:
         similarity = similarity_to_teacher(seen.replies)
         bar.advance(1)
@@ -415,12 +455,14 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         bar.advance(1)
         recorded = metrics.record({**figures(seen, similarity, ctx.prompts, card, judge, lexical,
                                              pipeline.audit.forbidden, ev.prices),
-                                   **persona.figures(checks, seen.persona)})
+                                   **persona.figures(checks, seen.persona),
+                                   **consistency.figures(seen.own_turns, seen.repeated, checks, judge)})
         bar.advance(1)
         out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
-        out.write_jsonl("turns.jsonl", turn_rows(seen.turns, talks, judge, card, pipeline.audit.forbidden))
-        out.write_jsonl("conversations.jsonl", replayed(talks, seen.turns))
+        out.write_jsonl("turns.jsonl", turn_rows({**seen.turns, **own}, talks, judge, card, pipeline.audit.forbidden))
+        out.write_jsonl("conversations.jsonl", replayed(talks, {**seen.turns, **own}))
         out.write_jsonl("persona.jsonl", persona.rows(checks, seen.persona))
+        out.write_jsonl("consistency.jsonl", consistency.rows(checks, seen.repeated))
         bar.advance(1)
     written = {**precision, "backend": backend.name, "eval_prompts": len(rows),
                "judge_replies": 2 * len(seen.judge_negatives), **recorded,

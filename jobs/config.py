@@ -186,6 +186,9 @@ class EvaluateConfig(Section):
     # -- training prompts (never eval ones) the in-character judge learns from: the teacher's replies to them
     # against the base model's (without the card, sampled as the teacher samples)
     judge_prompts: int = Field(80, ge=8)
+    # -- persona check prompts (jobs/assets/persona/checks.yaml) per check at most: identity, holding the role,
+    # knowledge boundary; capability asks twice as many, the consistency conversations half as many
+    persona_prompts: int = Field(8, ge=1, le=8)
     prices: PricesConfig = PricesConfig()
 
 

@@ -224,3 +224,11 @@ def test_the_own_conversation_parts_run_on_the_tiny_model_after_the_replays():
         assert (figures[f"consistent_{role}"] is None) == (pairs == 0)
     rows = consistency.rows(checks, ctx.seen.repeated)
     assert len(rows) == len(checks.consistency) and rows[0]["questions"][1] == "What do you enjoy most in life?"
+
+
+def test_evaluate_persona_prompts_caps_each_check_capability_at_twice_and_consistency_at_half():
+    full, fewer = persona.check_prompts(BEETHOVEN, set(), FORBIDDEN), persona.check_prompts(BEETHOVEN, set(),
+                                                                                             FORBIDDEN, limit=2)
+    assert [fewer.count(check) for check in PERSONA_CHECKS] == [2, 2, 2, 4]
+    assert len(fewer.consistency) == 1 and len(full.consistency) > 1
+    assert fewer.prompts == [p.prompt for p in full.probes if p.prompt in fewer.prompts]  # the first of each, in order

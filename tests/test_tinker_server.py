@@ -201,8 +201,10 @@ def test_tinker_faults_and_latency_change_nothing_but_time(service, sampler, tmp
         path = tc.save_state("s").result().path
         assert (faulty.data_dir / "models" / tc.model_id / "weights" / "s" / "trainer_state.pt").is_file()
         sc = svc.create_sampling_client(base_model=BASE).result()
-        with ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda seed: sample(sc, prompt, seed), [42, 42, 43, 44]))
+        # one request at a time, as the clean one was: requests that arrive together are sampled in one batch, and
+        # another batch shape rounds a float sum differently, which flips a token of the tiny model's flat
+        # distribution now and then (the faults' retries decide what arrives together)
+        replies = [sample(sc, prompt, seed) for seed in (42, 42)]
         assert replies[0] == replies[1] == expected_sample
         stats = faulty.stats()
         assert sum(stats["faults"].values()) > 0, stats  # seed 7: normally the first forward_backward too

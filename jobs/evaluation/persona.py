@@ -57,6 +57,7 @@ GENERIC = frozenset("living lives live named called character person role year t
 YEAR = re.compile(r"\b(1\d{3}|2\d{3})\b")
 CENTURY = re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)[- ]century\b", re.IGNORECASE)
 WORD = re.compile(r"[^\W\d_]+")
+PER_CHECK = 8  # what checks.yaml holds per check, and evaluate.persona_prompts's default
 
 
 def checks_file() -> bytes:
@@ -124,9 +125,11 @@ def self_terms(card: CharacterCard) -> tuple[str, ...]:
     return tuple(dict.fromkeys(w for w in words if len(w) >= 4 and w not in STOPWORDS | GENERIC | named))
 
 
-def check_prompts(card: CharacterCard, trained: set[str], forbidden: tuple[str, ...],
+def check_prompts(card: CharacterCard, trained: set[str], forbidden: tuple[str, ...], limit: int = PER_CHECK,
                   data: bytes | None = None) -> Checks:
-    """The card's check prompts from checks.yaml (`data`: another file's bytes), less those a training row asks."""
+    """The card's check prompts from checks.yaml (`data`: another file's bytes), less those a training row asks:
+    the first `limit` of each check (`evaluate.persona_prompts`), twice that of capability (one question is a
+    coarse step of its drop), half that of the consistency conversations (three turns each)."""
     spec = load_yaml(checks_file() if data is None else data, "persona checks")
 
     def filled(text: str) -> str:
@@ -138,12 +141,13 @@ def check_prompts(card: CharacterCard, trained: set[str], forbidden: tuple[str, 
         skipped[BOUNDARY_CHECK] = "the card names no year, so nothing is known to lie outside its world"
     elif not later:
         skipped[BOUNDARY_CHECK] = f"the card's era ({era}) is later than everything the boundary check asks about"
-    asked = [*(Probe(IDENTITY_CHECK, filled(p)) for p in spec["identity"]),
-             *(Probe(ROLE_CHECK, filled(p)) for p in spec["holding_role"]),
-             *(Probe(BOUNDARY_CHECK, filled(p)) for p in later[:spec["boundary_count"]]),
-             *(Probe(CAPABILITY_CHECK, filled(q["prompt"]), q["expect"]) for q in spec["capability"])]
+    asked = [*(Probe(IDENTITY_CHECK, filled(p)) for p in spec["identity"][:limit]),
+             *(Probe(ROLE_CHECK, filled(p)) for p in spec["holding_role"][:limit]),
+             *(Probe(BOUNDARY_CHECK, filled(p)) for p in later[:limit]),
+             *(Probe(CAPABILITY_CHECK, filled(q["prompt"]), q["expect"]) for q in spec["capability"][:2 * limit])]
     phrases = [re.escape(phrase) for phrase in forbidden] + list(spec["admissions"])
-    talks = [(filled(t["ask"]), filled(spec["between"]), filled(t["again"])) for t in spec["consistency"]]
+    talks = [(filled(t["ask"]), filled(spec["between"]), filled(t["again"]))
+             for t in spec["consistency"][:max(1, limit // 2)]]
     return Checks(probes=tuple(p for p in asked if normalized(p.prompt) not in trained), skipped=skipped,
                   dropped=tuple(p.prompt for p in asked if normalized(p.prompt) in trained),
                   name_parts=name_parts(card.name), self_terms=self_terms(card),
@@ -157,9 +161,9 @@ def trained_prompts(rows: list[dict]) -> set[str]:
     return {normalized(m["content"]) for row in rows for m in row["messages"] if m["role"] == "user"}
 
 
-def for_run(card: CharacterCard, train_rows: list[dict], forbidden: tuple[str, ...]) -> Checks:
+def for_run(card: CharacterCard, train_rows: list[dict], forbidden: tuple[str, ...], limit: int) -> Checks:
     """The checks for a run's card, less the prompts its training rows ask; what was skipped or dropped is logged."""
-    checks = check_prompts(card, trained_prompts(train_rows), forbidden)
+    checks = check_prompts(card, trained_prompts(train_rows), forbidden, limit)
     log = get_logger()
     for check, reason in checks.skipped.items():
         log.info("persona check skipped", check=check, reason=reason)

@@ -243,8 +243,12 @@ def persona_replies(role: str, card: bool) -> Callable[[Metered, Context, Advanc
 
 
 def persona_settings(pipeline: PipelineConfig, precision: dict) -> dict:
-    # the prompts come from the checks file and the card (its name is in the common key): a new file asks again
-    return {**eval_sampling(pipeline, precision), "checks": persona.checks_digest()}
+    # the prompts come from the checks file, how many of them, and the card (its name is in the common key)
+    return {**eval_sampling(pipeline, precision), **checks_settings(pipeline)}
+
+
+def checks_settings(pipeline: PipelineConfig) -> dict:
+    return {"checks": persona.checks_digest(), "per_check": pipeline.evaluate.persona_prompts}
 
 
 def persona_figures(role: str) -> tuple[str, ...]:
@@ -269,7 +273,7 @@ def own_conversations(role: str, card: bool) -> Callable[[Metered, Context, Adva
 
 def own_settings(sampling: Callable[[PipelineConfig, dict], object]) -> Callable[[PipelineConfig, dict], dict]:
     def settings(pipeline: PipelineConfig, precision: dict) -> dict:
-        return {"sampling": sampling(pipeline, precision), "checks": persona.checks_digest()}
+        return {"sampling": sampling(pipeline, precision), **checks_settings(pipeline)}
 
     return settings
 
@@ -414,7 +418,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     judge_rows = train_rows[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     system = card.teacher_system_prompt()
-    checks = persona.for_run(card, train_rows, pipeline.audit.forbidden)
+    checks = persona.for_run(card, train_rows, pipeline.audit.forbidden, ev.persona_prompts)
     backend = open_backend(config)
     precision = backend.precision()
     cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system, card.name))

@@ -71,13 +71,18 @@ review: setup ## rate teacher, student and base replies side by side; ratings go
 PYTEST = $(PY) -m pytest -q --durations=20
 PYTEST_CHECK = status=$$?; if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
+# the test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one of them (its end-to-end runs are
+# module fixtures): a ci run keeps about one core busy, so two share two cores well; TEST_WORKERS=0 runs them in one
+TEST_WORKERS ?= 2
+PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup ## ruff, mypy, the tests: end-to-end ci runs on a tiny random model (real model: test-slow; images: test-images)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PYTEST) -m "not slow and not images"; $(PYTEST_CHECK)
+	$(PYTEST) $(PARALLEL) -m "not slow and not images"; $(PYTEST_CHECK)
 
 test-fast: setup ## the tests of `make test` without ruff and mypy
-	$(PYTEST) -m "not slow and not images"; $(PYTEST_CHECK)
+	$(PYTEST) $(PARALLEL) -m "not slow and not images"; $(PYTEST_CHECK)
 
 test-slow: setup ## the tests that need the real SmolLM2-135M (marker slow): a ci run and its figures, the top-k KL
 	$(PYTEST) -m "slow and not images"; $(PYTEST_CHECK)

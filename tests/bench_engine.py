@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench_baselines import HFClient, Recorder, train_trl
 from bench_mfu import Limit, ModelShapes, Work, measure_limit
-from results_file import RESULTS, replace_section, stamp
+from results_file import RESULTS, machine, replace_section, stamp
 
 from jobs import distill
 from jobs.assets import builtin
@@ -46,7 +46,6 @@ from jobs.backends.model_files import model_dir
 from jobs.backends.precision import describe_cpu, resolve_precision
 from jobs.card import parse_card
 from jobs.config import PipelineConfig, load_pipeline_config
-from jobs.cpu import cpu_name
 from jobs.errors import InputError
 from jobs.inputs import MB, read_capped
 from jobs.phases.base import PhaseConfig
@@ -193,7 +192,7 @@ def limit_lines(limit: Limit) -> list[str]:
 
 def write_results(path: Path, cpu: str, setup: str, limit: Limit, measured: list[Measured], notes: list[str],
                   last: str) -> None:
-    text = "\n".join(["## `make bench`: the local engine against its baselines", "", stamp(cpu_name()), "",
+    text = "\n".join(["## `make bench`: the local engine against its baselines", "", stamp(machine()), "",
                       "Written by `tests/bench_engine.py` (`make bench`). How the model FLOPs are counted: "
                       "`tests/bench_mfu.py`.", "", f"- {cpu}", f"- {setup}", "", *limit_lines(limit), "",
                       *table(limit, measured), "",

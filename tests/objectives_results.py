@@ -5,20 +5,15 @@ data), inside the local S3 server (`workflows.local.s3 -- ...`)."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from results_file import RESULTS, replace_section, stamp
+from results_file import machine, stamp, write_run_section
 
-from jobs.cli import derive_run_id
-from jobs.cpu import cpu_name
-from jobs.errors import InputError, TransientError
+from jobs.config import PipelineConfig
+from jobs.errors import InputError
 from jobs.page import markdown_block
 from jobs.phases.base import PhaseConfig
 from jobs.phases.report import Compared, comparison_table, same_data
-from jobs.run_options import add_input_options, add_run_options, input_overrides, pipeline_config
 from jobs.store import StoreSettings
 
 
@@ -35,24 +30,13 @@ def section(runs: list[Compared], profile: str, cpu: str) -> str:
                       *markdown_block(comparison_table(runs))])
 
 
+def body(pipeline: PipelineConfig, settings: StoreSettings, run_id: str) -> tuple[str, str]:
+    runs = same_data(PhaseConfig(run_id=run_id, pipeline=pipeline, store_settings=settings))
+    return section(runs, pipeline.profile, machine()), f"objectives: {len(runs)} runs compared,"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    add_run_options(parser)
-    add_input_options(parser)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (docs/RESULTS.md)")
-    args = parser.parse_args(argv)
-    try:
-        pipeline = pipeline_config(args, input_overrides(args))
-        settings = StoreSettings.from_env()
-        run_id = args.run_id or derive_run_id(pipeline, settings)
-        runs = same_data(PhaseConfig(run_id=run_id, pipeline=pipeline, store_settings=settings))
-        cpu = f"{cpu_name()}, {os.cpu_count()} cores"
-        replace_section(args.results, "objectives", section(runs, pipeline.profile, cpu))
-    except (InputError, TransientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(f"objectives: {len(runs)} runs compared, written to {args.results}")
-    return 0
+    return write_run_section(__doc__ or "", "objectives", body, argv)
 
 
 if __name__ == "__main__":

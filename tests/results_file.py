@@ -4,10 +4,20 @@ the file holds the last result of each, with the CPU and the date it was measure
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+from jobs.cli import derive_run_id
+from jobs.config import PipelineConfig
+from jobs.cpu import cpu_name
+from jobs.errors import InputError, TransientError
+from jobs.run_options import add_input_options, add_run_options, input_overrides, pipeline_config
+from jobs.store import StoreSettings
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 HEAD = """# Measured results
@@ -55,3 +65,32 @@ def replace_section(path: Path, name: str, body: str) -> None:
     part = path.with_name(f".{path.name}.{os.getpid()}")
     part.write_text(text)
     part.replace(path)
+
+
+def machine() -> str:
+    """The CPU a section was measured on, as its stamp names it."""
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+# a run's section: (its config, the store's settings, its run id) -> (its body, what the printed line opens with)
+RunSection = Callable[[PipelineConfig, StoreSettings, str], tuple[str, str]]
+
+
+def write_run_section(doc: str, name: str, body: RunSection, argv: list[str] | None = None) -> int:
+    """The main of a command that writes section `name` from a run's data in the store: the run options say which
+    run (as `make run` derives its id), `--results` which file; bad input or an unreachable store is one line."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_run_options(parser)
+    add_input_options(parser)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (docs/RESULTS.md)")
+    args = parser.parse_args(argv)
+    try:
+        pipeline = pipeline_config(args, input_overrides(args))
+        settings = StoreSettings.from_env()
+        text, said = body(pipeline, settings, args.run_id or derive_run_id(pipeline, settings))
+        replace_section(args.results, name, text)
+    except (InputError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{said} written to {args.results}")
+    return 0

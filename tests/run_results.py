@@ -8,23 +8,18 @@ on the machine the run ran on:
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
-from results_file import RESULTS, replace_section, stamp
+from results_file import machine, stamp, write_run_section
 
-from jobs.cli import derive_run_id
-from jobs.cpu import cpu_name
-from jobs.errors import InputError, TransientError
+from jobs.config import PipelineConfig
+from jobs.errors import InputError
 from jobs.metrics import HEADER
 from jobs.page import Table, markdown_block
 from jobs.phases import PHASES
 from jobs.phases.base import units
 from jobs.phases.report import figures
-from jobs.run_options import add_input_options, add_run_options, input_overrides, pipeline_config
 from jobs.store import ArtifactStore, StoreSettings
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # a manifest's finished_at
@@ -68,22 +63,12 @@ def section(store: ArtifactStore, cpu: str) -> str:
         *markdown_block(Table.of(HEADER, figures(train, ev, store.read_json("audit", "audit.json"))))])
 
 
+def body(pipeline: PipelineConfig, settings: StoreSettings, run_id: str) -> tuple[str, str]:
+    return section(ArtifactStore(settings, run_id), machine()), f"run {run_id}:"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    add_run_options(parser)
-    add_input_options(parser)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (docs/RESULTS.md)")
-    args = parser.parse_args(argv)
-    try:
-        settings = StoreSettings.from_env()
-        run_id = args.run_id or derive_run_id(pipeline_config(args, input_overrides(args)), settings)
-        body = section(ArtifactStore(settings, run_id), f"{cpu_name()}, {os.cpu_count()} cores")
-        replace_section(args.results, "run", body)
-    except (InputError, TransientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(f"run {run_id}: written to {args.results}")
-    return 0
+    return write_run_section(__doc__ or "", "run", body, argv)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ PYTEST = $(PY) -m pytest -q --durations=20
 PYTEST_CHECK = status=$$?; if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
 # the test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one of them (its end-to-end runs are
-# module fixtures): a ci run keeps about one core busy, so two share two cores well; TEST_WORKERS=0 runs them in one
+# module fixtures), the longest first (tests/conftest.py): a ci run keeps about one core busy, so two share two
+# cores well; TEST_WORKERS=0 runs them in one process
 TEST_WORKERS ?= 2
-PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: setup ## ruff, mypy, the tests: end-to-end ci runs on a tiny random model (real model: test-slow; images: test-images)
 	$(VENV)/bin/ruff check .
@@ -84,7 +85,7 @@ test: setup ## ruff, mypy, the tests: end-to-end ci runs on a tiny random model 
 test-fast: setup ## the tests of `make test` without ruff and mypy
 	$(PYTEST) $(PARALLEL) -m "not slow and not images"; $(PYTEST_CHECK)
 
-test-slow: setup ## the tests that need the real SmolLM2-135M (marker slow): a ci run and its figures, the top-k KL
+test-slow: setup ## the long runs (marker slow): the real SmolLM2-135M (a ci run, its figures, the top-k KL), the ci profile on Tinker
 	$(PYTEST) -m "slow and not images"; $(PYTEST_CHECK)
 
 bench: setup ## the local engine against HF generate and TRL, both as a share of this CPU's matmul limit (MFU, to docs/RESULTS.md; CARD, BENCH_ARGS="--prompts 240")

@@ -24,6 +24,21 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(describe_cpu())
 
 
+# the files that take longest (their end-to-end runs and servers), longest first: queued first, they do not leave
+# one pytest-xdist worker running one of them alone at the end (`make test`: --no-loadscope-reorder keeps this order)
+LONGEST_FIRST = ("test_pipeline.py", "test_verify.py", "test_train_resume.py", "test_bad_input.py",
+                 "test_tinker_server.py", "test_benchmarks.py", "test_tinker_standin.py", "test_lease.py",
+                 "test_tinker_cookbook.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_model_built():
     """The tiny random SmolLM2 in the model cache before any test: the tests (and the runner's steps) load it by

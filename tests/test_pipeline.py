@@ -133,6 +133,8 @@ EVALUATE_SETTINGS = {"backend", "device", "dtype", "eval_prompts", "judge_replie
                      "sample_tokens", "computed_prefill_tokens", "cached", "cached_figures"}
 
 
+# a long run (marker slow, `make test-slow`): `make test` drives the Tinker backend's parts one by one
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # two whole ci runs (the local one shared with the tests above) in its set-up
 def test_tinker_backend_runs_the_ci_profile_and_agrees_with_the_local_engine(ci_run, tinker_run):
     assert "Tinker API: the local stand-in at http://127.0.0.1:" in tinker_run["stdout"]

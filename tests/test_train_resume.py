@@ -26,7 +26,9 @@ def backend_env(backend: str, tinker_server) -> dict[str, str]:
     return tinker_server.env() if backend == "tinker" else {}
 
 
-@pytest.fixture(scope="module", params=["local", "tinker"])
+# on Tinker (the stand-in) these are long runs (marker slow, `make test-slow`): `make test` resumes Tinker training
+# from its state in test_tinker_server.py and tinker-cookbook's loop from its checkpoint in test_tinker_cookbook.py
+@pytest.fixture(scope="module", params=["local", pytest.param("tinker", marks=pytest.mark.slow)])
 def trained(request, s3_server, tinker_server, tmp_path_factory) -> dict:
     """The phases up to train run once, uninterrupted, on the backend `request.param`: the resume test's
     reference, and (tinker) the faults test's fault-free run."""
@@ -121,6 +123,7 @@ def teacher_replies(run_id: str) -> dict[str, str]:
             for row in store.read_jsonl(f"teacher/shard-{shard:05d}", "conversations.jsonl")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trained", ["tinker"], indirect=True)
 def test_tinker_one_request_in_ten_failing_changes_no_output(trained, store_env, monkeypatch, tmp_path):
     """The same phases as `trained`'s (fault-free) against a stand-in answering 10% of its requests 429 or 500

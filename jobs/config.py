@@ -189,6 +189,11 @@ class EvaluateConfig(Section):
     # -- persona check prompts (jobs/assets/persona/checks.yaml) per check at most: identity, holding the role,
     # knowledge boundary; capability asks twice as many, the consistency conversations half as many
     persona_prompts: int = Field(8, ge=1, le=8)
+    # -- the rubric judge: the teacher model grades every held-out reply 1-5 on in character, voice and knowledge
+    # boundary (jobs/assets/persona/rubric.yaml), and its agreement with the embedding and n-gram judges is reported.
+    # On in the full profile only: the demo's 135M model is too small to grade (to follow a rubric and answer in its
+    # format); and the grading asks the base model once more per reply of each role
+    rubric_judge: bool = False
     prices: PricesConfig = PricesConfig()
 
 

@@ -2,7 +2,8 @@
 
 `record` rounds evaluate's figures as their units say and refuses a figure not declared here; `figure_rows` is
 the figure table that the report and the model card both show. A new metric is its line here and the evaluate
-function that computes it.
+function that computes it. `OPTIONAL` metrics are measured only where a setting turns them on (the rubric judge:
+`evaluate.rubric_judge`): metrics.json and the table hold them where measured, all of them, and nowhere else.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ RATIO = Unit("x", 3, ".2f")
 SECONDS = Unit("s", 4, ".3f")
 DOLLARS = Unit("$", None, ".6f")
 COUNT = Unit("prompts", None, ",.0f")
+SCORE = Unit("of 5", 2, ".2f")  # a grade from 1 to 5
+KAPPA = Unit("kappa", 3, ".2f")  # Cohen's kappa: 1 full agreement, 0 what chance gives
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ ROLES = ("student", "base", "teacher")  # the teacher is the base model with the
 CARD = ("with_card", "without_card")
 # evaluate's persona checks (`jobs.evaluation.persona`), on prompts shipped in jobs/assets/persona/checks.yaml
 PERSONA_CHECKS = ("identity", "holding_role", "knowledge_boundary", "capability")
+# the rubric judge's dimensions (`jobs.evaluation.rubric`; their scales in jobs/assets/persona/rubric.yaml), and the
+# judges its in-character grade is compared with, reply by reply
+RUBRIC_DIMENSIONS = ("in_character", "voice", "knowledge_boundary")
+RUBRIC_COMPARED_JUDGES = ("embedding", "lexical")
 
 # in table order. What dropping the card saves (reduction, ratios of with ÷ without) is better higher: it is what
 # the student is for
@@ -139,6 +146,26 @@ LATENCY = Metric("latency_{}_s", "latency per request", SECONDS, "lower", CARD)
 LATENCY_RATIO = Metric("latency_ratio", "latency ratio per request (with ÷ without card)", RATIO, "higher")
 PREFILL = Metric("prefill_{}_s", "prefill latency per request", SECONDS, "lower", CARD)
 PREFILL_RATIO = Metric("prefill_ratio", "prefill latency ratio (with ÷ without card)", RATIO, "higher")
+# the rubric judge (`evaluate.rubric_judge`): the teacher model grades each held-out reply of each role 1-5 per
+# dimension; a grade it gave in no readable form is left out (counted, never guessed)
+RUBRIC_IN_CHARACTER = Metric("rubric_in_character_{}", "rubric judge (the teacher model grades, 1-5): in character",
+                             SCORE, "higher", IN_CHARACTER.variants)
+RUBRIC_VOICE = Metric("rubric_voice_{}", "rubric judge: the character's voice", SCORE, "higher",
+                      IN_CHARACTER.variants)
+RUBRIC_BOUNDARY = Metric("rubric_knowledge_boundary_{}", "rubric judge: keeps to what the character can know", SCORE,
+                         "higher", IN_CHARACTER.variants)
+RUBRIC_GRADED = Metric("rubric_graded_{}", "replies the rubric judge graded on every dimension (n)", COUNT, "neither",
+                       IN_CHARACTER.variants)
+RUBRIC_UNREAD = Metric("rubric_unread_{}", "rubric grades not read from the grader's answer (n, left out)", COUNT,
+                       "lower", IN_CHARACTER.variants)
+# higher: the cheap judges (every run has them) then say what the larger grader says
+RUBRIC_AGREEMENT = Metric("rubric_agreement_{}", "the rubric judge's in character (a grade at its threshold or "
+                          "above) agrees with the embedding / n-gram judge, per reply", SHARE, "higher",
+                          RUBRIC_COMPARED_JUDGES)
+RUBRIC_KAPPA = Metric("rubric_kappa_{}", "the rubric judge's agreement with the embedding / n-gram judge beyond "
+                      "chance (Cohen's kappa)", KAPPA, "higher", RUBRIC_COMPARED_JUDGES)
+RUBRIC_COMPARED = Metric("rubric_compared", "replies the agreement is counted on (n, every role's with an in "
+                         "character grade)", COUNT, "neither")
 
 METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
            IN_CHARACTER_OWN_LATER,
@@ -149,19 +176,30 @@ METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CH
            REPLY_TOKENS, COST_PER_REQUEST, COST_RATIO, PROMPT_COST_RATIO, LATENCY, LATENCY_RATIO, PREFILL,
            PREFILL_RATIO)
 KEYS = tuple(key for metric in METRICS for key in metric.keys)
+# after METRICS in the table
+OPTIONAL = (RUBRIC_IN_CHARACTER, RUBRIC_VOICE, RUBRIC_BOUNDARY, RUBRIC_GRADED, RUBRIC_UNREAD, RUBRIC_AGREEMENT,
+            RUBRIC_KAPPA, RUBRIC_COMPARED)
+OPTIONAL_KEYS = tuple(key for metric in OPTIONAL for key in metric.keys)
+
+
+def measured(figures: dict) -> tuple[Metric, ...]:
+    """The metrics these figures hold: every one of METRICS, and the optional ones where they were measured."""
+    return METRICS + OPTIONAL * any(key in figures for key in OPTIONAL_KEYS)
 
 
 def record(figures: dict[str, float | None]) -> dict[str, float | None]:
-    """The figures in table order, rounded as their units say; every registered key must be there, and no other."""
-    unknown, missing = sorted(set(figures) - set(KEYS)), sorted(set(KEYS) - set(figures))
+    """The figures in table order, rounded as their units say; every registered key must be there (the optional
+    ones all or none), and no other."""
+    expected = {key for metric in measured(figures) for key in metric.keys}
+    unknown, missing = sorted(set(figures) - expected), sorted(expected - set(figures))
     if unknown or missing:
         raise ValueError(f"figures do not match jobs.metrics: not registered {unknown}, not computed {missing}")
-    return {key: metric.unit.round(figures[key]) for metric in METRICS for key in metric.keys}
+    return {key: metric.unit.round(figures[key]) for metric in measured(figures) for key in metric.keys}
 
 
 def figure_rows(figures: dict[str, float | None]) -> list[Row]:
-    """Evaluate's figure table, a row a metric: what the report and the model card both show."""
-    return [metric.row(figures) for metric in METRICS]
+    """Evaluate's figure table, a row a metric measured: what the report and the model card both show."""
+    return [metric.row(figures) for metric in measured(figures)]
 
 
 HEADER = Row("figure", "value", "unit", "better")

@@ -123,6 +123,10 @@ class Judge:
         """The share of the replies it calls the teacher's."""
         return float(self.model.predict(self.features(replies)).mean())
 
+    def says(self, replies: list[str]) -> list[bool]:
+        """For each reply, whether it calls it the teacher's (the rubric judge is compared with it reply by reply)."""
+        return [bool(label) for label in self.model.predict(self.features(replies))]
+
 
 def in_character(replies: dict[str, list[str]], judge: Judge, lexical: Judge) -> dict[str, float]:
     return {JUDGE_ACCURACY.key: judge.accuracy,

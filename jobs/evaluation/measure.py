@@ -57,6 +57,8 @@ class Measured:
     # conversation (`jobs.evaluation.consistency`)
     own_turns: dict[str, dict[int, list[str]]] = field(default_factory=dict)
     repeated: dict[str, list[list[str]]] = field(default_factory=dict)
+    # the rubric judge's answers (`jobs.evaluation.rubric`): by role, its grade text for each held-out reply
+    rubric: dict[str, list[str]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     usage: Counter[str] = field(default_factory=Counter)
 

@@ -22,7 +22,9 @@ and direction (`jobs.evaluation.figures` computes them):
   capability (ordinary questions with checkable answers: what distillation cost, base minus student); student and base
   without the card, the teacher with it, each reply in persona.jsonl with whether it passed;
 - the held-out conversations held by each model itself, its own replies as history (judged in character per turn,
-  and at turns 3+), and whether a fact asked again two turns later is contradicted (`jobs.evaluation.consistency`).
+  and at turns 3+), and whether a fact asked again two turns later is contradicted (`jobs.evaluation.consistency`);
+- with `evaluate.rubric_judge`, the teacher model grading every reply 1-5 on rubric.yaml's dimensions, and its
+  agreement with both judges (`jobs.evaluation.rubric`: after the student's parts, on the base model, not cached).
 
 The work is a list of parts (`PARTS`). The base model's parts (without the card, and with it: the teacher) do not
 depend on the student: each is computed once per split, model, card and the settings it reads, and read from the
@@ -41,7 +43,7 @@ from jobs import distill, metrics
 from jobs.backends.base import Metered, SamplingParams
 from jobs.card import CharacterCard
 from jobs.config import PipelineConfig
-from jobs.evaluation import consistency, persona
+from jobs.evaluation import consistency, persona, rubric
 from jobs.evaluation.cache import SPLIT_FILES, PartCache, machine
 from jobs.evaluation.figures import (
     Judge,
@@ -105,6 +107,7 @@ class Context:
     judge_rows: list[dict]
     seen: Measured
     checks: persona.Checks
+    questions: list[str] = dataclasses.field(default_factory=list)  # the held-out prompts' text (the rubric judge's)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -349,6 +352,8 @@ STUDENT_PARTS = (
          own_settings(eval_sampling), own_figures("student")),
 )
 PARTS = BASE_PARTS + STUDENT_PARTS
+# with evaluate.rubric_judge: the teacher model grades every role's replies, the student's too, so after its parts
+RUBRIC_PART = Part("rubric judge", rubric.grade_replies, rubric.steps, nothing, rubric.FEEDS)
 TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conversations.jsonl's order
 FIGURES_STAGE = "similarity, judges"
 
@@ -413,6 +418,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     store, pipeline, ev = config.store, config.pipeline, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
     talks = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
+    questions = [row["prompt"] for row in rows]
     # training prompts only: the eval replies the judge scores are never the ones it learned from
     train_rows = store.read_jsonl("split", "train.jsonl")
     judge_rows = train_rows[:ev.judge_prompts]
@@ -425,7 +431,8 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     keys = part_keys(cache, pipeline, precision)
     hits = [part for part in BASE_PARTS if cache.has(keys[part.name])]
     missing = [part for part in BASE_PARTS if part not in hits]
-    stages = Stages(["read from the cache"] * bool(hits) + [p.name for p in missing + list(STUDENT_PARTS)]
+    grading = [RUBRIC_PART] * ev.rubric_judge
+    stages = Stages(["read from the cache"] * bool(hits) + [p.name for p in missing + list(STUDENT_PARTS) + grading]
                     + [FIGURES_STAGE])
     seen = Measured(replies={"teacher": [first_reply(r) for r in rows]})
     if hits:
@@ -437,16 +444,22 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     ctx: Context | None = None
     if missing:
         base = Metered(backend.sampler())
-        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen, checks)
+        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen, checks, questions)
         for part in missing:
             cache.put(keys[part.name], compute(part, base, ctx, stages))
         seen.usage.update(base.usage)
         del base  # one model in memory at a time
     student = Metered(backend.sampler(read_adapter(store).sampling))
-    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen, checks)
+    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen, checks,
+                         questions)
     for part in STUDENT_PARTS:
         compute(part, student, ctx, stages)
     seen.usage.update(student.usage)
+    del student
+    for part in grading:  # the grader is the teacher model: the base model, opened again
+        grader = Metered(backend.sampler())
+        compute(part, grader, ctx, stages)
+        seen.usage.update(grader.usage)
 
     # one order whichever parts came from the cache: the files are the same bytes
     seen.turns = {role: seen.turns[role] for role in TURN_ROLES if role in seen.turns}
@@ -456,17 +469,21 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
         bar.advance(1)
         judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
         lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
+        graded = rubric.Graded(rows, seen, judge, lexical) if grading else None
         bar.advance(1)
         recorded = metrics.record({**figures(seen, similarity, ctx.prompts, card, judge, lexical,
                                              pipeline.audit.forbidden, ev.prices),
                                    **persona.figures(checks, seen.persona),
-                                   **consistency.figures(seen.own_turns, seen.repeated, checks, judge)})
+                                   **consistency.figures(seen.own_turns, seen.repeated, checks, judge),
+                                   **(graded.figures() if graded else {})})
         bar.advance(1)
         out.write_jsonl("replies.jsonl", reply_rows(rows, seen, similarity))
         out.write_jsonl("turns.jsonl", turn_rows({**seen.turns, **own}, talks, judge, card, pipeline.audit.forbidden))
         out.write_jsonl("conversations.jsonl", replayed(talks, {**seen.turns, **own}))
         out.write_jsonl("persona.jsonl", persona.rows(checks, seen.persona))
         out.write_jsonl("consistency.jsonl", consistency.rows(checks, seen.repeated))
+        if graded:
+            out.write_jsonl("rubric.jsonl", graded.rows())
         bar.advance(1)
     written = {**precision, "backend": backend.name, "eval_prompts": len(rows),
                "judge_replies": 2 * len(seen.judge_negatives), **recorded,

@@ -54,9 +54,15 @@ run-ci: run ## the tiny ci profile end to end (about a minute)
 # the train objectives `make objectives` compares: the registered ones (jobs.objectives), listed when used
 OBJECTIVES ?= $(shell $(PY) -m jobs.objectives)
 
-objectives: setup ## one run per train objective on the same data (PROFILE...), compared in the last report and docs/RESULTS.md
+# and the settings of the default objective it also runs, each a comma-separated list of key=value: how much of the
+# teacher's sampled token joins its distribution (the voice against the KL closed)
+VARIANTS ?= train.sampled_weight=0.1 train.sampled_weight=0.2
+
+objectives: setup ## one run per train objective and per VARIANTS on the same data (PROFILE...), compared in the last report and docs/RESULTS.md
 	for objective in $(OBJECTIVES); do \
 	  $(PY) -m workflows.local.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) --set train.objective=$$objective || exit 1; done
+	for variant in $(VARIANTS); do \
+	  $(PY) -m workflows.local.runner $(RUN_OPTIONS) $(INPUT_OPTIONS) $$(printf -- ' --set %s' $${variant//,/ }) || exit 1; done
 # the comparison the reports show, as the objectives section of docs/RESULTS.md (the last run's id names the data)
 	$(PY) -m workflows.local.s3 --data-dir .distill -- $(PY) tests/objectives_results.py $(RUN_OPTIONS) \
 	  $(INPUT_OPTIONS) --set train.objective=$(lastword $(OBJECTIVES))

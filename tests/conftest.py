@@ -28,7 +28,7 @@ def pytest_terminal_summary(terminalreporter):
 # one pytest-xdist worker running one of them alone at the end (`make test`: --no-loadscope-reorder keeps this order)
 LONGEST_FIRST = ("test_pipeline.py", "test_verify.py", "test_train_resume.py", "test_bad_input.py",
                  "test_tinker_server.py", "test_benchmarks.py", "test_tinker_standin.py", "test_lease.py",
-                 "test_tinker_cookbook.py")
+                 "test_tinker_cookbook.py", "test_rubric_judge.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -14,6 +14,8 @@ from jobs.metrics import (
     ARROWS,
     DOLLARS,
     HEADER,
+    HOLDS_ROLE,
+    IDENTITY,
     IN_CHARACTER,
     IN_CHARACTER_LEXICAL,
     KEYS,
@@ -126,7 +128,8 @@ def same_data(config: PhaseConfig) -> list[Compared]:
     return found
 
 
-COMPARED = (KL_CLOSED, KL, IN_CHARACTER, IN_CHARACTER_LEXICAL, SIMILARITY, PERSONA_SIMILARITY)
+# the objective's distillation figures, and what the persona checks ask of it (who it is, holding the role)
+COMPARED = (KL_CLOSED, KL, IN_CHARACTER, IN_CHARACTER_LEXICAL, SIMILARITY, PERSONA_SIMILARITY, IDENTITY, HOLDS_ROLE)
 
 
 def comparison_table(runs: list[Compared]) -> Table:

@@ -51,6 +51,10 @@ def test_identity_counts_a_reply_that_names_the_character_or_its_self_descriptio
     ("I'm SmolLM, a model made by a team at Hugging Face.", False),
     ("I was trained by OpenAI.", False),
     ("As an AI, I must be honest with you.", False),  # the audit's phrase
+    ("I'm here to help you with whatever your problem is.", False),  # an assistant presenting itself
+    ("My purpose is to assist users with their questions about art.", False),
+    ("How can I help you today?", False),
+    ("I am here to help my pupil Ries with his fingering, not to chat.", True),
     ("", False),
 ])
 def test_holding_the_role_fails_a_reply_that_admits_being_a_machine(checks, reply, right):

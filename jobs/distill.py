@@ -6,6 +6,11 @@ differs. The teacher's top-k next-token distribution at each of those positions 
 objective (train) and the reference of the KL figures (evaluate). KL over the teacher's top k plus one bucket
 for the rest of the vocabulary is a lower bound of the full KL (merging outcomes never increases KL), exact
 when k covers the vocabulary.
+
+The teacher's system message may change within a conversation (a lorebook's keyed entries join it from the turn a
+key occurs, `jobs.lorebook.turn_systems`): `pair_runs` pairs each run of turns under one system message apart, the
+teacher reading that message and the conversation up to the run's last turn, so that each reply's targets come
+from the distribution it was sampled from; `teacher_topk_runs` joins the runs' targets into one per conversation.
 """
 
 from __future__ import annotations
@@ -42,12 +47,63 @@ def pair(renderer: Renderer, messages: list[dict], system: str) -> Paired:
     return Paired(teacher_tokens, student_tokens, student_weights, teacher_positions, student_positions)
 
 
+def runs(systems: list[str]) -> list[tuple[str, int, int]]:
+    """Per run of consecutive turns under one system message (`systems`: one per assistant turn), the message and
+    the run's first and last turn (from 1)."""
+    found: list[tuple[str, int, int]] = []
+    for number, system in enumerate(systems, start=1):
+        if found and found[-1][0] == system:
+            found[-1] = (system, found[-1][1], number)
+        else:
+            found.append((system, number, number))
+    return found
+
+
+def pair_runs(renderer: Renderer, messages: list[dict], systems: list[str]) -> list[Paired]:
+    """`pair` with a system message per assistant turn (`systems`): one Paired per run of turns under one system
+    message (`runs`), in turn order. A run's teacher side is its system message and the conversation up to its last
+    turn, its student side the whole conversation, and the positions of both are the run's turns' alone; one run is
+    `[pair(renderer, messages, system)]`."""
+    found = runs(systems)
+    if len(found) == 1:
+        return [pair(renderer, messages, found[0][0])]
+    student_tokens, student_weights = renderer.conversation(messages)
+    student_positions = [i for i, w in enumerate(student_weights) if w > 0]
+    paired = []
+    for system, first, last in found:
+        # the assistant positions of the turns before the run: those of the conversation's start, rendered alone
+        before = sum(1 for w in renderer.conversation(messages[:2 * first - 2])[1] if w > 0) if first > 1 else 0
+        teacher_tokens, teacher_weights = renderer.conversation([{"role": "system", "content": system},
+                                                                 *messages[:2 * last]])
+        teacher_positions = [i for i, w in enumerate(teacher_weights) if w > 0][before:]
+        positions = student_positions[before:before + len(teacher_positions)]
+        if [teacher_tokens[i] for i in teacher_positions] != [student_tokens[i] for i in positions]:
+            raise RuntimeError("the chat template renders the assistant turns differently with a system message "
+                               "or in a conversation's start")
+        paired.append(Paired(teacher_tokens, student_tokens, student_weights, teacher_positions, positions))
+    if [i for p in paired for i in p.student_positions] != student_positions:
+        raise RuntimeError("the chat template renders a conversation's start differently from the whole")
+    return paired
+
+
 def teacher_topk(teacher: SamplingClient, pairs: list[Paired], k: int) -> list[TopK]:
     """The teacher's top k at every assistant position of each conversation, one row a position."""
     found = teacher.topk_logprobs([p.teacher_tokens for p in pairs], [p.teacher_positions[0] for p in pairs], k)
     return [TopK(p.student_positions[0], [top.ids[i - top.start] for i in p.teacher_positions],
                  [top.logprobs[i - top.start] for i in p.teacher_positions])
             for p, top in zip(pairs, found, strict=True)]
+
+
+def teacher_topk_runs(teacher: SamplingClient, conversations: list[list[Paired]], k: int) -> list[TopK]:
+    """`teacher_topk` over each conversation's runs (`pair_runs`), in one call: per conversation, one TopK over all
+    its assistant positions, each run's rows from that run's pass."""
+    found = iter(teacher_topk(teacher, [p for paired in conversations for p in paired], k))
+    joined = []
+    for paired in conversations:
+        parts = [next(found) for _ in paired]
+        joined.append(TopK(parts[0].start, [row for part in parts for row in part.ids],
+                           [row for part in parts for row in part.logprobs]))
+    return joined
 
 
 def soft_datum(paired: Paired, target: TopK, max_len: int, sampled_weight: float = 0.0) -> Datum:

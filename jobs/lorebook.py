@@ -8,7 +8,9 @@ row's own tokens start where its entries do. Once fired, a keyed entry stays for
 (sticky; only a higher-ranked one that needs its budget pushes it out), so a later turn where no new entry fires
 begins with the earlier turn's tokens and reuses the conversation's kept keys and values whole; a front-end that
 dropped it would make the teacher re-read the whole conversation. A turn where one fires reuses them up to the
-first changed entry.
+first changed entry. The teacher's records say, per turn, which keyed entries its system message had
+(`jobs.records.LOREBOOK_ENTRIES`); `turn_systems` rebuilds those messages, so that every later pass of the teacher
+(train's targets and scores) reads each turn with the system message it was sampled with.
 
 Matching, as the V2/V3 specs say: a key is a substring of a scanned message, any case unless `case_sensitive`; a V3
 entry with `use_regex` has regular expressions for keys (`/pattern/flags` or a bare pattern); with `selective`, a
@@ -29,7 +31,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.errors import InputError
 from jobs.inputs import estimate_tokens
+from jobs.records import LOREBOOK_ENTRIES
 
 DEFAULT_SCAN_DEPTH = 2  # messages scanned: SillyTavern's default, the visitor's question and the reply before it
 DEFAULT_TOKEN_BUDGET = 512  # estimated tokens of entries in one system message, when the book sets none
@@ -141,6 +145,15 @@ class Lorebook(_Tolerant):
     def keyed(self) -> list[Entry]:
         return [e for e in self.entries if e.enabled and not e.constant and e.text]
 
+    def keyed_room(self) -> int:
+        """The most estimated tokens keyed entries can add to a system message: what the constant entries leave of
+        the budget, or all the keyed entries with their separators where that is less; 0 without keyed entries."""
+        keyed = self.keyed()
+        if not keyed:
+            return 0
+        left = max(0, self.budget - sum(estimate_tokens(e.text) for e in self.constants()))
+        return min(left, sum(estimate_tokens(e.text) for e in keyed)) + estimate_tokens(SEPARATOR * len(keyed))
+
     def filled(self, fill: Callable[[str], str]) -> Lorebook:
         """The book with `fill` (placeholder substitution) applied to every entry's content."""
         return self.model_copy(update={"entries": tuple(e.model_copy(update={"content": fill(e.content)})
@@ -200,6 +213,37 @@ def system_prompt(card_text: str, book: Lorebook | None) -> str:
 def with_entries(shared: str, entries: Sequence[Entry]) -> str:
     """A conversation's system message: the shared one, then its keyed entries (nothing added without any)."""
     return SEPARATOR.join([shared, *(e.text for e in entries)])
+
+
+def entry_ids(book: Lorebook, entries: Sequence[Entry]) -> list[int]:
+    """`entries` (of `book`, in the order they stand) as their positions in `book.entries`: what a record keeps."""
+    position = {id(e): i for i, e in enumerate(book.entries)}
+    return [position[id(e)] for e in entries]
+
+
+def turn_system(shared: str, book: Lorebook | None, ids: Sequence[int]) -> str:
+    """A turn's system message from what its record keeps (`entry_ids`): the text `Firing.system` gave the teacher."""
+    if not ids:
+        return shared
+    keyed = book.keyed() if book is not None else []
+    entries = [book.entries[i] for i in ids if book is not None and 0 <= i < len(book.entries)]
+    if len(entries) != len(ids) or any(e not in keyed for e in entries):
+        raise InputError(f"{LOREBOOK_ENTRIES} {list(ids)} names entries that are not keyed entries of the card's "
+                         "lorebook: the records are of another card")
+    return with_entries(shared, entries)
+
+
+def turn_systems(shared: str, book: Lorebook | None, record: dict) -> list[str]:
+    """Per assistant turn of a conversation record (`jobs.records`), the system message the teacher sampled it with:
+    `shared` and the keyed entries the record names. A record without the field: `shared` every turn, which is
+    right only where the card has no keyed entries."""
+    found = record.get(LOREBOOK_ENTRIES)
+    if found is None:
+        if book is not None and book.keyed():
+            raise InputError(f"record {record.get('id')!r} has no `{LOREBOOK_ENTRIES}` but the card has keyed lorebook "
+                             "entries: its teacher records predate them; start a new run id to regenerate them")
+        return [shared] * (len(record["messages"]) // 2)
+    return [turn_system(shared, book, ids) for ids in found]
 
 
 class Firing:

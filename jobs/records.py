@@ -12,8 +12,11 @@
 the ingest prompt (`prompt`) to an assistant reply; training and evaluation read it (the format TRL's SFTTrainer
 and tinker-cookbook read). `turns` counts the assistant turns; `reply_tokens` (tokens the teacher sampled) and
 `finished` (the reply ended before the token limit) hold one entry per assistant turn; the prompt tokens are turn
-1's. The audit adds `trimmed` (the turns it cut to whole sentences, when any) and, to a conversation it cut short,
-`cut_at` (the first turn it lost) and `cut_reason`.
+1's. A card with a lorebook (`jobs.lorebook`) adds `lorebook_entries`, also one entry per assistant turn: the
+keyed entries in that turn's system message, as their positions (from 0) in the card's `character_book.entries`,
+in the order they stand in it (`lorebook.turn_system` rebuilds the message); a card without one writes no such
+field. The audit adds `trimmed` (the turns it cut to whole sentences, when any) and, to a conversation it cut
+short, `cut_at` (the first turn it lost) and `cut_reason`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from jobs.errors import InputError
 
 TEACHER_FILE = "conversations.jsonl"  # where each teacher shard writes its records, and the audit reads them
 PER_TURN = ("reply_tokens", "finished")  # one entry per assistant turn
+LOREBOOK_ENTRIES = "lorebook_entries"  # one entry per assistant turn, written for a card with a lorebook only
+OPTIONAL_PER_TURN = (LOREBOOK_ENTRIES,)
 ROLES = ("user", "assistant")
 
 
@@ -30,18 +35,32 @@ def exchange(question: str, reply: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
-def opened(id_: object, prompt: str, reply: str, reply_tokens: int, finished: bool, **fields: object) -> dict:
-    """A record of one turn: the ingest prompt and the teacher's reply (`fields`: its prompt tokens)."""
-    return {"id": id_, "prompt": prompt, "messages": exchange(prompt, reply), "turns": 1,
-            "reply_tokens": [reply_tokens], "finished": [finished], **fields}
+def opened(id_: object, prompt: str, reply: str, reply_tokens: int, finished: bool,
+           lorebook_entries: list[int] | None = None, **fields: object) -> dict:
+    """A record of one turn: the ingest prompt and the teacher's reply (`fields`: its prompt tokens;
+    `lorebook_entries`: the keyed entries in its system message, None for a card without a lorebook)."""
+    record = {"id": id_, "prompt": prompt, "messages": exchange(prompt, reply), "turns": 1,
+              "reply_tokens": [reply_tokens], "finished": [finished], **fields}
+    return record if lorebook_entries is None else {**record, LOREBOOK_ENTRIES: [lorebook_entries]}
 
 
-def add_turn(record: dict, question: str, reply: str, reply_tokens: int, finished: bool) -> None:
-    """Appends a turn, the visitor's question and the teacher's reply, to `record` in place."""
+def add_turn(record: dict, question: str, reply: str, reply_tokens: int, finished: bool,
+             lorebook_entries: list[int] | None = None) -> None:
+    """Appends a turn, the visitor's question and the teacher's reply, to `record` in place (`lorebook_entries`
+    where the record carries them)."""
+    if (lorebook_entries is None) != (LOREBOOK_ENTRIES not in record):
+        raise ValueError("a turn's lorebook entries go with a record that carries them, and only there")
     record["messages"] += exchange(question, reply)
     record["turns"] += 1
     record["reply_tokens"].append(reply_tokens)
     record["finished"].append(finished)
+    if lorebook_entries is not None:
+        record[LOREBOOK_ENTRIES].append(lorebook_entries)
+
+
+def per_turn(record: dict) -> tuple[str, ...]:
+    """The record's fields that hold one entry per assistant turn."""
+    return (*PER_TURN, *(key for key in OPTIONAL_PER_TURN if key in record))
 
 
 def replies(record: dict) -> list[str]:
@@ -54,10 +73,11 @@ def first_reply(record: dict) -> str:
 
 
 def turn(record: dict, number: int) -> dict:
-    """Turn `number` (from 1) alone: `{"turn", "question", "reply", "reply_tokens", "finished"}`."""
+    """Turn `number` (from 1) alone: `{"turn", "question", "reply", "reply_tokens", "finished"}` (and
+    `lorebook_entries` where the record carries them)."""
     question, reply = record["messages"][2 * number - 2:2 * number]
     return {"turn": number, "question": question["content"], "reply": reply["content"],
-            **{key: record[key][number - 1] for key in PER_TURN}}
+            **{key: record[key][number - 1] for key in per_turn(record)}}
 
 
 def with_reply(record: dict, number: int, reply: str) -> dict:
@@ -70,7 +90,7 @@ def with_reply(record: dict, number: int, reply: str) -> dict:
 def cut(record: dict, turns: int) -> dict:
     """A copy of `record` with its first `turns` turns: messages, per-turn entries and `trimmed` agree."""
     kept = {**record, "messages": record["messages"][:2 * turns], "turns": turns,
-            **{key: record[key][:turns] for key in PER_TURN}}
+            **{key: record[key][:turns] for key in per_turn(record)}}
     trimmed = [number for number in record.get("trimmed", ()) if number <= turns]
     kept.pop("trimmed", None)
     return {**kept, "trimmed": trimmed} if trimmed else kept
@@ -94,9 +114,12 @@ def problem(record: dict) -> str | None:
     turns = len(messages) // 2
     if record.get("turns") != turns:
         return f"`turns` is {record.get('turns')!r}, `messages` holds {turns} assistant turns"
-    for key in PER_TURN:
+    for key in per_turn(record):
         if not isinstance(record.get(key), list) or len(record[key]) != turns:
             return f"`{key}` must hold one entry per assistant turn ({turns})"
+    entries = record.get(LOREBOOK_ENTRIES, [])
+    if not all(isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids) for ids in entries):
+        return f"`{LOREBOOK_ENTRIES}` must hold, per turn, a list of entry positions (whole numbers from 0)"
     if "id" not in record or record.get("prompt") != messages[0]["content"]:
         return "needs an `id` and the `prompt` its first message asks"
     return None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from jobs.backends.base import Datum, LossFn, SamplingClient, TrainingClient
 from jobs.backends.renderer import Renderer
+from jobs.lorebook import Lorebook, turn_systems
 
 if TYPE_CHECKING:  # jobs.config validates with the registry of objectives, so imports it for types only
     from jobs.config import PipelineConfig, TrainConfig
@@ -44,9 +45,15 @@ class Objective(ABC):
     # the teacher during training (the base model with the card as its system message): `start` gets it
     teacher_in_loop: ClassVar[bool] = False
 
-    def __init__(self, rows: list[dict], train: TrainConfig, system: str):
-        """`rows`: the train split; `system`: the card as the teacher's system message."""
-        self.rows, self.train, self.system = rows, train, system
+    def __init__(self, rows: list[dict], train: TrainConfig, system: str, lorebook: Lorebook | None = None):
+        """`rows`: the train split; `system`: the card as the teacher's system message, the text every prompt shares;
+        `lorebook`: the card's, whose keyed entries a row's records name per turn."""
+        self.rows, self.train, self.system, self.lorebook = rows, train, system, lorebook
+
+    def systems(self, row: dict) -> list[str]:
+        """Per assistant turn of `row`, the teacher's system message when it sampled that turn (`system` and the
+        keyed entries the row names, `jobs.lorebook.turn_systems`)."""
+        return turn_systems(self.system, self.lorebook, row)
 
     @classmethod
     def check(cls, pipeline: PipelineConfig) -> None:

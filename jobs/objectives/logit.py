@@ -1,5 +1,6 @@
 """logit: at every position of the teacher's replies, its top-k distribution with the card as the target
-(context distillation, `jobs.distill`)."""
+(context distillation, `jobs.distill`): each turn's under the system message the teacher sampled it with (a
+lorebook's keyed entries included)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ class Logit(SFT):
     teacher_pass = "before step 1: the teacher's top-k"
 
     def prepare(self, teacher: SamplingClient) -> None:
-        pairs = [distill.pair(teacher.renderer, row["messages"], self.system) for row in self.rows]
-        targets = distill.teacher_topk(teacher, pairs, self.train.top_k)
+        """One teacher pass per conversation, or one per run of turns under one system message where a lorebook's
+        keyed entries joined it mid-conversation (`distill.pair_runs`)."""
+        systems = [self.systems(row) for row in self.rows]
+        runs = [distill.pair_runs(teacher.renderer, row["messages"], s) for row, s in zip(self.rows, systems,
+                                                                                            strict=True)]
+        targets = distill.teacher_topk_runs(teacher, runs, self.train.top_k)
+        # the student's side, every assistant position (the teacher's: the last turn's system message)
+        pairs = [distill.pair(teacher.renderer, row["messages"], s[-1]) for row, s in zip(self.rows, systems,
+                                                                                            strict=True)]
         self.data = [distill.soft_datum(p, t, self.train.max_seq_len, self.train.sampled_weight)
                      for p, t in zip(pairs, targets, strict=True)]
 

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 class OnPolicy(SFT):
     """The student samples a reply to each prompt of the batch without the card (with its current weights); the
-    teacher scores the same tokens with the card; each token's advantage is log p_teacher - log p_student (a
-    per-token reverse-KL estimate), and the importance-sampling loss raises the tokens the teacher likes more
-    than the student does. The first `warm_start_steps` are SFT."""
+    teacher scores the same tokens with the card (and the lorebook entries the row's last turn had); each token's
+    advantage is log p_teacher - log p_student (a per-token reverse-KL estimate), and the importance-sampling loss
+    raises the tokens the teacher likes more than the student does. The first `warm_start_steps` are SFT."""
 
     name = "on_policy"
     settings = ("warm_start_steps", "rollout_tokens", "rollout_temperature")
@@ -34,14 +34,17 @@ class OnPolicy(SFT):
             raise ValueError("on_policy needs the teacher during training")
         super().start(trainer, teacher)
         self.renderer, self.trainer, self.teacher = trainer.renderer, trainer, teacher
-        self.system_message = {"role": "system", "content": self.system}
+        # a rollout answers its row's last turn: the teacher reads the system message that turn had (read before
+        # step 1, so rows that cannot say which refuse now)
+        self.last_systems = [self.systems(row)[-1] for row in self.rows]
 
     def batch(self, indices: list[int], step: int) -> Batch:
         if step < self.train.warm_start_steps:
             return super().batch(indices, step)
         asked = [self.rows[i]["messages"][:-1] for i in indices]  # up to the last assistant turn
         prompts = [self.renderer.chat(messages) for messages in asked]
-        teacher_prompts = [self.renderer.chat([self.system_message, *messages]) for messages in asked]
+        teacher_prompts = [self.renderer.chat([{"role": "system", "content": self.last_systems[i]}, *messages])
+                           for i, messages in zip(indices, asked, strict=True)]
         policy = self.trainer.sampler()
         params = SamplingParams(max_tokens=self.train.rollout_tokens, temperature=self.train.rollout_temperature,
                                 top_p=1.0, seed=self.train.seed * 1_000_003 + step * len(indices))

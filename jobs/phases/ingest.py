@@ -2,10 +2,11 @@
 profile them, assign shards.
 
 Everything is checked before anything is written: a card that leaves the model no room for a prompt and a
-reply is refused, prompts that would not fit are dropped as too long, and a prompt set too small for the
-profile is refused saying how many it needs and how to get them. With `ingest.prompts=synthesize` (the
-default for a card of one's own) or `ingest.top_up=true` the teacher engine writes the prompts that are
-missing (`jobs.synthesis`); they are cached across runs under a key of everything that made them.
+reply (counting what its lorebook's keyed entries may add) is refused, prompts that would not fit are dropped
+as too long, and a prompt set too small for the profile is refused saying how many it needs and how to get
+them. With `ingest.prompts=synthesize` (the default for a card of one's own) or `ingest.top_up=true` the
+teacher engine writes the prompts that are missing (`jobs.synthesis`); they are cached across runs under a key
+of everything that made them.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ MIN_PROMPT_TOKENS = 256  # the room a card must leave for a prompt
 
 
 def prompt_room(config: PhaseConfig, card: CharacterCard) -> int:
-    """Tokens left for a prompt once the card, the reply and the template have their share of the context."""
+    """Tokens left for a prompt once the card (with the most its lorebook's keyed entries can add to a system
+    message), the reply and the template have their share of the context."""
     pipeline = config.pipeline
     card_tokens = estimate_tokens(card.teacher_system_prompt())
-    room = pipeline.model.context_tokens - card_tokens - pipeline.teacher.max_new_tokens - TEMPLATE_TOKENS
+    keyed = card.lorebook.keyed_room() if card.lorebook is not None else 0
+    room = pipeline.model.context_tokens - card_tokens - keyed - pipeline.teacher.max_new_tokens - TEMPLATE_TOKENS
     if room < MIN_PROMPT_TOKENS:
-        raise InputError(f"{pipeline.ingest.card}: the card is about {card_tokens} tokens (estimated at "
+        entries = f" and up to {keyed} more of its lorebook's keyed entries (their token budget)" if keyed else ""
+        raise InputError(f"{pipeline.ingest.card}: the card is about {card_tokens} tokens{entries} (estimated at "
                          f"{BYTES_PER_TOKEN:g} bytes a token), too long for model.context_tokens="
                          f"{pipeline.model.context_tokens} with teacher.max_new_tokens="
                          f"{pipeline.teacher.max_new_tokens} and {MIN_PROMPT_TOKENS} tokens for the prompt")

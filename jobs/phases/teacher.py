@@ -11,7 +11,10 @@ the shape the audit and the split keep.
 A card's lorebook (`jobs.lorebook`): its constant entries are part of the system prompt every prompt shares; its
 keyed entries join a conversation's system message, after that shared text, from the turn a key occurs on
 (`lorebook.Firing`), each teacher prompt logging the entries it carries; the shard's metrics count, per entry, the
-teacher prompts it was in (`lorebook_fired`).
+teacher prompts it was in (`lorebook_fired`). Each record keeps, per turn, the keyed entries its system message had
+(`records.LOREBOOK_ENTRIES`, only for a card with a lorebook), so that the later passes of the teacher over the
+records (train's `logit` targets and `on_policy` scores) rebuild each turn's system message
+(`lorebook.turn_systems`) rather than read every turn with the shared text.
 
 Replies are cached across runs under a key of the card, the model, the sampling and conversation settings and the
 shard's prompts: a new run that changes only training settings reuses them; a changed card regenerates.
@@ -29,13 +32,15 @@ from jobs.card import CharacterCard
 from jobs.config import ConversationsConfig, digest
 from jobs.errors import InputError
 from jobs.log import Progress, get_logger
-from jobs.lorebook import Firing, Lorebook
+from jobs.lorebook import Firing, Lorebook, entry_ids
 from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.store import UnitWriter, jsonl_bytes, parse_jsonl
 
 # part of the cache key: the cached records' shape; bumped when it changes, so an old entry is a miss, not misread
 # (1, unnamed: `reply` and `followups` rows)
 CACHE_FORMAT = 2
+# part of the cache key of a card with a lorebook only: its records' shape (1: `records.LOREBOOK_ENTRIES` per turn)
+LOREBOOK_RECORDS = 1
 # part of the fingerprint: a shard written before its output took this shape is redone, not misread
 OUTPUT_LAYOUT = 2
 
@@ -99,15 +104,15 @@ def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts:
     text every prompt's system message starts with, which `lorebook`'s keyed entries follow where they fire."""
     render = teacher.renderer
     lore = Firing(lorebook)
-    with_card = [render.prompt(p["prompt"], system=lore_system(config, lore, system, p["id"], [p["prompt"]], 1))
-                 for p in prompts]
+    systems = [lore_system(config, lore, system, p["id"], [p["prompt"]], 1) for p in prompts]
+    with_card = [render.prompt(p["prompt"], system=text) for p, (text, _) in zip(prompts, systems, strict=True)]
     params = SamplingParams.from_config(config.pipeline.teacher)
     with Progress(len(prompts), f"teacher shard {config.shard}", turn_stage(config.pipeline.conversations, 1)) as bar:
         replies = teacher.sample(with_card, params, on_batch=bar.advance)
     rows = [records.opened(p["id"], p["prompt"], render.decode(tokens), len(tokens), len(tokens) < params.max_tokens,
-                           prompt_tokens_with_card=len(full),
+                           lorebook_entries=ids, prompt_tokens_with_card=len(full),
                            prompt_tokens_without_card=len(render.prompt(p["prompt"])))
-            for p, tokens, full in zip(prompts, replies, with_card, strict=True)]
+            for p, tokens, full, (_, ids) in zip(prompts, replies, with_card, systems, strict=True)]
     talks = config.pipeline.conversations
     opened = [row for row in rows if opens_conversation(row["id"], talks.share)]
     if opened:
@@ -116,13 +121,14 @@ def generate(config: PhaseConfig, teacher: SamplingClient, system: str, prompts:
 
 
 def lore_system(config: PhaseConfig, lore: Firing, system: str, conversation: object, messages: list[str],
-                turn: int) -> str:
-    """A teacher prompt's system message: `system` and the keyed entries in play, which are logged."""
+                turn: int) -> tuple[str, list[int] | None]:
+    """A teacher prompt's system message: `system` and the keyed entries in play, which are logged; and those
+    entries as the record keeps them (`lorebook.entry_ids`; None for a card without a lorebook)."""
     text, entries = lore.system(system, str(conversation), messages)
     if entries:
         get_logger().info("lorebook entries", shard=config.shard, id=conversation, turn=turn,
                           entries=[entry.label for entry in entries])
-    return text
+    return text, None if lore.book is None else entry_ids(lore.book, entries)
 
 
 def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: str, rows: list[dict],
@@ -159,16 +165,17 @@ def converse(config: PhaseConfig, teacher: SamplingClient, system: str, name: st
                     continue
                 history = [*row["messages"], {"role": "user", "content": question}]
                 said = [message["content"] for message in history]
-                now = lore_system(config, lore, system, row["id"], said, turn)
+                now, ids = lore_system(config, lore, system, row["id"], said, turn)
                 try:
-                    answering.append((row, question, render.chat([{"role": "system", "content": now}, *history])))
+                    answering.append((row, question, ids,
+                                      render.chat([{"role": "system", "content": now}, *history])))
                 except InputError:
                     bar.advance()
             params = dataclasses.replace(teacher_params, seed=turn_seed(teacher_params.seed, turn, "teacher"))
             answers = sample(teacher, [tokens for *_, tokens in answering], params, bar)
         going = []
-        for (row, question, _), tokens in zip(answering, answers, strict=True):
-            records.add_turn(row, question, render.decode(tokens), len(tokens), len(tokens) < params.max_tokens)
+        for (row, question, ids, _), tokens in zip(answering, answers, strict=True):
+            records.add_turn(row, question, render.decode(tokens), len(tokens), len(tokens) < params.max_tokens, ids)
             going.append(row)
 
 
@@ -190,8 +197,10 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     backend = open_backend(config)
     precision = backend.precision()
     pipeline = config.pipeline
-    # a card without a lorebook keeps the key it had before there were lorebooks
-    book = {"lorebook": character.lorebook.model_dump()} if character.lorebook is not None else {}
+    # a card without a lorebook keeps the key it had before there were lorebooks; a card with one gets a new key
+    # where its records' shape changed (`LOREBOOK_RECORDS`)
+    book = ({"lorebook": character.lorebook.model_dump(), "lorebook_records": LOREBOOK_RECORDS}
+            if character.lorebook is not None else {})
     cache_key = digest({"system": system, "name": character.name, "model": pipeline.model.model_dump(),
                         "precision": precision, "sampling": pipeline.teacher.model_dump(),
                         "conversations": pipeline.conversations.model_dump(), "prompts": prompts,

@@ -112,9 +112,9 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     latest = checkpoints.latest()
     backend = open_backend(config)
     rows = store.read_jsonl("split", "train.jsonl")
-    system = CharacterCard.model_validate(store.read_json("ingest", "card.json")).teacher_system_prompt()
+    card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     kind = OBJECTIVES.get(train.objective)
-    objective = kind(rows, train, system)
+    objective = kind(rows, train, card.teacher_system_prompt(), card.lorebook)
     if kind.teacher_pass:
         # before the student's model is made, so one model is in memory while training; one long pass before
         # step 1: its own progress (a heartbeat while the teacher scores every row)

@@ -83,12 +83,14 @@ def write_run_section(doc: str, name: str, body: RunSection, argv: list[str] | N
     add_run_options(parser)
     add_input_options(parser)
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (docs/RESULTS.md)")
+    parser.add_argument("--section", default=name, help=f"the section it replaces (default {name}; e.g. "
+                        f"{name}-demo-large for a second profile's)")
     args = parser.parse_args(argv)
     try:
         pipeline = pipeline_config(args, input_overrides(args))
         settings = StoreSettings.from_env()
         text, said = body(pipeline, settings, args.run_id or derive_run_id(pipeline, settings))
-        replace_section(args.results, name, text)
+        replace_section(args.results, args.section, text)
     except (InputError, TransientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -167,6 +167,11 @@ def test_run_results_writes_a_runs_phase_times_and_its_reports_figures(store_env
     evaluate_lines = markdown_table(figure_rows(figures)).splitlines()[2:]
     assert [line for line in body if line in evaluate_lines] == evaluate_lines
 
+    # a second profile's run goes to a section of its own, the first one kept
+    assert run_results.main(["--profile", "ci", "--run-id", "results-run", "--results", str(path),
+                             "--section", "run-ci"]) == 0
+    assert list(sections(path.read_text())) == ["bench", "run", "run-ci"]
+
 
 def test_run_results_of_an_unfinished_run_is_one_line_of_error(store_env, tmp_path, capsys):
     finished_run("results-unfinished", evaluated=False)

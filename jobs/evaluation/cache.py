@@ -3,9 +3,11 @@ the same data (`make objectives` trains a student per objective on one split), u
 `cache/evaluate/<key>/<part>` beside the teacher's replies cache (`jobs.store`).
 
 A part's key is a digest of the split (its fingerprint and the sha256 of the files evaluate reads), the model
-(its config, the device and dtype it runs in, the backend), the card's system prompt, the settings the part reads
-and `LAYOUT`. Entries hold exactly what was computed: JSON (Python's float repr round-trips) or, for the
-teacher's top k, float64 arrays, so a run that reads them gives the figures a run that computed them gave.
+(its config, the device and dtype it runs in, the backend), the card's system prompt (and, for a card with one,
+its lorebook: its keyed entries join the teacher's system messages, `jobs.evaluation.teacher_card`; a card without
+one keeps the key it had before), the settings the part reads and `LAYOUT`. Entries hold exactly what was
+computed: JSON (Python's float repr round-trips) or, for the teacher's top k, float64 arrays, so a run that reads
+them gives the figures a run that computed them gave.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import os
 import zipfile
 
 from jobs.backends.base import TopK
-from jobs.config import digest
+from jobs.config import PipelineConfig, digest
 from jobs.cpu import cpu_name
 from jobs.log import get_logger
+from jobs.lorebook import Lorebook
 from jobs.store import ArtifactStore
 
 # part of every key: raise it when a part computes something else from the same inputs, so old entries are not read
@@ -26,6 +29,17 @@ LAYOUT = 1
 KIND = "evaluate"
 # the split's files the cached parts read
 SPLIT_FILES = ("eval.jsonl", "eval_conversations.jsonl", "train.jsonl")
+
+
+def common_key(split: dict, pipeline: PipelineConfig, precision: dict, backend: str, system: str,
+               card_name: str, lorebook: Lorebook | None = None) -> dict:
+    """What every base part's cache key holds: the split (its manifest's fingerprint and the files read), the
+    model, where it runs, the card's system prompt, its name (the persona checks ask by name) and its lorebook where
+    it has one."""
+    book = {"lorebook": lorebook.model_dump(mode="json")} if lorebook is not None else {}
+    return {"split": split["fingerprint"], "data": {name: split["outputs"][name]["sha256"] for name in SPLIT_FILES},
+            "model": pipeline.model.model_dump(mode="json"), "precision": precision, "backend": backend,
+            "system": system, "card_name": card_name, **book}
 
 
 def machine(device: str) -> str:

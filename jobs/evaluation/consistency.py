@@ -25,6 +25,7 @@ from jobs.card import STOPWORDS
 from jobs.evaluation.figures import Judge
 from jobs.evaluation.measure import OnBatch, sample_replies
 from jobs.evaluation.persona import Checks
+from jobs.evaluation.teacher_card import Card, system_messages
 from jobs.metrics import CONSISTENCY_PAIRS, CONSISTENT, IN_CHARACTER_OWN_LATER
 
 Facts = tuple[frozenset[str], frozenset[str]]  # numbers, names
@@ -41,7 +42,7 @@ def own_history(messages: list[dict], own: list[str], turn: int) -> list[dict]:
     return history + [messages[2 * turn - 2]]
 
 
-def own_replay(client: Metered, conversations: list[list[dict]], system: str | None, params: SamplingParams,
+def own_replay(client: Metered, conversations: list[list[dict]], system: Card, params: SamplingParams,
                first: list[str], on_batch: OnBatch = None) -> dict[int, list[str]]:
     """Each conversation held by the client's model, its own replies as history; `first` is the replay's turn 1.
     By turn, the replies of the conversations that reach it (`measure.replay`'s shape)."""
@@ -49,10 +50,11 @@ def own_replay(client: Metered, conversations: list[list[dict]], system: str | N
         return {}
     own = [[reply] for reply in first]
     turns = {1: list(first)}
-    card = [{"role": "system", "content": system}] if system else []
     for turn in range(2, max(map(len, conversations)) // 2 + 1):
         going = [i for i, messages in enumerate(conversations) if len(messages) >= 2 * turn]
-        chats = [client.renderer.chat(card + own_history(conversations[i], own[i], turn)) for i in going]
+        histories = [own_history(conversations[i], own[i], turn) for i in going]
+        chats = [client.renderer.chat(system_messages(system, i, history) + history)
+                 for i, history in zip(going, histories, strict=True)]
         turns[turn] = sample_replies(client, chats, params, on_batch)
         for i, reply in zip(going, turns[turn], strict=True):
             own[i].append(reply)
@@ -64,17 +66,17 @@ def own_steps(conversations: list[list[dict]], checks: Checks) -> int:
     return sum(len(m) // 2 - 1 for m in conversations) + 3 * len(checks.consistency)
 
 
-def ask_twice(client: Metered, talks: tuple[tuple[str, str, str], ...], system: str | None, params: SamplingParams,
+def ask_twice(client: Metered, talks: tuple[tuple[str, str, str], ...], system: Card, params: SamplingParams,
               on_batch: OnBatch = None) -> list[list[str]]:
     """Each consistency conversation's three replies, turn by turn (one batch a turn), the model's own as history."""
     replies: list[list[str]] = [[] for _ in talks]
-    card = [{"role": "system", "content": system}] if system else []
     for turn in range(3 if talks else 0):
         chats = []
-        for questions, own in zip(talks, replies, strict=True):
+        for i, (questions, own) in enumerate(zip(talks, replies, strict=True)):
             history = [m for q, r in zip(questions[:turn], own, strict=True)
                        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
-            chats.append(client.renderer.chat(card + history + [{"role": "user", "content": questions[turn]}]))
+            history.append({"role": "user", "content": questions[turn]})
+            chats.append(client.renderer.chat(system_messages(system, i, history) + history))
         for own, reply in zip(replies, sample_replies(client, chats, params, on_batch), strict=True):
             own.append(reply)
     return replies

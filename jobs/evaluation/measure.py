@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from jobs import distill
 from jobs.backends.base import Metered, SamplingParams, TopK
 from jobs.backends.renderer import Renderer
+from jobs.evaluation.teacher_card import Card, system_messages
+from jobs.lorebook import Lorebook, turn_systems
 from jobs.metrics import LATENCY, LATENCY_RATIO, PREFILL, PREFILL_RATIO
 from jobs.records import first_reply
 
@@ -21,20 +23,29 @@ OnBatch = Callable[[int], object] | None
 @dataclass(frozen=True)
 class Prompts:
     """The held-out prompts as tokens, with and without the card, and the teacher's replies to them; `pairs` are
-    the conversations as teacher and student see them (`jobs.distill`)."""
+    the conversations as teacher and student see them (`jobs.distill`), `runs` the teacher's side per run of turns
+    under one system message (`distill.pair_runs`). With the card: the system message each turn had in its record,
+    a lorebook's keyed entries included (`system` is the text every prompt shares)."""
 
     system: str
     with_card: list[list[int]]
     without_card: list[list[int]]
     teacher_replies: list[list[int]]
     pairs: list[distill.Paired]
+    runs: list[list[distill.Paired]] = field(default_factory=list)
 
     @classmethod
-    def render(cls, renderer: Renderer, rows: list[dict], system: str) -> Prompts:
-        return cls(system=system, with_card=[renderer.prompt(r["prompt"], system=system) for r in rows],
+    def render(cls, renderer: Renderer, rows: list[dict], system: str, book: Lorebook | None = None) -> Prompts:
+        systems = [turn_systems(system, book, r) for r in rows]
+        runs = [distill.pair_runs(renderer, r["messages"], s) for r, s in zip(rows, systems, strict=True)]
+        return cls(system=system, with_card=[renderer.prompt(r["prompt"], system=s[0])
+                                             for r, s in zip(rows, systems, strict=True)],
                    without_card=[renderer.prompt(r["prompt"]) for r in rows],
                    teacher_replies=[renderer.reply(first_reply(r)) for r in rows],
-                   pairs=[distill.pair(renderer, r["messages"], system) for r in rows])
+                   # the student's side is every run's: one run's pair is the whole conversation's
+                   pairs=[run[0] if len(run) == 1 else distill.pair(renderer, r["messages"], s[-1])
+                          for r, s, run in zip(rows, systems, runs, strict=True)],
+                   runs=runs)
 
 
 @dataclass
@@ -121,14 +132,15 @@ def replies_in(conversations: list[list[dict]]) -> int:
     return sum(len(messages) // 2 for messages in conversations)
 
 
-def replay(client: Metered, conversations: list[list[dict]], system: str | None, params: SamplingParams,
+def replay(client: Metered, conversations: list[list[dict]], system: Card, params: SamplingParams,
            on_batch: OnBatch = None) -> dict[int, list[str]]:
     """Each held-out conversation answered by the client's model turn by turn, each turn given the recorded
     conversation before it (the visitor's questions and the teacher's replies): by turn, the replies of the
     conversations that reach it."""
     turns: dict[int, list[str]] = {}
     for turn in range(1, max(map(len, conversations), default=0) // 2 + 1):
-        before = [messages[:2 * turn - 1] for messages in conversations if len(messages) >= 2 * turn]
-        card = [{"role": "system", "content": system}] if system else []
-        turns[turn] = sample_replies(client, [client.renderer.chat(card + h) for h in before], params, on_batch)
+        before = [(i, messages[:2 * turn - 1]) for i, messages in enumerate(conversations)
+                  if len(messages) >= 2 * turn]
+        chats = [client.renderer.chat(system_messages(system, i, history) + history) for i, history in before]
+        turns[turn] = sample_replies(client, chats, params, on_batch)
     return turns

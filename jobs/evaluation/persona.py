@@ -31,6 +31,7 @@ from importlib import resources
 from jobs.backends.base import Metered, SamplingParams
 from jobs.card import STOPWORDS, CharacterCard
 from jobs.evaluation.measure import OnBatch, sample_replies
+from jobs.evaluation.teacher_card import Card, system_text
 from jobs.inputs import load_yaml
 from jobs.log import get_logger
 from jobs.metrics import (
@@ -209,10 +210,12 @@ def passed(probe: Probe, reply: str, checks: Checks) -> bool:
     return bool(reply.strip()) and answers_right(reply, probe.expect)
 
 
-def sample(client: Metered, checks: Checks, system: str | None, params: SamplingParams,
+def sample(client: Metered, checks: Checks, system: Card, params: SamplingParams,
            on_batch: OnBatch = None) -> list[str]:
-    """The model's replies to every check prompt, with the card as system prompt where `system` is given."""
-    prompts = [client.renderer.prompt(prompt, system=system) for prompt in checks.prompts]
+    """The model's replies to every check prompt, with the card as system prompt where `system` is given (each
+    prompt a conversation of its own: a lorebook's keyed entries fire on its keys)."""
+    prompts = [client.renderer.prompt(prompt, system=system_text(system, i, [{"role": "user", "content": prompt}]))
+               for i, prompt in enumerate(checks.prompts)]
     return sample_replies(client, prompts, params, on_batch)
 
 

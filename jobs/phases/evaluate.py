@@ -1,8 +1,9 @@
 """Evaluate: how close the student comes to the teacher, and what dropping the card saves.
 
 On held-out prompts: the student (no card), the base model (no card) and the teacher (the base model with the
-card: its replies from the split, and a second sample). Each figure is declared in `jobs.metrics` with its unit
-and direction (`jobs.evaluation.figures` computes them):
+card: its replies from the split, and a second sample; with a lorebook's keyed entries where the teacher phase
+gave them, `jobs.evaluation.teacher_card`). Each figure is declared in `jobs.metrics` with its unit and direction
+(`jobs.evaluation.figures` computes them):
 - embedding similarity of each reply to the teacher's, next to the second teacher sample's (the teacher's own
   spread: a greedy student can land above it);
 - similarity to the character (its name and topics, short enough for the embedding model) and the share of
@@ -37,14 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from jobs import distill, metrics
-from jobs.backends.base import Metered, SamplingParams
+from jobs.backends.base import Metered
 from jobs.card import CharacterCard
 from jobs.config import PipelineConfig
 from jobs.evaluation import consistency, persona, rubric
-from jobs.evaluation.cache import SPLIT_FILES, PartCache, machine
+from jobs.evaluation.cache import PartCache, common_key, machine
 from jobs.evaluation.figures import (
     Judge,
     figures,
@@ -64,6 +64,8 @@ from jobs.evaluation.measure import (
     reply_nll,
     sample_replies,
 )
+from jobs.evaluation.parts import Advance, Context, Part
+from jobs.evaluation.teacher_card import TeacherCard
 from jobs.log import Progress, get_logger
 from jobs.metrics import (
     CAPABILITY_DROP,
@@ -92,47 +94,6 @@ from jobs.phases.base import PhaseConfig, open_backend, run_unit
 from jobs.records import first_reply
 from jobs.store import UnitWriter
 from jobs.trained import read_adapter
-
-Advance = Callable[[int], object]
-
-
-@dataclass
-class Context:
-    """What the parts read: the config, the held-out prompts and conversations, the training rows the judge learns
-    from, what the parts before them found, and the persona checks' prompts."""
-
-    config: PhaseConfig
-    prompts: Prompts
-    conversations: list[list[dict]]
-    judge_rows: list[dict]
-    seen: Measured
-    checks: persona.Checks
-    questions: list[str] = dataclasses.field(default_factory=list)  # the held-out prompts' text (the rubric judge's)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        """How evaluate samples (greedy in every profile)."""
-        return SamplingParams.from_config(self.config.pipeline.evaluate.sampling)
-
-    def as_teacher(self, offset: int) -> SamplingParams:
-        """The teacher's own sampling settings, with evaluate's seed moved by `offset`."""
-        pipeline = self.config.pipeline
-        return SamplingParams.from_config(pipeline.teacher.model_copy(
-            update={"seed": pipeline.evaluate.sampling.seed + offset}))
-
-
-@dataclass(frozen=True)
-class Part:
-    """One stage of evaluate: `compute(client, context, advance)` returns fields of `Measured`, in `steps(context)`
-    steps. `settings(pipeline, precision)` is what of the config it reads besides the split, the model and the
-    card (a base part's cache key); `feeds` the figures it goes into."""
-
-    name: str
-    compute: Callable[[Metered, Context, Advance], dict]
-    steps: Callable[[Context], int]
-    settings: Callable[[PipelineConfig, dict], object]
-    feeds: tuple[str, ...]
-    topk: bool = False  # its result is the teacher's top k (cached as arrays)
 
 
 def reply_figures(role: str, character: str, persona: bool = True) -> tuple[str, ...]:
@@ -178,7 +139,8 @@ def student_nll(client: Metered, ctx: Context, advance: Advance) -> dict:
 
 
 def teacher_topk(client: Metered, ctx: Context, advance: Advance) -> dict:
-    found = distill.teacher_topk(client, ctx.prompts.pairs, ctx.config.pipeline.evaluate.kl_top_k)
+    # one pass per run of turns under one system message: each turn read with the one it was sampled with
+    found = distill.teacher_topk_runs(client, ctx.prompts.runs, ctx.config.pipeline.evaluate.kl_top_k)
     advance(1)
     return {"teacher_topk": found}
 
@@ -230,7 +192,7 @@ def replies(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict
 def conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
     """The held-out conversations replayed turn by turn by a role (the teacher's second sample with the card)."""
     def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
-        system, params = (ctx.prompts.system, ctx.as_teacher(1)) if card else (None, ctx.sampling)
+        system, params = (ctx.teacher.recorded(), ctx.as_teacher(1)) if card else (None, ctx.sampling)
         return {"turns": {role: replay(client, ctx.conversations, system, params, advance)}}
 
     return compute
@@ -239,7 +201,7 @@ def conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance]
 def persona_replies(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
     """A role's replies to the persona checks' prompts: greedy, without the card, or with it for the teacher."""
     def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
-        system = ctx.prompts.system if card else None
+        system = ctx.teacher.firing() if card else None
         return {"persona": {role: persona.sample(client, ctx.checks, system, ctx.sampling, advance)}}
 
     return compute
@@ -266,10 +228,11 @@ def own_conversations(role: str, card: bool) -> Callable[[Metered, Context, Adva
     """The held-out conversations held by a role itself (turn 1 is its replay's: it comes after that part), and the
     consistency conversations; sampled as its replay is."""
     def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
-        system, params = (ctx.prompts.system, ctx.as_teacher(1)) if card else (None, ctx.sampling)
+        params = ctx.as_teacher(1) if card else ctx.sampling
         first = ctx.seen.turns.get(role, {}).get(1, [])
-        return {"own_turns": {role: consistency.own_replay(client, ctx.conversations, system, params, first, advance)},
-                "repeated": {role: consistency.ask_twice(client, ctx.checks.consistency, system, params, advance)}}
+        talk, asked = (ctx.teacher.firing(), ctx.teacher.firing()) if card else (None, None)  # a Firing a pass
+        return {"own_turns": {role: consistency.own_replay(client, ctx.conversations, talk, params, first, advance)},
+                "repeated": {role: consistency.ask_twice(client, ctx.checks.consistency, asked, params, advance)}}
 
     return compute
 
@@ -358,15 +321,6 @@ TURN_ROLES = ("base", "teacher_resampled", "student")  # turns.jsonl's and conve
 FIGURES_STAGE = "similarity, judges"
 
 
-def common_key(split: dict, pipeline: PipelineConfig, precision: dict, backend: str, system: str,
-               card_name: str) -> dict:
-    """What every base part's cache key holds: the split (its manifest's fingerprint and the files read), the
-    model, where it runs, the card's system prompt and its name (the persona checks ask by name)."""
-    return {"split": split["fingerprint"], "data": {name: split["outputs"][name]["sha256"] for name in SPLIT_FILES},
-            "model": pipeline.model.model_dump(mode="json"), "precision": precision, "backend": backend,
-            "system": system, "card_name": card_name}
-
-
 def part_keys(cache: PartCache, pipeline: PipelineConfig, precision: dict) -> dict[str, str]:
     """Each base part's cache entry: the common key, its name and the settings it reads."""
     return {part.name: cache.key(part.name, part.settings(pipeline, precision)) for part in BASE_PARTS}
@@ -417,17 +371,20 @@ def compute(part: Part, client: Metered, ctx: Context, stages: Stages) -> dict:
 def build(config: PhaseConfig, out: UnitWriter) -> None:
     store, pipeline, ev = config.store, config.pipeline, config.pipeline.evaluate
     rows = store.read_jsonl("split", "eval.jsonl")
-    talks = [row["messages"] for row in store.read_jsonl("split", "eval_conversations.jsonl")]
+    talk_rows = store.read_jsonl("split", "eval_conversations.jsonl")
+    talks = [row["messages"] for row in talk_rows]
     questions = [row["prompt"] for row in rows]
     # training prompts only: the eval replies the judge scores are never the ones it learned from
     train_rows = store.read_jsonl("split", "train.jsonl")
     judge_rows = train_rows[:ev.judge_prompts]
     card = CharacterCard.model_validate(store.read_json("ingest", "card.json"))
     system = card.teacher_system_prompt()
+    lore = TeacherCard.read(system, card.lorebook, talk_rows)
     checks = persona.for_run(card, train_rows, pipeline.audit.forbidden, ev.persona_prompts)
     backend = open_backend(config)
     precision = backend.precision()
-    cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system, card.name))
+    cache = PartCache(store, common_key(store.require("split"), pipeline, precision, backend.name, system, card.name,
+                                        card.lorebook))
     keys = part_keys(cache, pipeline, precision)
     hits = [part for part in BASE_PARTS if cache.has(keys[part.name])]
     missing = [part for part in BASE_PARTS if part not in hits]
@@ -444,14 +401,15 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     ctx: Context | None = None
     if missing:
         base = Metered(backend.sampler())
-        ctx = Context(config, Prompts.render(base.renderer, rows, system), talks, judge_rows, seen, checks, questions)
+        ctx = Context(config, Prompts.render(base.renderer, rows, system, card.lorebook), talks, judge_rows, seen,
+                      checks, questions, lore)
         for part in missing:
             cache.put(keys[part.name], compute(part, base, ctx, stages))
         seen.usage.update(base.usage)
         del base  # one model in memory at a time
     student = Metered(backend.sampler(read_adapter(store).sampling))
-    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system), talks, judge_rows, seen, checks,
-                         questions)
+    ctx = ctx or Context(config, Prompts.render(student.renderer, rows, system, card.lorebook), talks, judge_rows,
+                         seen, checks, questions, lore)
     for part in STUDENT_PARTS:
         compute(part, student, ctx, stages)
     seen.usage.update(student.usage)

@@ -86,6 +86,12 @@ def pair_runs(renderer: Renderer, messages: list[dict], systems: list[str]) -> l
     return paired
 
 
+def whole(renderer: Renderer, messages: list[dict], runs: list[Paired], system: str) -> Paired:
+    """The conversation paired over every assistant position, for the student's side of `runs` (`pair_runs`): a
+    single run is that already; else `pair` with `system` (the last turn's message)."""
+    return runs[0] if len(runs) == 1 else pair(renderer, messages, system)
+
+
 def teacher_topk(teacher: SamplingClient, pairs: list[Paired], k: int) -> list[TopK]:
     """The teacher's top k at every assistant position of each conversation, one row a position."""
     found = teacher.topk_logprobs([p.teacher_tokens for p in pairs], [p.teacher_positions[0] for p in pairs], k)

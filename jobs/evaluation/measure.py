@@ -42,8 +42,7 @@ class Prompts:
                                              for r, s in zip(rows, systems, strict=True)],
                    without_card=[renderer.prompt(r["prompt"]) for r in rows],
                    teacher_replies=[renderer.reply(first_reply(r)) for r in rows],
-                   # the student's side is every run's: one run's pair is the whole conversation's
-                   pairs=[run[0] if len(run) == 1 else distill.pair(renderer, r["messages"], s[-1])
+                   pairs=[distill.whole(renderer, r["messages"], run, s[-1])
                           for r, s, run in zip(rows, systems, runs, strict=True)],
                    runs=runs)
 

@@ -24,9 +24,8 @@ class Logit(SFT):
         runs = [distill.pair_runs(teacher.renderer, row["messages"], s) for row, s in zip(self.rows, systems,
                                                                                             strict=True)]
         targets = distill.teacher_topk_runs(teacher, runs, self.train.top_k)
-        # the student's side, every assistant position (the teacher's: the last turn's system message)
-        pairs = [distill.pair(teacher.renderer, row["messages"], s[-1]) for row, s in zip(self.rows, systems,
-                                                                                            strict=True)]
+        pairs = [distill.whole(teacher.renderer, row["messages"], run, s[-1])
+                 for row, s, run in zip(self.rows, systems, runs, strict=True)]
         self.data = [distill.soft_datum(p, t, self.train.max_seq_len, self.train.sampled_weight)
                      for p, t in zip(pairs, targets, strict=True)]
 

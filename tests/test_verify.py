@@ -2,7 +2,8 @@
 unit is reused, a changed output redoes its unit and everything downstream, `python -m jobs.verify` says so, and a
 changed S3 card under a run is a one-line error. Then end to end on the ci profile and the tiny test model: two runs
 with different cards on one store, an edited reply redone by two runs of one card at once, a tampered teacher cache
-entry."""
+entry (those five ci runs are marked slow: `make test-slow`, which CI runs; `make test` keeps the verify mechanics on
+trivial units; test_pipeline covers reuse end to end, test_lease two writers of one unit)."""
 
 from __future__ import annotations
 
@@ -269,6 +270,7 @@ def redone(shared, tmp_path_factory):
             "verified": in_store(data, "-m", "jobs.verify", "--run-id", run_id)}
 
 
+@pytest.mark.slow  # five ci runs, two at a time: `make test-slow` (CI), not `make test`
 @pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_two_runs_with_different_cards_on_one_store_both_finish_intact(shared):
     first, other = shared["run_ids"]
@@ -282,6 +284,7 @@ def test_two_runs_with_different_cards_on_one_store_both_finish_intact(shared):
     assert result.stdout.splitlines()[-1] == "2 runs: 2 intact, 0 with units to redo"
 
 
+@pytest.mark.slow  # five ci runs, two at a time: `make test-slow` (CI), not `make test`
 @pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_verify_names_the_edited_reply_and_what_a_run_would_redo(redone):
     checked, run_id = redone["checked"], redone["run_id"]
@@ -294,6 +297,7 @@ def test_verify_names_the_edited_reply_and_what_a_run_would_redo(redone):
     assert redone["verified"].returncode == 0, redone["verified"].stdout  # intact again after the runs
 
 
+@pytest.mark.slow  # five ci runs, two at a time: `make test-slow` (CI), not `make test`
 @pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_an_edited_reply_redoes_split_and_everything_after_it_and_the_report_comes_from_the_restored_data(redone):
     run_id, runs, before, after = redone["run_id"], redone["runs"], redone["before"], redone["after"]
@@ -319,6 +323,7 @@ def test_an_edited_reply_redoes_split_and_everything_after_it_and_the_report_com
         assert NATS.format(train["first_loss"]) in row and NATS.format(train["last_loss"]) in row
 
 
+@pytest.mark.slow  # five ci runs, two at a time: `make test-slow` (CI), not `make test`
 @pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_two_runs_of_one_card_at_once_compute_each_unit_once(redone):
     def reused(text: str, unit: str) -> bool:
@@ -333,6 +338,7 @@ def test_two_runs_of_one_card_at_once_compute_each_unit_once(redone):
                      r"writing it \(waited \d+s\)$", waited[0]), waited[0]
 
 
+@pytest.mark.slow  # five ci runs, two at a time: `make test-slow` (CI), not `make test`
 @pytest.mark.timeout(1800)  # two ci runs at once, on a 2-core machine busy with others
 def test_a_tampered_teacher_cache_entry_is_found_and_generated_again(redone):
     data, runs = redone["data"], redone["runs"]

@@ -21,6 +21,8 @@ short, `cut_at` (the first turn it lost) and `cut_reason`.
 
 from __future__ import annotations
 
+import re
+
 from jobs.errors import InputError
 
 TEACHER_FILE = "conversations.jsonl"  # where each teacher shard writes its records, and the audit reads them
@@ -28,6 +30,13 @@ PER_TURN = ("reply_tokens", "finished")  # one entry per assistant turn
 LOREBOOK_ENTRIES = "lorebook_entries"  # one entry per assistant turn, written for a card with a lorebook only
 OPTIONAL_PER_TURN = (LOREBOOK_ENTRIES,)
 ROLES = ("user", "assistant")
+SENTENCE_END = re.compile(r"[.!?…](?=[\"')\]]?(\s|$))")
+
+
+def trim_to_sentence(text: str) -> str:
+    """A reply cut off by the token limit as the audit keeps it: its whole sentences ("" when it has none)."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].strip() if ends else ""
 
 
 def exchange(question: str, reply: str) -> list[dict]:

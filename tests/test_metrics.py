@@ -182,6 +182,20 @@ def in_character_embedding(texts: list[str]):
                      for t in texts])
 
 
+def test_the_judges_read_every_reply_as_whole_sentences_as_the_audit_keeps_the_teachers():
+    # the teacher's training replies reach the judges trimmed by the audit; a base reply cut off by the token limit
+    # must not be told apart by its cut: here the cut is the only difference, so a judge reading it would be right
+    # every time, and one reading whole sentences is at chance and calls a reply the same with or without it
+    topics = ["Vienna", "the piano", "my deafness", "Haydn", "the symphony", "Bonn", "my nephew", "the quartet"]
+    kept = [f"I think of {topic} often. It stays with me, number {i}." for i, topic in enumerate(topics * 2)]
+    cut = [f"{reply} And when the evening came I" for reply in kept]
+    assert evaluate_figures.as_judged(cut[0]) == kept[0]
+    assert evaluate_figures.as_judged("no sentence ends here ") == "no sentence ends here"
+    judge = evaluate_figures.Judge(kept, cut, lexical=True)
+    assert judge.accuracy <= 0.6
+    assert judge.says(cut) == judge.says(kept)
+
+
 def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypatch):
     # where the figures look them up (`jobs.evaluation.figures` imports them by name)
     monkeypatch.setattr(evaluate_figures, "cosine_to_reference",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+from jobs import records
 from jobs.backends.embeddings import cosine_to_reference, embed
 from jobs.card import CharacterCard
 from jobs.config import PricesConfig
@@ -86,6 +87,14 @@ def judge_positives(rows: list[dict]) -> list[str]:
             if len(r["messages"]) >= 2 * t]
 
 
+def as_judged(reply: str) -> str:
+    """A reply as both judges read it: its whole sentences, as the audit keeps the teacher's training replies. The
+    teacher's replies cut off by the token limit reach the judges trimmed, everyone else's would reach them cut off
+    mid-sentence: a tell of who wrote a reply that says nothing of the character. A reply with no whole sentence is
+    read as it is."""
+    return records.trim_to_sentence(reply) or reply.strip()
+
+
 class Judge:
     """The in-character judge: a logistic regression of teacher (1) against base (0) replies in training rows, on
     sentence embeddings (what a reply is about) or, `lexical`, on word and letter n-grams (how it is said); and
@@ -117,7 +126,8 @@ class Judge:
         self.model.fit(features, labels)
 
     def features(self, replies: list[str]):
-        return replies if self.lexical else embed(replies)
+        kept = [as_judged(reply) for reply in replies]
+        return kept if self.lexical else embed(kept)
 
     def share(self, replies: list[str]) -> float:
         """The share of the replies it calls the teacher's."""

@@ -9,19 +9,10 @@ fails is dropped. The report counts every reason, per turn, and shows examples.
 
 from __future__ import annotations
 
-import re
-
 from jobs import records
 from jobs.config import AuditConfig
 from jobs.phases.base import PhaseConfig, run_unit, units
 from jobs.store import ArtifactStore, UnitWriter, parse_jsonl
-
-SENTENCE_END = re.compile(r"[.!?…](?=[\"')\]]?(\s|$))")
-
-
-def trim_to_sentence(text: str) -> str:
-    ends = [m.end() for m in SENTENCE_END.finditer(text)]
-    return text[:ends[-1]].strip() if ends else ""
 
 
 def judge_reply(reply: str, finished: bool, reply_tokens: int, audit: AuditConfig,
@@ -32,7 +23,7 @@ def judge_reply(reply: str, finished: bool, reply_tokens: int, audit: AuditConfi
     if not text:
         return "empty", reply
     if not finished:
-        text = trim_to_sentence(text)
+        text = records.trim_to_sentence(text)
         if not text:
             return "truncated", reply
     lowered = text.lower()

@@ -101,7 +101,8 @@ IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in
                             SHARE, "higher", IN_CHARACTER.variants)
 # the same conversations held by each model itself, its own replies as history (`jobs.evaluation.consistency`)
 IN_CHARACTER_OWN_LATER = Metric("in_character_own_turn_3_on_{}", "judged in character in its own conversations (its "
-                                "own replies as history), turns 3+", SHARE, "higher", IN_CHARACTER.variants)
+                                "own replies as history; the teacher's: its recorded ones), turns 3+", SHARE,
+                                "higher", IN_CHARACTER.variants)
 JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)",
                         SHARE, "higher")
 # a second judge on words and letter sequences instead of sentence embeddings: the embeddings see what a reply is

@@ -61,10 +61,10 @@ def test_a_key_changes_with_what_its_part_reads_and_only_that():
                                                              "base own conversations"}
     assert changed("evaluate.sampling.seed=4") == {"base replies", "latency", "base conversations", "judge replies",
                                                    "teacher resampled", "teacher resampled conversations", *persona,
-                                                   "base own conversations", "teacher resampled own conversations"}
+                                                   "base own conversations", "teacher own conversations"}
     assert changed("teacher.temperature=0.5") == {"judge replies", "teacher resampled",
                                                   "teacher resampled conversations",
-                                                  "teacher resampled own conversations"}
+                                                  "teacher own conversations"}
     assert changed("evaluate.kl_top_k=8") == {"teacher top-k", "base KL"}
     assert changed("evaluate.judge_prompts=9") == {"judge replies"}
     assert changed("evaluate.latency_requests=2") == {"latency"}

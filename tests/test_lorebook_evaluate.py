@@ -164,14 +164,13 @@ def test_a_teacher_sampling_prompt_carries_an_entry_whose_key_its_text_has(engin
     client = Recording(engine.renderer)
     found = part("teacher resampled conversations").compute(client, ctx, lambda n: None)
     assert [fog in p for p in client.prompts] == [False, True]
-    # its own conversation and the consistency talks: turn 2 asks about the fog; the second talk never does
+    # its own conversations are the recorded ones (nothing sampled); the consistency talks: three turns, both talks
+    # each turn: the first talk's turn 2 fires the fog and it stays at turn 3; never the second's
     ctx.seen.merge(found)
     client = Recording(engine.renderer)
-    part("teacher resampled own conversations").compute(client, ctx, lambda n: None)
-    own, talks = client.prompts[:1], client.prompts[1:]
-    assert fog in own[0]
-    # three turns, both talks each turn: the first talk's turn 2 fires it and it stays at turn 3; never the second's
-    assert [fog in p for p in talks] == [False, False, True, False, True, False]
+    own = part("teacher own conversations").compute(client, ctx, lambda n: None)["own_turns"]["teacher_resampled"]
+    assert own == {t: [ctx.conversations[0][2 * t - 1]["content"]] for t in (1, 2)}
+    assert [fog in p for p in client.prompts] == [False, False, True, False, True, False]
 
 
 def test_an_entry_an_earlier_question_fired_stays_in_an_own_conversation_that_starts_at_turn_2(engine):

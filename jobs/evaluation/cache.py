@@ -25,7 +25,7 @@ from jobs.lorebook import Lorebook
 from jobs.store import ArtifactStore
 
 # part of every key: raise it when a part computes something else from the same inputs, so old entries are not read
-LAYOUT = 1
+LAYOUT = 2
 KIND = "evaluate"
 # the split's files the cached parts read
 SPLIT_FILES = ("eval.jsonl", "eval_conversations.jsonl", "train.jsonl")

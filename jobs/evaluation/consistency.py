@@ -61,9 +61,21 @@ def own_replay(client: Metered, conversations: list[list[dict]], system: Card, p
     return turns
 
 
+def recorded_turns(conversations: list[list[dict]]) -> dict[int, list[str]]:
+    """The teacher's own conversations: the recorded held-out ones, its own replies as history and the visitor's
+    questions asked after them (what `own_replay` gives any other model, nearer still), never learned from. By
+    turn, `own_replay`'s shape."""
+    return {turn: [m[2 * turn - 1]["content"] for m in conversations if len(m) >= 2 * turn]
+            for turn in range(1, max(map(len, conversations), default=0) // 2 + 1)}
+
+
 def own_steps(conversations: list[list[dict]], checks: Checks) -> int:
     """The replies `own_replay` and `ask_twice` sample: every turn after the first, three a consistency talk."""
-    return sum(len(m) // 2 - 1 for m in conversations) + 3 * len(checks.consistency)
+    return sum(len(m) // 2 - 1 for m in conversations) + ask_steps(checks)
+
+
+def ask_steps(checks: Checks) -> int:
+    return 3 * len(checks.consistency)
 
 
 def ask_twice(client: Metered, talks: tuple[tuple[str, str, str], ...], system: Card, params: SamplingParams,

@@ -226,12 +226,15 @@ def persona_count(ctx: Context) -> int:
 
 def own_conversations(role: str, card: bool) -> Callable[[Metered, Context, Advance], dict]:
     """The held-out conversations held by a role itself (turn 1 is its replay's: it comes after that part), and the
-    consistency conversations; sampled as its replay is."""
+    consistency conversations; sampled as its replay is. The teacher's own conversations are the recorded ones
+    (`consistency.recorded_turns`): sampling them again would compute what the teacher phase already did."""
     def compute(client: Metered, ctx: Context, advance: Advance) -> dict:
         params = ctx.as_teacher(1) if card else ctx.sampling
         first = ctx.seen.turns.get(role, {}).get(1, [])
-        talk, asked = (ctx.teacher.firing(), ctx.teacher.firing()) if card else (None, None)  # a Firing a pass
-        return {"own_turns": {role: consistency.own_replay(client, ctx.conversations, talk, params, first, advance)},
+        own = (consistency.recorded_turns(ctx.conversations) if card else
+               consistency.own_replay(client, ctx.conversations, None, params, first, advance))
+        asked = ctx.teacher.firing() if card else None  # a Firing a pass
+        return {"own_turns": {role: own},
                 "repeated": {role: consistency.ask_twice(client, ctx.checks.consistency, asked, params, advance)}}
 
     return compute
@@ -250,6 +253,10 @@ def own_figures(role: str) -> tuple[str, ...]:
 
 def own_steps(ctx: Context) -> int:
     return consistency.own_steps(ctx.conversations, ctx.checks)
+
+
+def teacher_own_steps(ctx: Context) -> int:
+    return consistency.ask_steps(ctx.checks)
 
 
 def prompt_count(ctx: Context) -> int:
@@ -299,7 +306,7 @@ BASE_PARTS = (
     # after the replays: their turn 1 is the first turn of these
     Part("base own conversations", own_conversations("base", card=False), own_steps, own_settings(eval_sampling),
          own_figures("base")),
-    Part("teacher resampled own conversations", own_conversations("teacher_resampled", card=True), own_steps,
+    Part("teacher own conversations", own_conversations("teacher_resampled", card=True), teacher_own_steps,
          own_settings(teacher_sampling), own_figures("teacher_resampled")),
 )
 STUDENT_PARTS = (

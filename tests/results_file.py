@@ -68,8 +68,11 @@ def replace_section(path: Path, name: str, body: str) -> None:
 
 
 def machine() -> str:
-    """The CPU a section was measured on, as its stamp names it."""
-    return f"{cpu_name()}, {os.cpu_count()} cores"
+    """The CPU a section was measured on, as its stamp names it, with the kernels torch runs there (a CPU limited
+    to AVX2, e.g. ATEN_CPU_CAPABILITY=avx2, says so: `model.dtype=auto` is float32 there)."""
+    import torch
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 # a run's section: (its config, the store's settings, its run id) -> (its body, what the printed line opens with)

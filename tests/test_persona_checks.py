@@ -220,9 +220,10 @@ def test_the_own_conversation_parts_run_on_the_tiny_model_after_the_replays():
         own, replayed = ctx.seen.own_turns[role], ctx.seen.turns[role]
         assert [len(own[t]) for t in (1, 2, 3)] == [2, 2, 1]
         assert [len(replies) for replies in ctx.seen.repeated[role]] == [3] * len(checks.consistency)
-        # a model's own turn 1 is its replay's; the teacher's own conversations are the recorded ones
-        assert own[1] == replayed[1] if role != "teacher_resampled" else \
-            own == {1: ["line 1", "line 1"], 2: ["line 3", "line 3"], 3: ["line 5"]}
+        if role == "teacher_resampled":  # the teacher's own conversations are the recorded ones
+            assert own == {1: ["line 1", "line 1"], 2: ["line 3", "line 3"], 3: ["line 5"]}
+        else:  # a model's own turn 1 is its replay's
+            assert own[1] == replayed[1]
     figures = consistency.figures(ctx.seen.own_turns, ctx.seen.repeated, checks, Even())
     assert figures["in_character_own_turn_3_on_base"] == 1.0  # one conversation reaches turn 3
     for role in ("student", "base", "teacher_resampled"):

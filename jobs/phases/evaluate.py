@@ -303,7 +303,7 @@ BASE_PARTS = (
          persona_figures("base")),
     Part("teacher persona checks", persona_replies("teacher", card=True), persona_count, persona_settings,
          persona_figures("teacher")),
-    # after the replays: their turn 1 is the first turn of these
+    # after the replays: their turn 1 is the first turn of these (the teacher's own are its recorded conversations)
     Part("base own conversations", own_conversations("base", card=False), own_steps, own_settings(eval_sampling),
          own_figures("base")),
     Part("teacher own conversations", own_conversations("teacher_resampled", card=True), teacher_own_steps,

@@ -196,6 +196,15 @@ def test_the_judges_read_every_reply_as_whole_sentences_as_the_audit_keeps_the_t
     assert judge.says(cut) == judge.says(kept)
 
 
+def test_a_reply_is_as_similar_to_the_teachers_with_or_without_a_cut_off_tail():
+    # the similarities read replies as the judges do: the token limit's cut says nothing of the character (real
+    # sentence embeddings: a tail of other words moves the raw cosine)
+    teacher = ["I think of Vienna often. It stays with me."]
+    cut = ["I think of Vienna often. It stays with me. And when the evening came and the candles were lit I"]
+    assert evaluate_figures.similarity(cut, teacher) == evaluate_figures.similarity(teacher, teacher)
+    assert evaluate_figures.cosine_to_reference(cut, teacher) < evaluate_figures.similarity(cut, teacher)
+
+
 def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypatch):
     # where the figures look them up (`jobs.evaluation.figures` imports them by name)
     monkeypatch.setattr(evaluate_figures, "cosine_to_reference",

@@ -33,12 +33,6 @@ from jobs.metrics import (
 )
 
 
-def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float]]:
-    """Each reply's cosine similarity to the teacher's reply to the same prompt, by metric key."""
-    return {SIMILARITY.of(role): cosine_to_reference(replies[role], replies["teacher"])
-            for role in SIMILARITY.variants}
-
-
 def character(card: CharacterCard) -> str:
     """What persona similarity compares a reply with: the character's name and topics, short enough for the
     embedding model."""
@@ -46,9 +40,13 @@ def character(card: CharacterCard) -> str:
 
 
 def persona_similarity(replies: dict[str, list[str]], card: CharacterCard) -> dict[str, float]:
-    return {PERSONA_SIMILARITY.of(role): statistics.mean(cosine_to_reference(replies[role],
-                                                                             [character(card)] * len(replies[role])))
+    return {PERSONA_SIMILARITY.of(role): statistics.mean(to_character(replies[role], card))
             for role in PERSONA_SIMILARITY.variants}
+
+
+def to_character(replies: list[str], card: CharacterCard) -> list[float]:
+    """Each reply's similarity to the character (the character is not trimmed: it is no sentence)."""
+    return cosine_to_reference([as_judged(r) for r in replies], [character(card)] * len(replies))
 
 
 def says_out_of_character(text: str, forbidden: tuple[str, ...]) -> bool:
@@ -93,6 +91,17 @@ def as_judged(reply: str) -> str:
     mid-sentence: a tell of who wrote a reply that says nothing of the character. A reply with no whole sentence is
     read as it is."""
     return records.trim_to_sentence(reply) or reply.strip()
+
+
+def similarity(replies: list[str], references: list[str]) -> list[float]:
+    """Each reply's cosine similarity to the reference at its index, both read as the judges read them
+    (`as_judged`): a cut-off tail would set the teacher's trimmed replies apart from everyone else's."""
+    return cosine_to_reference([as_judged(r) for r in replies], [as_judged(r) for r in references])
+
+
+def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Each reply's cosine similarity to the teacher's reply to the same prompt, by metric key."""
+    return {SIMILARITY.of(role): similarity(replies[role], replies["teacher"]) for role in SIMILARITY.variants}
 
 
 class Judge:
@@ -166,11 +175,10 @@ def turn_rows(turns: dict[str, dict[int, list[str]]], conversations: list[list[d
             recorded = [m[2 * turn - 1]["content"] for m in conversations if len(m) >= 2 * turn]
             rows.append({"turn": turn, "role": role, "replies": len(replies),
                          IN_CHARACTER.label: judge.share(replies),
-                         PERSONA_SIMILARITY.label: statistics.mean(
-                             cosine_to_reference(replies, [character(card)] * len(replies))),
+                         PERSONA_SIMILARITY.label: statistics.mean(to_character(replies, card)),
                          OUT_OF_CHARACTER.label: statistics.mean(says_out_of_character(t, forbidden)
                                                                  for t in replies),
-                         SIMILARITY.label: statistics.mean(cosine_to_reference(replies, recorded))})
+                         SIMILARITY.label: statistics.mean(similarity(replies, recorded))})
     return rows
 
 

@@ -95,6 +95,7 @@ PERSONA_SIMILARITY = Metric("persona_similarity_{}", "similarity to the characte
 OUT_OF_CHARACTER = Metric("out_of_character_{}", 'replies out of character ("as an AI"...)', SHARE, "lower", ROLES)
 IN_CHARACTER = Metric("in_character_{}", "judged in character (a classifier of teacher vs base replies)", SHARE,
                       "higher", ("student", "base", "teacher_resampled"))
+LATER_TURN = 3  # the first turn of the figures "turns 3+"
 IN_CHARACTER_TURN_1 = Metric("in_character_turn_1_{}", "judged in character in held-out conversations, turn 1",
                              SHARE, "higher", IN_CHARACTER.variants)
 IN_CHARACTER_LATER = Metric("in_character_turn_3_on_{}", "judged in character in held-out conversations, turns 3+",
@@ -105,6 +106,9 @@ IN_CHARACTER_OWN_LATER = Metric("in_character_own_turn_3_on_{}", "judged in char
                                 "higher", IN_CHARACTER.variants)
 JUDGE_ACCURACY = Metric("judge_accuracy", "the judge's accuracy on replies it did not learn from (cross-validated)",
                         SHARE, "higher")
+# how well it tells the teacher from the base after the same history: the base catches up at later turns
+JUDGE_ACCURACY_BY_TURN = Metric("judge_accuracy_{}", "the judge's accuracy (cross-validated) by conversation "
+                                "turn", SHARE, "higher", ("turn_1", "turn_3_on"))
 # a second judge on words and letter sequences instead of sentence embeddings: the embeddings see what a reply is
 # about, the n-grams how it is said (tense, person, function words, punctuation), so it tells the teacher's voice
 # from a reply that only shares its topics
@@ -170,7 +174,7 @@ RUBRIC_COMPARED = Metric("rubric_compared", "replies the agreement is counted on
 
 METRICS = (SIMILARITY, PERSONA_SIMILARITY, OUT_OF_CHARACTER, IN_CHARACTER, IN_CHARACTER_TURN_1, IN_CHARACTER_LATER,
            IN_CHARACTER_OWN_LATER,
-           JUDGE_ACCURACY, IN_CHARACTER_LEXICAL, LEXICAL_JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
+           JUDGE_ACCURACY, JUDGE_ACCURACY_BY_TURN, IN_CHARACTER_LEXICAL, LEXICAL_JUDGE_ACCURACY, KL, KL_CLOSED, NLL,
            IDENTITY, HOLDS_ROLE, KNOWLEDGE_BOUNDARY, CAPABILITY, CAPABILITY_DROP, PERSONA_PROMPTS, CONSISTENT,
            CONSISTENCY_PAIRS,
            PROMPT_TOKENS, TOKEN_REDUCTION,

@@ -40,7 +40,8 @@ EXPECTED_KEYS = {
     "out_of_character_teacher", "in_character_student", "in_character_base", "in_character_teacher_resampled",
     "in_character_turn_1_student", "in_character_turn_1_base", "in_character_turn_1_teacher_resampled",
     "in_character_turn_3_on_student", "in_character_turn_3_on_base", "in_character_turn_3_on_teacher_resampled",
-    "judge_accuracy", "in_character_lexical_student", "in_character_lexical_base",
+    "judge_accuracy", "judge_accuracy_turn_1", "judge_accuracy_turn_3_on", "in_character_lexical_student",
+    "in_character_lexical_base",
     "in_character_lexical_teacher_resampled", "lexical_judge_accuracy", "kl_student", "kl_base", "kl_closed",
     "nll_student", "nll_base", "nll_teacher",
     "prompt_tokens_with_card", "prompt_tokens_without_card", "token_reduction", "reply_tokens",
@@ -196,6 +197,23 @@ def test_the_judges_read_every_reply_as_whole_sentences_as_the_audit_keeps_the_t
     assert judge.says(cut) == judge.says(kept)
 
 
+def test_the_judges_accuracy_by_turn_shows_where_it_cannot_tell_teacher_from_base():
+    # turn 1: the teacher speaks as the character, the base as an assistant; turn 3: after the same history the
+    # base has caught up and both say the same, which no judge can tell apart: exactly half right there
+    first = [f"Ah, Vienna, my dear friend, number {i}! I hear it still." for i in range(8)]
+    plain = [f"As an assistant, I can help with question {i}." for i in range(8)]
+    later = [f"The sonata was finished in winter, number {i}." for i in range(8)]
+    turns = [1] * 8 + [3] * 8
+    judge = evaluate_figures.Judge(first + later, plain + later, lexical=True, turns=turns)
+    assert judge.accuracy_by_turn == {"judge_accuracy_turn_1": 1.0, "judge_accuracy_turn_3_on": 0.5}
+    assert evaluate_figures.Judge(first, plain, lexical=True, turns=[1] * 8).accuracy_by_turn == {
+        "judge_accuracy_turn_1": 1.0, "judge_accuracy_turn_3_on": None}
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"}]},
+            {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": c}
+                          for i, c in enumerate(["q", "b1", "q", "b2", "q", "b3"])]}]
+    assert evaluate_figures.judge_positives(rows) == ["a1", "b1", "b2", "b3"]
+    assert evaluate_figures.judge_turns(rows) == [1, 1, 2, 3]
+
 def test_a_reply_is_as_similar_to_the_teachers_with_or_without_a_cut_off_tail():
     # the similarities read replies as the judges do: the token limit's cut says nothing of the character (real
     # sentence embeddings: a tail of other words moves the raw cosine)
@@ -226,7 +244,8 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
         turns={"student": {1: ["I compose."], 2: ["Hi."], 3: ["I compose.", "I compose."]},
                "base": {1: ["Hi."], 2: ["Hi."], 3: ["Hi.", "I compose."]},
                "teacher_resampled": {1: ["I compose."]}})
-    judge = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives)
+    judge = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives,
+                                   turns=[1] * 6 + [2] * 2 + [3] * 2)
     lexical = evaluate_figures.Judge([f"I compose, number {i}." for i in range(10)], seen.judge_negatives, lexical=True)
     card = CharacterCard.model_construct(name="I compose.", topics=[])
     similarity = evaluate_figures.similarity_to_teacher(seen.replies)
@@ -262,6 +281,7 @@ def test_evaluate_computes_every_registered_figure_and_the_replies_file(monkeypa
     assert (recorded["nll_student"], recorded["nll_base"], recorded["nll_teacher"]) == (1.75, 3.75, 1.0)
     # the judge learned "compose" from its own rows: half the student's and the second sample's, none of the base's
     assert recorded["judge_accuracy"] == 1.0
+    assert recorded["judge_accuracy_turn_1"] == recorded["judge_accuracy_turn_3_on"] == 1.0
     assert (recorded["in_character_student"], recorded["in_character_base"],
             recorded["in_character_teacher_resampled"]) == (0.5, 0.0, 0.5)
     # the n-gram judge learned the words themselves ("compose" against "Vienna", "Bonn", "AI"): the same here

@@ -26,12 +26,11 @@ from jobs.evaluation.figures import Judge
 from jobs.evaluation.measure import OnBatch, sample_replies
 from jobs.evaluation.persona import Checks
 from jobs.evaluation.teacher_card import Card, system_messages
-from jobs.metrics import CONSISTENCY_PAIRS, CONSISTENT, IN_CHARACTER_OWN_LATER
+from jobs.metrics import CONSISTENCY_PAIRS, CONSISTENT, IN_CHARACTER_OWN_LATER, LATER_TURN
 
 Facts = tuple[frozenset[str], frozenset[str]]  # numbers, names
 # capitalized at the start of a reply without naming anything
 INTERJECTIONS = frozenset("ah oh yes no well sir madam dear alas indeed hello hmm ha bah pah nonsense".split())
-LATER = 3  # the first turn of the per-turn figure "turns 3+", as for the replay's
 
 
 def own_history(messages: list[dict], own: list[str], turn: int) -> list[dict]:
@@ -119,7 +118,7 @@ def figures(own_turns: dict[str, dict[int, list[str]]], repeated: dict[str, list
     share of compared facts not contradicted, with n."""
     found: dict[str, float | int | None] = {}
     for role in IN_CHARACTER_OWN_LATER.variants:
-        later = [r for turn, replies in own_turns.get(role, {}).items() if turn >= LATER for r in replies]
+        later = [r for turn, replies in own_turns.get(role, {}).items() if turn >= LATER_TURN for r in replies]
         found[IN_CHARACTER_OWN_LATER.of(role)] = judge.share(later) if later else None
         compared = [v for v in verdicts(checks, repeated[role]) if v is not None]
         found[CONSISTENT.of(role)] = 1 - sum(compared) / len(compared) if compared else None

@@ -19,8 +19,10 @@ from jobs.metrics import (
     IN_CHARACTER_LEXICAL,
     IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
+    JUDGE_ACCURACY_BY_TURN,
     KL,
     KL_CLOSED,
+    LATER_TURN,
     LEXICAL_JUDGE_ACCURACY,
     NLL,
     OUT_OF_CHARACTER,
@@ -80,9 +82,17 @@ def kl(per_position: dict[str, list[list[float]]]) -> dict[str, float | None]:
 
 def judge_positives(rows: list[dict]) -> list[str]:
     """The teacher's replies the judge learns from, in `replay`'s order: every first turn, then every second..."""
+    return [r["messages"][2 * t - 1]["content"] for t, r in replay_order(rows)]
+
+
+def judge_turns(rows: list[dict]) -> list[int]:
+    """The turn of each reply `judge_positives` gives (the base's, `replay`'s, come in the same order)."""
+    return [t for t, _ in replay_order(rows)]
+
+
+def replay_order(rows: list[dict]) -> list[tuple[int, dict]]:
     turns = max(len(r["messages"]) for r in rows) // 2
-    return [r["messages"][2 * t - 1]["content"] for t in range(1, turns + 1) for r in rows
-            if len(r["messages"]) >= 2 * t]
+    return [(t, r) for t in range(1, turns + 1) for r in rows if len(r["messages"]) >= 2 * t]
 
 
 def as_judged(reply: str) -> str:
@@ -107,11 +117,14 @@ def similarity_to_teacher(replies: dict[str, list[str]]) -> dict[str, list[float
 class Judge:
     """The in-character judge: a logistic regression of teacher (1) against base (0) replies in training rows, on
     sentence embeddings (what a reply is about) or, `lexical`, on word and letter n-grams (how it is said); and
-    its accuracy on held-out folds of them."""
+    its accuracy on held-out folds of them, overall and, given each teacher reply's conversation turn (`turns`, the
+    base's in the same order), at turn 1 and at turns 3+: after the same history the base catches up, so a share
+    judged in character at later turns can only be read against how well the judge tells them apart there."""
 
-    def __init__(self, teacher_replies: list[str], base_replies: list[str], lexical: bool = False):
+    def __init__(self, teacher_replies: list[str], base_replies: list[str], lexical: bool = False,
+                 turns: list[int] | None = None):
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import cross_val_score
+        from sklearn.model_selection import cross_val_predict, cross_val_score
 
         self.lexical = lexical
         labels = [1] * len(teacher_replies) + [0] * len(base_replies)
@@ -132,6 +145,13 @@ class Judge:
             raise InputError(f"the in-character judge needs at least 2 training rows, there are {folds}")
         features = self.features(teacher_replies + base_replies)
         self.accuracy = float(cross_val_score(self.model, features, labels, cv=folds).mean())
+        self.accuracy_by_turn: dict[str, float | None] = {}
+        if turns is not None:
+            right = cross_val_predict(self.model, features, labels, cv=folds) == labels
+            turn_of = turns + turns
+            for variant, first, last in (("turn_1", 1, 1), ("turn_3_on", LATER_TURN, 10**6)):
+                at = [ok for ok, t in zip(right, turn_of, strict=True) if first <= t <= last]
+                self.accuracy_by_turn[JUDGE_ACCURACY_BY_TURN.of(variant)] = float(sum(at) / len(at)) if at else None
         self.model.fit(features, labels)
 
     def features(self, replies: list[str]):
@@ -148,7 +168,7 @@ class Judge:
 
 
 def in_character(replies: dict[str, list[str]], judge: Judge, lexical: Judge) -> dict[str, float]:
-    return {JUDGE_ACCURACY.key: judge.accuracy,
+    return {JUDGE_ACCURACY.key: judge.accuracy, **judge.accuracy_by_turn,
             **{IN_CHARACTER.of(role): judge.share(replies[role]) for role in IN_CHARACTER.variants},
             LEXICAL_JUDGE_ACCURACY.key: lexical.accuracy,
             **{IN_CHARACTER_LEXICAL.of(role): lexical.share(replies[role]) for role in IN_CHARACTER_LEXICAL.variants}}
@@ -190,7 +210,7 @@ def by_turn(turns: dict[str, dict[int, list[str]]], judge: Judge) -> dict[str, f
         return judge.share(replies) if replies else None
 
     return {**{IN_CHARACTER_TURN_1.of(role): share(role, 1, 1) for role in IN_CHARACTER_TURN_1.variants},
-            **{IN_CHARACTER_LATER.of(role): share(role, 3, 10**6) for role in IN_CHARACTER_LATER.variants}}
+            **{IN_CHARACTER_LATER.of(role): share(role, LATER_TURN, 10**6) for role in IN_CHARACTER_LATER.variants}}
 
 
 def tokens_and_cost(prompts: Prompts, prices: PricesConfig) -> dict[str, float]:

@@ -49,6 +49,7 @@ from jobs.evaluation.figures import (
     Judge,
     figures,
     judge_positives,
+    judge_turns,
     replayed,
     reply_rows,
     similarity_to_teacher,
@@ -77,6 +78,7 @@ from jobs.metrics import (
     IN_CHARACTER_OWN_LATER,
     IN_CHARACTER_TURN_1,
     JUDGE_ACCURACY,
+    JUDGE_ACCURACY_BY_TURN,
     KEYS,
     KL,
     KL_CLOSED,
@@ -289,8 +291,8 @@ BASE_PARTS = (
     Part("teacher top-k", teacher_topk, one, top_k, (*KL.keys, KL_CLOSED.key), topk=True),
     Part("base KL", model_kl("base"), one, top_k, (KL.of("base"), KL_CLOSED.key)),
     Part("judge replies", judge_replies, judge_steps, judge_settings,
-         (JUDGE_ACCURACY.key, LEXICAL_JUDGE_ACCURACY.key, *IN_CHARACTER.keys, *IN_CHARACTER_LEXICAL.keys,
-          *IN_CHARACTER_TURN_1.keys, *IN_CHARACTER_LATER.keys)),
+         (JUDGE_ACCURACY.key, *JUDGE_ACCURACY_BY_TURN.keys, LEXICAL_JUDGE_ACCURACY.key, *IN_CHARACTER.keys,
+          *IN_CHARACTER_LEXICAL.keys, *IN_CHARACTER_TURN_1.keys, *IN_CHARACTER_LATER.keys)),
     Part("latency", latency_part, latency_steps, latency_settings,
          (*LATENCY.keys, LATENCY_RATIO.key, *PREFILL.keys, PREFILL_RATIO.key)),
     Part("teacher resampled", replies("teacher_resampled", card=True), prompt_count, teacher_sampling,
@@ -432,7 +434,7 @@ def build(config: PhaseConfig, out: UnitWriter) -> None:
     with stages.start(FIGURES_STAGE, 4) as bar:
         similarity = similarity_to_teacher(seen.replies)
         bar.advance(1)
-        judge = Judge(judge_positives(judge_rows), seen.judge_negatives)
+        judge = Judge(judge_positives(judge_rows), seen.judge_negatives, turns=judge_turns(judge_rows))
         lexical = Judge(judge_positives(judge_rows), seen.judge_negatives, lexical=True)
         graded = rubric.Graded(rows, seen, judge, lexical) if grading else None
         bar.advance(1)

@@ -214,6 +214,7 @@ def test_the_judges_accuracy_by_turn_shows_where_it_cannot_tell_teacher_from_bas
     assert evaluate_figures.judge_positives(rows) == ["a1", "b1", "b2", "b3"]
     assert evaluate_figures.judge_turns(rows) == [1, 1, 2, 3]
 
+
 def test_a_reply_is_as_similar_to_the_teachers_with_or_without_a_cut_off_tail():
     # the similarities read replies as the judges do: the token limit's cut says nothing of the character (real
     # sentence embeddings: a tail of other words moves the raw cosine)
